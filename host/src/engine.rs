@@ -1,0 +1,711 @@
+//! The engine: mounts models into volumes, tying the other modules together.
+//!
+//! A mount request flows like this:
+//! 1. the volume's record is checked (same request again: done; another
+//!    model: conflict) and written `pulling`;
+//! 2. the reference is resolved to a manifest digest once; the manifest is
+//!    read from the store or fetched by digest, and parsed;
+//! 3. the exclude decision picks the files; the selection names the entry;
+//!    the record now holds that entry against garbage collection;
+//! 4. if the entry is not cached, the request joins the entry's flight: the
+//!    quota decision admits and reserves the pull's new bytes, missing blobs
+//!    are fetched (each blob once, node-wide, whatever entry needs it), tar
+//!    layers unpacked, and the tree built and published;
+//! 5. then, per request, the entry is leased, the volume's tree is linked from
+//!    it, and the record written `ready`.
+//!
+//! Each volume's work runs as its own task; a caller that stops waiting does
+//! not stop it, and `unmount` cancels it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::TryStreamExt;
+use serde::Serialize;
+use tokio::sync::{Semaphore, watch};
+
+use crate::digest::Digest;
+use crate::error::ErrorKind;
+use crate::flight::{Flights, Progress};
+use crate::link::{LinkReport, Linker};
+use crate::modelpack::{Layer, LayerFormat, Model, ModelError, Selection};
+use crate::plugins::exclude::{Artifact, ExcludeDecision, ExcludeError, ExcludeInput, ExcludeOptions, ModelFile};
+use crate::plugins::quota::{QuotaInput, QuotaVerdict};
+use crate::plugins::{CompiledCache, PluginHost, Runtime, RuntimeOptions};
+use crate::registry::{ModelRef, Registry, RegistryConfig, RegistryError};
+use crate::store::{EntryKey, EntryLease, Recovery, Store, StoreError, remove_any};
+use crate::volumes::{MountId, RecordError, VolumeError, VolumeId, VolumeRecord, VolumeState, Volumes};
+
+/// How often a waiting mount writes its progress into its record.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How to run an engine.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// The store's root directory.
+    pub root: PathBuf,
+    /// Where volume trees go (default `ROOT/volumes`). On another filesystem
+    /// files are reflinked or copied instead of hardlinked.
+    pub volumes_dir: Option<PathBuf>,
+    /// The policy plugin directory; `None` uses the built-in defaults.
+    pub plugin_dir: Option<PathBuf>,
+    pub registry: RegistryConfig,
+    /// Blobs downloading at once, node-wide (default 4).
+    pub download_concurrency: usize,
+    /// Layers of one pull fetched at once (default 4).
+    pub layer_concurrency: usize,
+    pub runtime: RuntimeOptions,
+}
+
+impl EngineConfig {
+    pub fn new(root: impl Into<PathBuf>) -> EngineConfig {
+        EngineConfig {
+            root: root.into(),
+            volumes_dir: None,
+            plugin_dir: None,
+            registry: RegistryConfig::default(),
+            download_concurrency: 4,
+            layer_concurrency: 4,
+            runtime: RuntimeOptions::default(),
+        }
+    }
+}
+
+/// A request to mount a model into a volume.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountRequest {
+    pub volume: VolumeId,
+    pub mount_id: MountId,
+    pub reference: String,
+    pub options: ExcludeOptions,
+}
+
+/// What went wrong serving a request.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+    #[error("exclude decision for {reference}: {source}")]
+    Exclude {
+        reference: String,
+        #[source]
+        source: ExcludeError,
+    },
+    #[error("quota denied pulling {reference}: {reason}")]
+    QuotaDenied { reference: String, reason: String },
+    #[error("volume {volume}/{mount_id} already holds {holds} ({state:?}); release it first")]
+    Conflict { volume: VolumeId, mount_id: MountId, holds: String, state: VolumeState },
+    #[error("volume {volume}/{mount_id} has no record")]
+    NotFound { volume: VolumeId, mount_id: MountId },
+    #[error("volume {volume}/{mount_id}: the mount was cancelled")]
+    Cancelled { volume: VolumeId, mount_id: MountId },
+    #[error("plugin runtime: {0}")]
+    Runtime(String),
+    #[error(transparent)]
+    Shared(Arc<EngineError>),
+}
+
+impl EngineError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            EngineError::Registry(error) => error.kind(),
+            EngineError::Model(_) => ErrorKind::DataLoss,
+            EngineError::Store(error) => error.kind(),
+            EngineError::Volume(error) => error.kind(),
+            EngineError::Exclude { source: ExcludeError::Unserved, .. } => ErrorKind::InvalidArgument,
+            EngineError::Exclude { source: ExcludeError::Failed(_), .. } => ErrorKind::PolicyFailed,
+            EngineError::QuotaDenied { .. } => ErrorKind::QuotaDenied,
+            EngineError::Conflict { .. } => ErrorKind::Conflict,
+            EngineError::NotFound { .. } => ErrorKind::NotFound,
+            EngineError::Cancelled { .. } => ErrorKind::Cancelled,
+            EngineError::Runtime(_) => ErrorKind::Internal,
+            EngineError::Shared(error) => error.kind(),
+        }
+    }
+}
+
+fn join_error(error: tokio::task::JoinError) -> EngineError {
+    EngineError::Store(StoreError::Io {
+        action: "run a blocking step",
+        path: PathBuf::new(),
+        source: std::io::Error::other(error.to_string()),
+    })
+}
+
+/// What building an entry fetched.
+#[derive(Clone, Copy, Debug)]
+struct Built {
+    fetched_bytes: u64,
+}
+
+type Outcome = Option<Result<VolumeRecord, Arc<EngineError>>>;
+
+/// A volume's operation in progress.
+struct ActiveMount {
+    id: u64,
+    request: MountRequest,
+    result: watch::Receiver<Outcome>,
+    abort: tokio::task::AbortHandle,
+}
+
+/// A mount under way (or done), to wait for.
+pub struct MountHandle {
+    result: watch::Receiver<Outcome>,
+}
+
+impl MountHandle {
+    /// Waits for the mount to finish.
+    ///
+    /// # Errors
+    /// Why the mount failed.
+    pub async fn wait(&mut self) -> Result<VolumeRecord, EngineError> {
+        match self.result.wait_for(Option::is_some).await {
+            Ok(outcome) => outcome.clone().expect("waited for an outcome").map_err(EngineError::Shared),
+            Err(_) => Err(EngineError::Runtime("the mount task ended without an outcome".into())),
+        }
+    }
+}
+
+/// Bytes admitted by the quota decision and not yet in the cache.
+#[derive(Debug, Default)]
+struct Reservations {
+    bytes: Mutex<u64>,
+    /// Serialises decisions, so two pulls never pass on the same free space.
+    deciding: tokio::sync::Mutex<()>,
+}
+
+struct Reservation<'a> {
+    reservations: &'a Reservations,
+    bytes: u64,
+}
+
+impl Reservation<'_> {
+    /// The bytes are in the cache now and counted there.
+    fn consume(&mut self, bytes: u64) {
+        let bytes = bytes.min(self.bytes);
+        self.bytes -= bytes;
+        let mut reserved = self.reservations.bytes.lock().unwrap_or_else(|poison| poison.into_inner());
+        *reserved -= bytes;
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let bytes = self.bytes;
+        self.consume(bytes);
+    }
+}
+
+/// Per layer of `model`: its path, size, type, digest and whether it is cached.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct InspectedLayer {
+    pub path: String,
+    pub size: u64,
+    pub media_type: String,
+    pub digest: Digest,
+    pub cached: bool,
+}
+
+/// What `inspect` reports of a reference.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Inspection {
+    pub reference: String,
+    pub digest: Digest,
+    pub artifact_type: String,
+    pub layers: Vec<InspectedLayer>,
+    /// Cached trees of this manifest.
+    pub entries: Vec<EntryKey>,
+}
+
+/// The engine.
+pub struct Engine {
+    config: EngineConfig,
+    store: Arc<Store>,
+    registry: Registry,
+    plugins: PluginHost,
+    volumes: Volumes,
+    entries: Flights<EntryKey, Built, EngineError>,
+    blobs: Flights<Digest, (), EngineError>,
+    downloads: Semaphore,
+    reservations: Reservations,
+    active: Mutex<HashMap<(VolumeId, MountId), ActiveMount>>,
+    next_mount: std::sync::atomic::AtomicU64,
+    recovery: Recovery,
+    failed_at_start: Vec<VolumeRecord>,
+}
+
+impl Engine {
+    /// Opens the store (waiting for its lock), recovers it, loads the
+    /// plugins and gets ready to serve.
+    ///
+    /// # Errors
+    /// A store that cannot be opened, a bad docker config, a runtime that
+    /// cannot start.
+    pub fn open(config: EngineConfig) -> Result<Arc<Engine>, EngineError> {
+        let (store, recovery) = Store::open(&config.root)?;
+        let layout = store.layout().clone();
+        let volumes = Volumes::new(layout.records(), config.volumes_dir.clone().unwrap_or_else(|| layout.default_volumes()));
+        std::fs::create_dir_all(volumes.trees()).map_err(|source| StoreError::Io {
+            action: "create",
+            path: volumes.trees().to_owned(),
+            source,
+        })?;
+        let failed_at_start = volumes.recover()?;
+        let registry = Registry::new(config.registry.clone())?;
+        let runtime = Runtime::new(config.runtime).map_err(|error| EngineError::Runtime(error.to_string()))?;
+        let plugins = PluginHost::open(runtime, Some(CompiledCache::new(layout.components())), config.plugin_dir.clone());
+        Ok(Arc::new(Engine {
+            downloads: Semaphore::new(config.download_concurrency.max(1)),
+            config,
+            store,
+            registry,
+            plugins,
+            volumes,
+            entries: Flights::default(),
+            blobs: Flights::default(),
+            reservations: Reservations::default(),
+            active: Mutex::new(HashMap::new()),
+            next_mount: std::sync::atomic::AtomicU64::new(0),
+            recovery,
+            failed_at_start,
+        }))
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub fn plugins(&self) -> &PluginHost {
+        &self.plugins
+    }
+
+    pub fn volumes(&self) -> &Volumes {
+        &self.volumes
+    }
+
+    /// What start-up recovery cleaned.
+    pub fn recovery(&self) -> (&Recovery, &[VolumeRecord]) {
+        (&self.recovery, &self.failed_at_start)
+    }
+
+    fn active(&self) -> std::sync::MutexGuard<'_, HashMap<(VolumeId, MountId), ActiveMount>> {
+        self.active.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Mounts a model into a volume and waits until it is ready.
+    ///
+    /// # Errors
+    /// An [`EngineError`] whose [`kind`](EngineError::kind) says what to do.
+    pub async fn mount(self: &Arc<Self>, request: MountRequest) -> Result<VolumeRecord, EngineError> {
+        self.start_mount(request)?.wait().await
+    }
+
+    /// Starts a mount (or joins the same one under way) and returns at once.
+    ///
+    /// # Errors
+    /// An invalid reference, or a conflict with what the volume holds.
+    pub fn start_mount(self: &Arc<Self>, request: MountRequest) -> Result<MountHandle, EngineError> {
+        ModelRef::parse(&request.reference)?;
+        let slot = (request.volume.clone(), request.mount_id.clone());
+        let mut active = self.active();
+        if let Some(running) = active.get(&slot) {
+            if running.request == request {
+                return Ok(MountHandle { result: running.result.clone() });
+            }
+            return Err(EngineError::Conflict {
+                volume: request.volume,
+                mount_id: request.mount_id,
+                holds: running.request.reference.clone(),
+                state: VolumeState::Pulling,
+            });
+        }
+        if let Some(record) = self.volumes.get(&request.volume, &request.mount_id)? {
+            let same = record.reference == request.reference && record.options == request.options;
+            match record.state {
+                VolumeState::Ready if same && record.path.is_dir() => {
+                    let (_, result) = watch::channel(Some(Ok(record)));
+                    return Ok(MountHandle { result });
+                }
+                VolumeState::Ready | VolumeState::Pulling if !same => {
+                    return Err(EngineError::Conflict {
+                        volume: request.volume,
+                        mount_id: request.mount_id,
+                        holds: record.reference,
+                        state: record.state,
+                    });
+                }
+                _ => {}
+            }
+        }
+        let id = self.next_mount.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (sender, result) = watch::channel(None);
+        let engine = self.clone();
+        let task_request = request.clone();
+        let task = tokio::spawn(async move {
+            let outcome = engine.clone().run_mount(task_request.clone()).await.map_err(Arc::new);
+            let slot = (task_request.volume, task_request.mount_id);
+            let mut active = engine.active();
+            if active.get(&slot).is_some_and(|running| running.id == id) {
+                active.remove(&slot);
+            }
+            drop(active);
+            let _ = sender.send(Some(outcome));
+        });
+        active.insert(slot, ActiveMount { id, request, result: result.clone(), abort: task.abort_handle() });
+        Ok(MountHandle { result })
+    }
+
+    async fn run_mount(self: Arc<Self>, request: MountRequest) -> Result<VolumeRecord, EngineError> {
+        let path = self.volumes.tree(&request.volume, &request.mount_id);
+        let mut record = VolumeRecord::pulling(
+            request.volume.clone(),
+            request.mount_id.clone(),
+            request.reference.clone(),
+            request.options.clone(),
+            path,
+        );
+        self.volumes.put(&mut record)?;
+        match self.fill(&request, &mut record).await {
+            Ok(()) => {
+                record.state = VolumeState::Ready;
+                record.error = None;
+                record.ready_at = Some(time::OffsetDateTime::now_utc());
+                self.volumes.put(&mut record)?;
+                tracing::info!(volume = %record.volume, mount_id = %record.mount_id, reference = %record.reference,
+                    reused = record.reused_from_cache, coalesced = record.coalesced, link = ?record.link_method, "volume ready");
+                Ok(record)
+            }
+            Err(error) => {
+                record.state = VolumeState::Failed;
+                record.error = Some(RecordError { kind: error.kind(), message: crate::plugins::error_chain(&error) });
+                if let Err(write_error) = self.volumes.put(&mut record) {
+                    tracing::error!(volume = %record.volume, "cannot record the failure: {write_error}");
+                }
+                tracing::warn!(volume = %record.volume, mount_id = %record.mount_id, reference = %record.reference,
+                    "mount failed: {}", crate::plugins::error_chain(&error));
+                Err(error)
+            }
+        }
+    }
+
+    /// Everything but the record's final state.
+    async fn fill(self: &Arc<Self>, request: &MountRequest, record: &mut VolumeRecord) -> Result<(), EngineError> {
+        let reference = ModelRef::parse(&request.reference)?;
+        let digest = self.registry.resolve(&reference).await?;
+        record.digest = Some(digest.clone());
+        let model = Arc::new(self.model(&reference, &digest).await?);
+        let decision = self.exclude(&reference, &model, &request.options).await?;
+        let selection = model.select(decision.skips.iter().map(|skip| skip.path.as_str()));
+        record.skipped = decision.skips;
+        record.selection = Some(selection.key().clone());
+        record.bytes_total = selection.layers(&model).map(|layer| layer.blob.size).sum();
+        // From here the record holds the entry against garbage collection.
+        self.volumes.put(record)?;
+
+        let key = EntryKey::new(digest, selection.key().clone());
+        let lease = self.ensure_entry(&reference, &model, &selection, &key, record).await?;
+        record.bytes_done = record.bytes_total;
+
+        let tree = lease.tree();
+        let target = record.path.clone();
+        let report = tokio::task::spawn_blocking(move || link_volume(&tree, &target)).await.map_err(join_error)??;
+        record.link_method = report.method();
+        record.link = Some(report);
+        self.store.record_use(&key, reference.as_str())?;
+        drop(lease);
+        Ok(())
+    }
+
+    /// The entry, leased: cached, or built by the flight this request joins.
+    async fn ensure_entry(
+        self: &Arc<Self>,
+        reference: &ModelRef,
+        model: &Arc<Model>,
+        selection: &Selection,
+        key: &EntryKey,
+        record: &mut VolumeRecord,
+    ) -> Result<EntryLease, EngineError> {
+        if let Some(lease) = self.store.lease_entry(key) {
+            record.reused_from_cache = true;
+            return Ok(lease);
+        }
+        // GC may evict a finished entry before this request leases it (only
+        // when no record holds it, so rarely): build it again, a few times.
+        for _ in 0..3 {
+            let engine = self.clone();
+            let (reference, model, selection, flight_key) = (reference.clone(), model.clone(), selection.clone(), key.clone());
+            let mut ticket = self.entries.join(key.clone(), move |progress| async move {
+                engine.build_entry(&reference, &model, &selection, &flight_key, progress).await
+            });
+            record.coalesced |= ticket.coalesced();
+            let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
+            tick.tick().await;
+            let built = loop {
+                tokio::select! {
+                    built = ticket.wait() => break built.map_err(EngineError::Shared)?,
+                    _ = tick.tick() => {
+                        record.bytes_done = ticket.progress().done();
+                        self.volumes.put(record)?;
+                    }
+                }
+            };
+            record.reused_from_cache = built.fetched_bytes == 0 && !ticket.coalesced();
+            if let Some(lease) = self.store.lease_entry(key) {
+                return Ok(lease);
+            }
+        }
+        Err(EngineError::Store(StoreError::Io {
+            action: "keep the entry long enough to link",
+            path: self.store.layout().entry(key),
+            source: std::io::Error::other("evicted three times in a row"),
+        }))
+    }
+
+    /// The shared part of a mount: admit, fetch, unpack, build.
+    async fn build_entry(
+        self: Arc<Self>,
+        reference: &ModelRef,
+        model: &Arc<Model>,
+        selection: &Selection,
+        key: &EntryKey,
+        progress: Arc<Progress>,
+    ) -> Result<Built, EngineError> {
+        if self.store.has_entry(key) {
+            return Ok(Built { fetched_bytes: 0 });
+        }
+        let layers: Vec<&Layer> = selection.layers(model).collect();
+        let mut needed: Vec<Digest> = layers.iter().map(|layer| layer.blob.digest.clone()).collect();
+        needed.push(model.digest.clone());
+        let _lease = self.store.lease_building(key, &needed);
+        let missing: Vec<Layer> = layers.iter().filter(|layer| !self.store.has_layer(layer)).map(|layer| (*layer).clone()).collect();
+        let incoming: u64 =
+            missing.iter().filter(|layer| !self.store.has_blob(&layer.blob.digest)).map(|layer| layer.blob.size).sum();
+        progress.set_total(incoming);
+        let reservation = Mutex::new(self.admit(reference, model, incoming).await?);
+
+        futures_util::stream::iter(missing.iter().map(Ok::<_, EngineError>))
+            .try_for_each_concurrent(self.config.layer_concurrency.max(1), |layer| {
+                let engine = self.clone();
+                let progress = progress.clone();
+                let reservation = &reservation;
+                async move {
+                    engine.ensure_layer(reference, layer, &progress).await?;
+                    reservation.lock().unwrap_or_else(|poison| poison.into_inner()).consume(layer.blob.size);
+                    Ok(())
+                }
+            })
+            .await?;
+
+        let store = self.store.clone();
+        let (model, selection, key) = (model.clone(), selection.clone(), key.clone());
+        tokio::task::spawn_blocking(move || store.build_entry(&key, &model, &selection)).await.map_err(join_error)??;
+        Ok(Built { fetched_bytes: incoming })
+    }
+
+    /// Makes one layer's content present: fetched (once node-wide, whoever
+    /// asks) and, for archives, unpacked.
+    async fn ensure_layer(self: &Arc<Self>, reference: &ModelRef, layer: &Layer, progress: &Arc<Progress>) -> Result<(), EngineError> {
+        if self.store.has_layer(layer) {
+            return Ok(());
+        }
+        let engine = self.clone();
+        let (flight_reference, flight_layer) = (reference.clone(), layer.clone());
+        let mut ticket = self.blobs.join(layer.blob.digest.clone(), move |blob_progress| async move {
+            engine.fetch_layer(&flight_reference, &flight_layer, &blob_progress).await
+        });
+        ticket.progress().forward_to(progress);
+        ticket.wait().await.map_err(EngineError::Shared)
+    }
+
+    async fn fetch_layer(&self, reference: &ModelRef, layer: &Layer, progress: &Progress) -> Result<(), EngineError> {
+        if !self.store.has_layer(layer) && !self.store.has_blob(&layer.blob.digest) {
+            let _permit = self.downloads.acquire().await.map_err(|_| EngineError::Runtime("the engine is shutting down".into()))?;
+            let mut ingest = self.store.ingest(&layer.blob)?;
+            self.registry.fetch_blob(reference, &layer.blob, &mut ingest, progress).await?;
+            ingest.commit(layer.mode, layer.mtime).await?;
+        }
+        if matches!(layer.format, LayerFormat::Tar(_)) {
+            let store = self.store.clone();
+            let layer = layer.clone();
+            tokio::task::spawn_blocking(move || store.unpack(&layer)).await.map_err(join_error)??;
+        }
+        Ok(())
+    }
+
+    /// The quota decision for a pull adding `incoming` bytes, and the
+    /// reservation that holds them until the pull ends.
+    async fn admit(&self, reference: &ModelRef, model: &Model, incoming: u64) -> Result<Reservation<'_>, EngineError> {
+        let reservations = &self.reservations;
+        if incoming == 0 {
+            return Ok(Reservation { reservations, bytes: 0 });
+        }
+        let _one_at_a_time = reservations.deciding.lock().await;
+        let reserved = *reservations.bytes.lock().unwrap_or_else(|poison| poison.into_inner());
+        let input = QuotaInput {
+            reference: reference.to_string(),
+            manifest_digest: model.digest.to_string(),
+            incoming_bytes: incoming,
+            cache_bytes: self.store.cache_bytes(),
+            reserved_bytes: reserved,
+            filesystem: self.store.filesystem()?,
+        };
+        let plugins = self.plugins.current();
+        let decision = tokio::task::spawn_blocking(move || plugins.quota(&input)).await.map_err(join_error)?;
+        match decision.verdict {
+            QuotaVerdict::Admit => {
+                *reservations.bytes.lock().unwrap_or_else(|poison| poison.into_inner()) += incoming;
+                Ok(Reservation { reservations, bytes: incoming })
+            }
+            QuotaVerdict::Deny { reason, .. } => Err(EngineError::QuotaDenied { reference: reference.to_string(), reason }),
+        }
+    }
+
+    /// Bytes admitted and not yet in the cache.
+    pub fn reserved_bytes(&self) -> u64 {
+        *self.reservations.bytes.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// The manifest of `digest`: from the store, or fetched by digest, checked
+    /// to be a model, then stored.
+    async fn model(&self, reference: &ModelRef, digest: &Digest) -> Result<Model, EngineError> {
+        if self.store.has_blob(digest) {
+            return Ok(Model::parse(digest, &self.store.read_blob(digest)?)?);
+        }
+        let bytes = self.registry.fetch_manifest(reference, digest).await?;
+        let model = Model::parse(digest, &bytes)?;
+        self.store.put_blob(digest, &bytes)?;
+        Ok(model)
+    }
+
+    async fn exclude(&self, reference: &ModelRef, model: &Model, options: &ExcludeOptions) -> Result<ExcludeDecision, EngineError> {
+        let input = ExcludeInput {
+            artifact: Artifact {
+                reference: reference.to_string(),
+                manifest_digest: model.digest.to_string(),
+                annotations: model.annotations.clone(),
+            },
+            files: model
+                .layers
+                .iter()
+                .map(|layer| ModelFile {
+                    path: layer.path.to_string(),
+                    size: layer.blob.size,
+                    media_type: layer.blob.media_type.clone(),
+                    layer_digest: layer.blob.digest.to_string(),
+                })
+                .collect(),
+            options: options.clone(),
+        };
+        let plugins = self.plugins.current();
+        tokio::task::spawn_blocking(move || plugins.exclude(&input))
+            .await
+            .map_err(join_error)?
+            .map_err(|source| EngineError::Exclude { reference: reference.to_string(), source })
+    }
+
+    /// Releases a volume: cancels its mount if one is under way, removes its
+    /// tree and marks the record released. Releasing twice is fine.
+    ///
+    /// # Errors
+    /// [`EngineError::NotFound`] when the volume never had a record.
+    pub async fn unmount(&self, volume: &VolumeId, mount_id: &MountId) -> Result<VolumeRecord, EngineError> {
+        let running = self.active().remove(&(volume.clone(), mount_id.clone()));
+        if let Some(mut running) = running {
+            running.abort.abort();
+            // Wait until the task is gone, so it writes nothing after us.
+            while running.result.changed().await.is_ok() {}
+        }
+        let Some(mut record) = self.volumes.get(volume, mount_id)? else {
+            return Err(EngineError::NotFound { volume: volume.clone(), mount_id: mount_id.clone() });
+        };
+        let tree = record.path.clone();
+        tokio::task::spawn_blocking(move || remove_any(&tree)).await.map_err(join_error)??;
+        if record.state != VolumeState::Released {
+            if record.state == VolumeState::Pulling {
+                record.error = Some(RecordError { kind: ErrorKind::Cancelled, message: "released while pulling".into() });
+            }
+            record.state = VolumeState::Released;
+            self.volumes.put(&mut record)?;
+            tracing::info!(volume = %volume, mount_id = %mount_id, "volume released");
+        }
+        Ok(record)
+    }
+
+    /// A volume's record, with live progress while it pulls.
+    ///
+    /// # Errors
+    /// [`EngineError::NotFound`] when there is no record.
+    pub fn status(&self, volume: &VolumeId, mount_id: &MountId) -> Result<VolumeRecord, EngineError> {
+        self.volumes
+            .get(volume, mount_id)?
+            .ok_or_else(|| EngineError::NotFound { volume: volume.clone(), mount_id: mount_id.clone() })
+    }
+
+    /// Every volume record.
+    pub fn list(&self) -> Vec<VolumeRecord> {
+        self.volumes.list()
+    }
+
+    /// What a reference resolves to, its files and what of them is cached.
+    /// Reads the registry but writes nothing.
+    ///
+    /// # Errors
+    /// Registry and manifest errors.
+    pub async fn inspect(&self, reference: &str) -> Result<Inspection, EngineError> {
+        let reference = ModelRef::parse(reference)?;
+        let digest = self.registry.resolve(&reference).await?;
+        let model = if self.store.has_blob(&digest) {
+            Model::parse(&digest, &self.store.read_blob(&digest)?)?
+        } else {
+            Model::parse(&digest, &self.registry.fetch_manifest(&reference, &digest).await?)?
+        };
+        let layers = model
+            .layers
+            .iter()
+            .map(|layer| InspectedLayer {
+                path: layer.path.to_string(),
+                size: layer.blob.size,
+                media_type: layer.blob.media_type.clone(),
+                digest: layer.blob.digest.clone(),
+                cached: self.store.has_layer(layer),
+            })
+            .collect();
+        let entries = self.store.entries()?.into_iter().filter(|key| key.manifest == digest).collect();
+        Ok(Inspection { reference: reference.to_string(), digest, artifact_type: model.artifact_type, layers, entries })
+    }
+}
+
+/// Links `tree` into a staging directory beside `target` and renames it
+/// into place, so a volume's tree is never seen half-made.
+fn link_volume(tree: &Path, target: &Path) -> Result<LinkReport, EngineError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |action: &'static str, path: &Path| {
+        let path = path.to_owned();
+        move |source| EngineError::Store(StoreError::Io { action, path, source })
+    };
+    let parent = target.parent().expect("a volume tree lives in its volume's directory");
+    std::fs::create_dir_all(parent).map_err(io("create", parent))?;
+    // A tree left by an earlier, failed attempt is ours to replace.
+    remove_any(target)?;
+    let staging = tempfile::Builder::new().prefix(".tmp-").tempdir_in(parent).map_err(io("create a temporary in", parent))?;
+    std::fs::set_permissions(staging.path(), std::fs::Permissions::from_mode(0o755)).map_err(io("chmod", staging.path()))?;
+    let mut linker = Linker::new();
+    linker.link_tree(tree, staging.path()).map_err(StoreError::from)?;
+    let staged = staging.keep();
+    if let Err(source) = std::fs::rename(&staged, target) {
+        let _ = std::fs::remove_dir_all(&staged);
+        return Err(EngineError::Store(StoreError::Io { action: "publish", path: target.to_owned(), source }));
+    }
+    std::fs::File::open(parent).and_then(|dir| dir.sync_all()).map_err(io("fsync", parent))?;
+    Ok(linker.report())
+}

@@ -1,0 +1,23 @@
+//! modelcache: a node-local cache engine for ModelPack OCI model artifacts.
+//!
+//! The modules are the architecture (see `docs/architecture.md`):
+//! - [`registry`]: resolve references, fetch manifests and blobs by digest;
+//! - [`modelpack`]: manifests to file lists, and the path rules;
+//! - [`store`]: the content-addressed store and its on-disk layout;
+//! - [`flight`]: one download per key, however many ask;
+//! - [`link`]: hardlink, reflink or copy trees out of the store;
+//! - [`volumes`]: per-volume records;
+//! - [`plugins`]: WebAssembly policy plugins and the decisions they make;
+//! - [`engine`]: the mount flow that ties them together;
+//! - [`digest`], [`error`]: the small types everything shares.
+
+pub mod digest;
+pub mod engine;
+pub mod error;
+pub mod flight;
+pub mod link;
+pub mod modelpack;
+pub mod plugins;
+pub mod registry;
+pub mod store;
+pub mod volumes;

@@ -1,0 +1,772 @@
+//! ModelPack manifests: from the manifest bytes to the model's file list, and
+//! the rules that keep every path a model creates inside its tree.
+//!
+//! A model is an OCI image manifest whose `artifactType` is
+//! `application/vnd.cncf.model.manifest.v1+json` (or the legacy
+//! `application/vnd.cnai.model.manifest.v1+json`). Each layer is one file or
+//! one tar archive; its path comes from the `org.cncf.model.filepath`
+//! annotation (legacy `org.cnai.model.filepath`), its mode and mtime from
+//! `org.cncf.model.file.metadata+json` when present.
+//!
+//! Layout rules, checked before anything is fetched:
+//! - a path is relative, has no `..`, no NUL, no empty name, at most 255
+//!   bytes per name and 4096 in all; `./` prefixes and `//` are normalised;
+//! - no two layers share a path, and no layer's path lies inside another's
+//!   (a file cannot also be a directory);
+//! - a tar layer unpacks at the model's root, and every entry must lie at or
+//!   under the layer's own path, so the exclude decision's unit (the layer)
+//!   is exactly what it creates. It holds regular files, directories and
+//!   symlinks whose targets stay inside the model; nothing may be created
+//!   through a symlink. Hardlinks, devices and the like are refused.
+//!   A tar layer is therefore kept or skipped whole.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::fmt;
+use std::time::SystemTime;
+
+use serde::Deserialize;
+
+use crate::digest::Digest;
+
+pub const ARTIFACT_TYPE: &str = "application/vnd.cncf.model.manifest.v1+json";
+pub const LEGACY_ARTIFACT_TYPE: &str = "application/vnd.cnai.model.manifest.v1+json";
+pub const CONFIG_MEDIA_TYPE: &str = "application/vnd.cncf.model.config.v1+json";
+pub const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const FILEPATH_ANNOTATION: &str = "org.cncf.model.filepath";
+pub const LEGACY_FILEPATH_ANNOTATION: &str = "org.cnai.model.filepath";
+pub const METADATA_ANNOTATION: &str = "org.cncf.model.file.metadata+json";
+pub const LEGACY_METADATA_ANNOTATION: &str = "org.cnai.model.file.metadata+json";
+
+const MAX_NAME: usize = 255;
+const MAX_PATH: usize = 4096;
+
+/// A model: the parsed manifest.
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub digest: Digest,
+    pub artifact_type: String,
+    pub config: Descriptor,
+    pub annotations: BTreeMap<String, String>,
+    pub layers: Vec<Layer>,
+}
+
+/// A blob the manifest points at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Descriptor {
+    pub digest: Digest,
+    pub size: u64,
+    pub media_type: String,
+}
+
+/// One layer: one file, or one archive unpacked at its path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layer {
+    /// Position in the manifest, for messages.
+    pub index: usize,
+    pub blob: Descriptor,
+    pub path: ModelPath,
+    pub format: LayerFormat,
+    /// Permission bits from the file metadata annotation.
+    pub mode: Option<u32>,
+    /// Modification time from the file metadata annotation.
+    pub mtime: Option<SystemTime>,
+}
+
+/// How a layer's blob becomes files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerFormat {
+    /// The blob is the file.
+    Raw,
+    /// The blob is a tar archive, maybe compressed.
+    Tar(Compression),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl LayerFormat {
+    /// The format a media type announces. ModelPack types end in `.raw`,
+    /// `.tar`, `.tar+gzip` or `.tar+zstd`; other tar types (OCI image layers)
+    /// are archives too; anything else is taken as a raw file.
+    pub fn of_media_type(media_type: &str) -> LayerFormat {
+        if media_type.ends_with("tar") {
+            LayerFormat::Tar(Compression::None)
+        } else if media_type.ends_with("tar+gzip") {
+            LayerFormat::Tar(Compression::Gzip)
+        } else if media_type.ends_with("tar+zstd") {
+            LayerFormat::Tar(Compression::Zstd)
+        } else {
+            LayerFormat::Raw
+        }
+    }
+}
+
+/// Why a manifest is not a model this cache can serve.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("manifest {digest} is not valid JSON for an OCI image manifest")]
+    Json {
+        digest: Digest,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(
+        "manifest {digest} is not a ModelPack model: its artifactType is `{artifact_type}` \
+         (expected `{ARTIFACT_TYPE}`)"
+    )]
+    NotAModel { digest: Digest, artifact_type: String },
+    #[error("manifest {digest}: {reason}")]
+    Manifest { digest: Digest, reason: String },
+    #[error("manifest {digest}, layer {index} ({layer}): {reason}")]
+    Layer { digest: Digest, index: usize, layer: String, reason: String },
+    #[error("manifest {digest}, layer {index} ({layer}): path `{path}` {problem}")]
+    Path { digest: Digest, index: usize, layer: String, path: String, problem: PathProblem },
+    #[error("manifest {digest}: layers {first} and {second} both claim `{path}`")]
+    Duplicate { digest: Digest, path: String, first: usize, second: usize },
+    #[error("manifest {digest}: layer {inner} (`{inner_path}`) lies inside layer {outer} (`{outer_path}`)")]
+    Nested { digest: Digest, outer: usize, outer_path: String, inner: usize, inner_path: String },
+}
+
+/// What is wrong with a path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PathProblem {
+    #[error("is empty or names the model's root")]
+    Empty,
+    #[error("is absolute")]
+    Absolute,
+    #[error("climbs out with `..`")]
+    ParentComponent,
+    #[error("contains a NUL byte")]
+    Nul,
+    #[error("has a name longer than 255 bytes")]
+    NameTooLong,
+    #[error("is longer than 4096 bytes")]
+    TooLong,
+}
+
+/// A validated, normalised relative path inside a model: `a/b/c`.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ModelPath(String);
+
+impl ModelPath {
+    /// Validates and normalises `text` (drops `./` and empty names).
+    ///
+    /// # Errors
+    /// The [`PathProblem`].
+    pub fn parse(text: &str) -> Result<ModelPath, PathProblem> {
+        if text.contains('\0') {
+            return Err(PathProblem::Nul);
+        }
+        if text.starts_with('/') {
+            return Err(PathProblem::Absolute);
+        }
+        if text.len() > MAX_PATH {
+            return Err(PathProblem::TooLong);
+        }
+        let mut parts = Vec::new();
+        for part in text.split('/') {
+            match part {
+                "" | "." => {}
+                ".." => return Err(PathProblem::ParentComponent),
+                name if name.len() > MAX_NAME => return Err(PathProblem::NameTooLong),
+                name => parts.push(name),
+            }
+        }
+        if parts.is_empty() {
+            return Err(PathProblem::Empty);
+        }
+        Ok(ModelPath(parts.join("/")))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The names, root first.
+    pub fn components(&self) -> impl Iterator<Item = &str> {
+        self.0.split('/')
+    }
+
+    /// Whether `self` is `other` or lies under it.
+    pub fn is_within(&self, other: &ModelPath) -> bool {
+        self.0 == other.0 || (self.0.starts_with(&other.0) && self.0.as_bytes().get(other.0.len()) == Some(&b'/'))
+    }
+
+    /// The proper ancestors, nearest to the root first: `a`, `a/b` of `a/b/c`.
+    pub fn ancestors(&self) -> impl Iterator<Item = &str> {
+        self.0.match_indices('/').map(|(index, _)| &self.0[..index])
+    }
+}
+
+impl fmt::Display for ModelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for ModelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawManifest {
+    schema_version: u32,
+    media_type: Option<String>,
+    artifact_type: Option<String>,
+    config: RawDescriptor,
+    #[serde(default)]
+    layers: Vec<RawDescriptor>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawDescriptor {
+    media_type: String,
+    digest: String,
+    size: u64,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct FileMetadata {
+    mode: Option<u32>,
+    mtime: Option<String>,
+}
+
+impl Model {
+    /// Parses the manifest `bytes` (already verified to hash to `digest`).
+    ///
+    /// # Errors
+    /// A [`ModelError`] naming the layer and path at fault.
+    pub fn parse(digest: &Digest, bytes: &[u8]) -> Result<Model, ModelError> {
+        let raw: RawManifest =
+            serde_json::from_slice(bytes).map_err(|source| ModelError::Json { digest: digest.clone(), source })?;
+        let manifest_error = |reason: String| ModelError::Manifest { digest: digest.clone(), reason };
+        if raw.schema_version != 2 {
+            return Err(manifest_error(format!("schemaVersion {} is not 2", raw.schema_version)));
+        }
+        if let Some(media_type) = &raw.media_type {
+            if media_type != MANIFEST_MEDIA_TYPE {
+                return Err(manifest_error(format!("mediaType `{media_type}` is not `{MANIFEST_MEDIA_TYPE}`")));
+            }
+        }
+        // Some packers mark the model only through the config's media type.
+        let artifact_type = raw.artifact_type.clone().unwrap_or_default();
+        let is_model = artifact_type == ARTIFACT_TYPE
+            || artifact_type == LEGACY_ARTIFACT_TYPE
+            || (raw.artifact_type.is_none() && is_model_config(&raw.config.media_type));
+        if !is_model {
+            let artifact_type = raw.artifact_type.unwrap_or_else(|| format!("(none; config `{}`)", raw.config.media_type));
+            return Err(ModelError::NotAModel { digest: digest.clone(), artifact_type });
+        }
+        let config = Descriptor {
+            digest: raw.config.digest.parse().map_err(|error| manifest_error(format!("config: {error}")))?,
+            size: raw.config.size,
+            media_type: raw.config.media_type,
+        };
+        if raw.layers.is_empty() {
+            return Err(manifest_error("has no layers".to_owned()));
+        }
+        let layers = raw
+            .layers
+            .into_iter()
+            .enumerate()
+            .map(|(index, layer)| parse_layer(digest, index, layer))
+            .collect::<Result<Vec<_>, _>>()?;
+        check_layout(digest, &layers)?;
+        Ok(Model { digest: digest.clone(), artifact_type, config, annotations: raw.annotations, layers })
+    }
+
+    /// Bytes of all layers.
+    pub fn total_bytes(&self) -> u64 {
+        self.layers.iter().map(|layer| layer.blob.size).sum()
+    }
+
+    /// The selection that keeps every layer whose path is not in `skipped`.
+    pub fn select<'a>(&self, skipped: impl IntoIterator<Item = &'a str>) -> Selection {
+        let skipped: HashSet<&str> = skipped.into_iter().collect();
+        let kept: Vec<usize> = self
+            .layers
+            .iter()
+            .filter(|layer| !skipped.contains(layer.path.as_str()))
+            .map(|layer| layer.index)
+            .collect();
+        Selection::new(self, kept)
+    }
+}
+
+fn is_model_config(media_type: &str) -> bool {
+    media_type == CONFIG_MEDIA_TYPE || media_type == "application/vnd.cnai.model.config.v1+json"
+}
+
+fn parse_layer(digest: &Digest, index: usize, raw: RawDescriptor) -> Result<Layer, ModelError> {
+    let layer_error = |reason: String| ModelError::Layer { digest: digest.clone(), index, layer: raw.digest.clone(), reason };
+    let blob_digest: Digest = raw.digest.parse().map_err(|error: crate::digest::DigestError| layer_error(error.to_string()))?;
+    let Some(path_text) = raw.annotations.get(FILEPATH_ANNOTATION).or_else(|| raw.annotations.get(LEGACY_FILEPATH_ANNOTATION))
+    else {
+        return Err(layer_error(format!("has no `{FILEPATH_ANNOTATION}` annotation")));
+    };
+    let path = ModelPath::parse(path_text).map_err(|problem| ModelError::Path {
+        digest: digest.clone(),
+        index,
+        layer: raw.digest.clone(),
+        path: path_text.clone(),
+        problem,
+    })?;
+    let metadata = raw
+        .annotations
+        .get(METADATA_ANNOTATION)
+        .or_else(|| raw.annotations.get(LEGACY_METADATA_ANNOTATION))
+        .and_then(|json| match serde_json::from_str::<FileMetadata>(json) {
+            Ok(metadata) => Some(metadata),
+            Err(error) => {
+                // Optional metadata: a model is still served without it.
+                tracing::warn!(layer = %raw.digest, "ignoring unreadable file metadata annotation: {error}");
+                None
+            }
+        });
+    let (mode, mtime) = match metadata {
+        Some(metadata) => (
+            metadata.mode.map(|mode| mode & 0o7777),
+            metadata.mtime.as_deref().and_then(|text| {
+                time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+                    .ok()
+                    .map(SystemTime::from)
+            }),
+        ),
+        None => (None, None),
+    };
+    Ok(Layer {
+        index,
+        format: LayerFormat::of_media_type(&raw.media_type),
+        blob: Descriptor { digest: blob_digest, size: raw.size, media_type: raw.media_type },
+        path,
+        mode,
+        mtime,
+    })
+}
+
+/// No two layers at one path, none inside another.
+fn check_layout(digest: &Digest, layers: &[Layer]) -> Result<(), ModelError> {
+    let mut by_path: BTreeMap<&str, usize> = BTreeMap::new();
+    for layer in layers {
+        if let Some(&first) = by_path.get(layer.path.as_str()) {
+            return Err(ModelError::Duplicate {
+                digest: digest.clone(),
+                path: layer.path.to_string(),
+                first,
+                second: layer.index,
+            });
+        }
+        by_path.insert(layer.path.as_str(), layer.index);
+    }
+    for layer in layers {
+        for ancestor in layer.path.ancestors() {
+            if let Some(&outer) = by_path.get(ancestor) {
+                return Err(ModelError::Nested {
+                    digest: digest.clone(),
+                    outer,
+                    outer_path: ancestor.to_owned(),
+                    inner: layer.index,
+                    inner_path: layer.path.to_string(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The layers a volume gets, and the key that names that choice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Selection {
+    kept: Vec<usize>,
+    key: SelectionKey,
+}
+
+/// Names a selection within one manifest: `full` when every layer is kept,
+/// otherwise `part-` and 16 hex digits of the sha256 of the kept paths. Two
+/// requests whose exclusions keep the same files share a tree; a partial
+/// tree is never served for a request that wants more.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct SelectionKey(String);
+
+impl SelectionKey {
+    pub const FULL: &'static str = "full";
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Parses a key as stored on disk.
+    pub fn parse(text: &str) -> Option<SelectionKey> {
+        let valid = text == SelectionKey::FULL
+            || text.strip_prefix("part-").is_some_and(|hex| hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit()));
+        valid.then(|| SelectionKey(text.to_owned()))
+    }
+}
+
+impl fmt::Display for SelectionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Selection {
+    fn new(model: &Model, mut kept: Vec<usize>) -> Selection {
+        kept.sort_unstable();
+        kept.dedup();
+        let key = if kept.len() == model.layers.len() {
+            SelectionKey(SelectionKey::FULL.to_owned())
+        } else {
+            let mut paths: Vec<&str> = kept.iter().map(|&index| model.layers[index].path.as_str()).collect();
+            paths.sort_unstable();
+            let digest = Digest::of(paths.join("\n").as_bytes());
+            SelectionKey(format!("part-{}", &digest.hex()[..16]))
+        };
+        Selection { kept, key }
+    }
+
+    pub fn key(&self) -> &SelectionKey {
+        &self.key
+    }
+
+    /// The kept layers of `model`, in manifest order.
+    pub fn layers<'m>(&'m self, model: &'m Model) -> impl Iterator<Item = &'m Layer> {
+        self.kept.iter().map(|&index| &model.layers[index])
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.key.0 == SelectionKey::FULL
+    }
+}
+
+/// What one tar entry may do, decided before anything touches the disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TarAction {
+    /// The archive's own root (`./`): nothing to create.
+    Skip,
+    Directory(ModelPath),
+    File(ModelPath),
+    /// A symlink at the path, with its (relative, in-tree) target as written.
+    Symlink(ModelPath, String),
+}
+
+/// The kinds of tar entries, as far as the rules care.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TarKind {
+    File,
+    Directory,
+    Symlink,
+    Hardlink,
+    Other,
+}
+
+/// Checks the entries of one tar layer in order: paths inside the layer's
+/// path, no duplicates, nothing through a symlink, symlinks pointing inside
+/// the model, and only files, directories and symlinks.
+#[derive(Debug)]
+pub struct TarRules<'a> {
+    layer: &'a ModelPath,
+    seen: BTreeSet<ModelPath>,
+    symlinks: BTreeSet<ModelPath>,
+    files: BTreeSet<ModelPath>,
+}
+
+impl<'a> TarRules<'a> {
+    pub fn new(layer: &'a ModelPath) -> TarRules<'a> {
+        TarRules { layer, seen: BTreeSet::new(), symlinks: BTreeSet::new(), files: BTreeSet::new() }
+    }
+
+    /// Judges the next entry.
+    ///
+    /// # Errors
+    /// Why the entry (and so the layer) is refused, naming the entry.
+    pub fn check(&mut self, name: &str, kind: TarKind, link_target: Option<&str>) -> Result<TarAction, String> {
+        let path = match ModelPath::parse(name) {
+            Ok(path) => path,
+            Err(PathProblem::Empty) if kind == TarKind::Directory => return Ok(TarAction::Skip),
+            Err(problem) => return Err(format!("entry `{name}` {problem}")),
+        };
+        if !path.is_within(self.layer) {
+            return Err(format!("entry `{name}` lies outside the layer's path `{}`", self.layer));
+        }
+        if let Some(through) = path.ancestors().find(|ancestor| {
+            let ancestor = ModelPath(ancestor.to_string());
+            self.symlinks.contains(&ancestor) || self.files.contains(&ancestor)
+        }) {
+            return Err(format!("entry `{name}` would be created through `{through}`, which is not a directory"));
+        }
+        let repeated = self.seen.contains(&path);
+        let action = match kind {
+            TarKind::Directory => {
+                if repeated && !self.is_directory(&path) {
+                    return Err(format!("entry `{name}` appears twice"));
+                }
+                TarAction::Directory(path.clone())
+            }
+            TarKind::File => {
+                if repeated {
+                    return Err(format!("entry `{name}` appears twice"));
+                }
+                self.files.insert(path.clone());
+                TarAction::File(path.clone())
+            }
+            TarKind::Symlink => {
+                if repeated {
+                    return Err(format!("entry `{name}` appears twice"));
+                }
+                let target = link_target.unwrap_or_default();
+                check_symlink_target(&path, target).map_err(|reason| format!("symlink `{name}` -> `{target}` {reason}"))?;
+                self.symlinks.insert(path.clone());
+                TarAction::Symlink(path.clone(), target.to_owned())
+            }
+            TarKind::Hardlink => return Err(format!("entry `{name}` is a hardlink, which model layers may not hold")),
+            TarKind::Other => return Err(format!("entry `{name}` is not a regular file, directory or symlink")),
+        };
+        self.seen.insert(path);
+        Ok(action)
+    }
+
+    fn is_directory(&self, path: &ModelPath) -> bool {
+        !self.files.contains(path) && !self.symlinks.contains(path)
+    }
+}
+
+/// A symlink target must be relative and, resolved from the link's
+/// directory, stay inside the model.
+fn check_symlink_target(link: &ModelPath, target: &str) -> Result<(), &'static str> {
+    if target.is_empty() {
+        return Err("has an empty target");
+    }
+    if target.starts_with('/') {
+        return Err("points to an absolute path");
+    }
+    if target.contains('\0') {
+        return Err("has a NUL byte in its target");
+    }
+    let mut depth = link.components().count() - 1;
+    for part in target.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => depth = depth.checked_sub(1).ok_or("points outside the model")?,
+            _ => depth += 1,
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn digest(n: u8) -> String {
+        format!("sha256:{}", format!("{n:02x}").repeat(32))
+    }
+
+    fn manifest(layers: &[(&str, &str)]) -> Vec<u8> {
+        let layers: Vec<serde_json::Value> = layers
+            .iter()
+            .enumerate()
+            .map(|(index, (path, media_type))| {
+                serde_json::json!({
+                    "mediaType": media_type,
+                    "digest": digest(index as u8 + 1),
+                    "size": 100 + index,
+                    "annotations": { FILEPATH_ANNOTATION: path },
+                })
+            })
+            .collect();
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": MANIFEST_MEDIA_TYPE,
+            "artifactType": ARTIFACT_TYPE,
+            "config": { "mediaType": CONFIG_MEDIA_TYPE, "digest": digest(0xee), "size": 2 },
+            "layers": layers,
+        }))
+        .unwrap()
+    }
+
+    fn parse(bytes: &[u8]) -> Result<Model, ModelError> {
+        Model::parse(&Digest::of(bytes), bytes)
+    }
+
+    const RAW: &str = "application/vnd.cncf.model.weight.v1.raw";
+
+    /// Layers become files with validated paths, formats from media types.
+    #[test]
+    fn parses_layers() {
+        let model = parse(&manifest(&[
+            ("./weights//model.safetensors", RAW),
+            ("tokenizer", "application/vnd.cncf.model.weight.config.v1.tar+gzip"),
+            ("src", "application/vnd.cnai.model.code.v1.tar+zstd"),
+            ("notes.txt", "application/vnd.cncf.model.doc.v1.tar"),
+        ]))
+        .unwrap();
+        let paths: Vec<&str> = model.layers.iter().map(|layer| layer.path.as_str()).collect();
+        assert_eq!(paths, ["weights/model.safetensors", "tokenizer", "src", "notes.txt"]);
+        let formats: Vec<LayerFormat> = model.layers.iter().map(|layer| layer.format).collect();
+        assert_eq!(
+            formats,
+            [
+                LayerFormat::Raw,
+                LayerFormat::Tar(Compression::Gzip),
+                LayerFormat::Tar(Compression::Zstd),
+                LayerFormat::Tar(Compression::None)
+            ]
+        );
+        assert_eq!(model.total_bytes(), 100 + 101 + 102 + 103);
+    }
+
+    /// Other artifacts are refused, naming their type.
+    #[test]
+    fn refuses_other_artifacts() {
+        let mut value: serde_json::Value = serde_json::from_slice(&manifest(&[("a", RAW)])).unwrap();
+        value["artifactType"] = "application/vnd.oci.image.config.v1+json".into();
+        let error = parse(&serde_json::to_vec(&value).unwrap()).unwrap_err();
+        assert!(matches!(error, ModelError::NotAModel { .. }));
+        assert!(error.to_string().contains("application/vnd.oci.image.config.v1+json"));
+
+        value["artifactType"] = LEGACY_ARTIFACT_TYPE.into();
+        assert!(parse(&serde_json::to_vec(&value).unwrap()).is_ok());
+        value.as_object_mut().unwrap().remove("artifactType");
+        assert!(parse(&serde_json::to_vec(&value).unwrap()).is_ok(), "a model config type marks a model too");
+    }
+
+    /// Hostile paths are refused with the layer and the path named.
+    #[test]
+    fn refuses_hostile_paths() {
+        for (path, problem) in [
+            ("../etc/passwd", PathProblem::ParentComponent),
+            ("a/../../b", PathProblem::ParentComponent),
+            ("/etc/passwd", PathProblem::Absolute),
+            ("a\0b", PathProblem::Nul),
+            (".", PathProblem::Empty),
+            ("", PathProblem::Empty),
+        ] {
+            let error = parse(&manifest(&[("ok", RAW), (path, RAW)])).unwrap_err();
+            match &error {
+                ModelError::Path { index: 1, problem: found, .. } => assert_eq!(*found, problem, "{path}"),
+                other => panic!("{path}: {other}"),
+            }
+            assert!(error.to_string().contains("layer 1"), "{error}");
+        }
+        let long_name = "x".repeat(256);
+        assert!(matches!(
+            parse(&manifest(&[(&long_name, RAW)])),
+            Err(ModelError::Path { problem: PathProblem::NameTooLong, .. })
+        ));
+        let long_path = "a/".repeat(2100);
+        assert!(matches!(parse(&manifest(&[(&long_path, RAW)])), Err(ModelError::Path { problem: PathProblem::TooLong, .. })));
+    }
+
+    /// Duplicate paths (after normalisation) and nested layers are refused.
+    #[test]
+    fn refuses_duplicates_and_nesting() {
+        let error = parse(&manifest(&[("a/b", RAW), ("./a//b", RAW)])).unwrap_err();
+        assert!(matches!(error, ModelError::Duplicate { first: 0, second: 1, .. }), "{error}");
+        let error = parse(&manifest(&[("dir", "application/vnd.cncf.model.code.v1.tar"), ("dir/file", RAW)])).unwrap_err();
+        assert!(matches!(error, ModelError::Nested { outer: 0, inner: 1, .. }), "{error}");
+    }
+
+    /// A layer without a path, with a bad digest, or a manifest without
+    /// layers is refused.
+    #[test]
+    fn refuses_incomplete_layers() {
+        let mut value: serde_json::Value = serde_json::from_slice(&manifest(&[("a", RAW)])).unwrap();
+        value["layers"][0]["annotations"] = serde_json::json!({});
+        assert!(parse(&serde_json::to_vec(&value).unwrap()).unwrap_err().to_string().contains("no `org.cncf.model.filepath`"));
+        value["layers"][0]["annotations"] = serde_json::json!({ LEGACY_FILEPATH_ANNOTATION: "legacy.bin" });
+        assert_eq!(parse(&serde_json::to_vec(&value).unwrap()).unwrap().layers[0].path.as_str(), "legacy.bin");
+        value["layers"][0]["digest"] = "md5:00".into();
+        assert!(parse(&serde_json::to_vec(&value).unwrap()).unwrap_err().to_string().contains("md5:00"));
+        value["layers"] = serde_json::json!([]);
+        assert!(parse(&serde_json::to_vec(&value).unwrap()).unwrap_err().to_string().contains("no layers"));
+    }
+
+    /// Mode and mtime come from the metadata annotation; bad metadata is ignored.
+    #[test]
+    fn reads_file_metadata() {
+        let mut value: serde_json::Value = serde_json::from_slice(&manifest(&[("run.sh", RAW), ("b", RAW)])).unwrap();
+        value["layers"][0]["annotations"][METADATA_ANNOTATION] =
+            r#"{"name":"run.sh","mode":33261,"uid":0,"gid":0,"size":100,"mtime":"2024-05-01T10:00:00.5+02:00","typeflag":48}"#.into();
+        value["layers"][1]["annotations"][METADATA_ANNOTATION] = "{not json".into();
+        let model = parse(&serde_json::to_vec(&value).unwrap()).unwrap();
+        assert_eq!(model.layers[0].mode, Some(0o755));
+        let mtime = model.layers[0].mtime.unwrap().duration_since(SystemTime::UNIX_EPOCH).unwrap();
+        assert_eq!(mtime.as_millis(), 1_714_550_400_500);
+        assert_eq!(model.layers[1].mode, None);
+    }
+
+    /// Selections: `full` when nothing is skipped, a stable `part-` key
+    /// otherwise, equal for equal kept sets whatever the skip order.
+    #[test]
+    fn selection_keys() {
+        let model = parse(&manifest(&[("a", RAW), ("b", RAW), ("c", RAW)])).unwrap();
+        assert_eq!(model.select([]).key().as_str(), "full");
+        assert!(model.select(["nonexistent"]).is_full());
+        let without_b = model.select(["b"]);
+        assert!(without_b.key().as_str().starts_with("part-"));
+        assert_eq!(without_b.layers(&model).map(|layer| layer.path.as_str()).collect::<Vec<_>>(), ["a", "c"]);
+        assert_eq!(model.select(["b"]).key(), without_b.key());
+        assert_ne!(model.select(["a"]).key(), without_b.key());
+        assert_eq!(SelectionKey::parse(without_b.key().as_str()).as_ref(), Some(without_b.key()));
+        assert_eq!(SelectionKey::parse("part-../x"), None);
+    }
+
+    fn rules_check(entries: &[(&str, TarKind, Option<&str>)]) -> Result<Vec<TarAction>, String> {
+        let layer = ModelPath::parse("pkg").unwrap();
+        let mut rules = TarRules::new(&layer);
+        entries.iter().map(|(name, kind, target)| rules.check(name, *kind, *target)).collect()
+    }
+
+    /// Tar entries stay within the layer's path; in-tree symlinks are fine.
+    #[test]
+    fn tar_rules_accept_a_tidy_archive() {
+        let actions = rules_check(&[
+            ("./", TarKind::Directory, None),
+            ("pkg/", TarKind::Directory, None),
+            ("pkg/lib/", TarKind::Directory, None),
+            ("pkg/lib/a.py", TarKind::File, None),
+            ("pkg/current", TarKind::Symlink, Some("lib/a.py")),
+            ("pkg/up", TarKind::Symlink, Some("../other-layer/file")),
+            ("pkg/lib/", TarKind::Directory, None),
+        ])
+        .unwrap();
+        assert_eq!(actions[0], TarAction::Skip);
+        assert_eq!(actions[3], TarAction::File(ModelPath::parse("pkg/lib/a.py").unwrap()));
+    }
+
+    /// Escapes, hardlinks, devices, duplicates and paths through symlinks
+    /// are refused, each naming the entry.
+    #[test]
+    fn tar_rules_refuse_escapes() {
+        let refused = |entries: &[(&str, TarKind, Option<&str>)], needle: &str| {
+            let error = rules_check(entries).unwrap_err();
+            assert!(error.contains(needle), "{error}");
+        };
+        refused(&[("../evil", TarKind::File, None)], "climbs out");
+        refused(&[("/etc/passwd", TarKind::File, None)], "absolute");
+        refused(&[("other/file", TarKind::File, None)], "outside the layer's path");
+        refused(&[("pkg/link", TarKind::Symlink, Some("../../etc/passwd"))], "points outside the model");
+        refused(&[("pkg/link", TarKind::Symlink, Some("/etc/passwd"))], "absolute");
+        refused(&[("pkg/hard", TarKind::Hardlink, Some("/etc/passwd"))], "hardlink");
+        refused(&[("pkg/dev", TarKind::Other, None)], "not a regular file");
+        refused(&[("pkg/a", TarKind::File, None), ("pkg/a", TarKind::File, None)], "twice");
+        refused(
+            &[("pkg/link", TarKind::Symlink, Some(".")), ("pkg/link/file", TarKind::File, None)],
+            "through `pkg/link`",
+        );
+        refused(&[("pkg/f", TarKind::File, None), ("pkg/f/x", TarKind::File, None)], "through `pkg/f`");
+    }
+}

@@ -1,0 +1,187 @@
+//! The exclude decision: which files of a model stay out of a volume.
+//!
+//! Several plugins skip the union of their answers (the first reason given
+//! for a path is kept). A failing plugin with fail mode `open` skips nothing;
+//! with `closed` the decision fails and so does the mount. With no exclude
+//! plugin nothing is skipped, and a request that asks for exclusion is
+//! refused rather than silently served in full.
+
+use std::collections::{BTreeMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::bindings::{exclude as wit, types};
+use super::{Decision, FailMode, FailureCause, Plugin, PluginFailure, PluginSet};
+
+/// The input of an exclude decision.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ExcludeInput {
+    pub artifact: Artifact,
+    pub files: Vec<ModelFile>,
+    #[serde(default)]
+    pub options: ExcludeOptions,
+}
+
+/// The model being mounted.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Artifact {
+    pub reference: String,
+    pub manifest_digest: String,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// One file (one layer) of the model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ModelFile {
+    pub path: String,
+    pub size: u64,
+    pub media_type: String,
+    pub layer_digest: String,
+}
+
+/// What a request asks to leave out.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ExcludeOptions {
+    #[serde(default)]
+    pub exclude_weights: bool,
+    #[serde(default)]
+    pub patterns: Vec<String>,
+}
+
+impl ExcludeOptions {
+    /// Whether the request asks to leave anything out.
+    pub fn is_empty(&self) -> bool {
+        !self.exclude_weights && self.patterns.is_empty()
+    }
+}
+
+/// A file to leave out, and who said so.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Skip {
+    pub path: String,
+    pub reason: String,
+    pub plugin: String,
+}
+
+/// The composed answer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ExcludeDecision {
+    pub skips: Vec<Skip>,
+    /// Plugins that failed open (their answers are missing from `skips`).
+    pub failures: Vec<PluginFailure>,
+}
+
+/// Why an exclude decision could not be made.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ExcludeError {
+    #[error("{0}; its fail mode for exclude is closed")]
+    Failed(PluginFailure),
+    #[error(
+        "the request asks to leave files out (exclude-weights or patterns) but no plugin serves \
+         the exclude decision; install exclude-patterns.wasm in the plugin directory"
+    )]
+    Unserved,
+}
+
+fn to_wit(input: &ExcludeInput) -> wit::Request {
+    wit::Request {
+        artifact: wit::Artifact {
+            reference: input.artifact.reference.clone(),
+            manifest_digest: input.artifact.manifest_digest.clone(),
+            annotations: input
+                .artifact
+                .annotations
+                .iter()
+                .map(|(key, value)| types::Annotation { key: key.clone(), value: value.clone() })
+                .collect(),
+        },
+        files: input
+            .files
+            .iter()
+            .map(|file| wit::ModelFile {
+                path: file.path.clone(),
+                size: file.size,
+                media_type: file.media_type.clone(),
+                layer_digest: file.layer_digest.clone(),
+            })
+            .collect(),
+        options: wit::Options {
+            exclude_weights: input.options.exclude_weights,
+            patterns: input.options.patterns.clone(),
+        },
+        settings: String::new(),
+    }
+}
+
+impl Plugin {
+    /// Calls this plugin's exclude decision on `input` and checks the answer.
+    ///
+    /// # Errors
+    /// Why the call failed; the caller applies the fail mode.
+    pub fn exclude(&self, input: &ExcludeInput) -> Result<Vec<Skip>, FailureCause> {
+        let paths = input.files.iter().map(|file| file.path.as_str()).collect();
+        self.exclude_wit(&mut to_wit(input), &paths)
+    }
+
+    fn exclude_wit(&self, request: &mut wit::Request, paths: &HashSet<&str>) -> Result<Vec<Skip>, FailureCause> {
+        let indices = self.exports.exclude.as_ref().ok_or_else(|| not_served(self, Decision::Exclude))?;
+        request.settings.clone_from(&self.config.settings_json);
+        let answer = self.call(|store, instance| indices.load(&mut *store, instance)?.call_decide(&mut *store, request))?;
+        let skips = answer.map_err(FailureCause::PluginError)?;
+        if let Some(unknown) = skips.iter().find(|skip| !paths.contains(skip.path.as_str())) {
+            return Err(FailureCause::InvalidOutput(format!("skips `{}`, which is not a file of the model", unknown.path)));
+        }
+        Ok(skips
+            .into_iter()
+            .map(|skip| Skip { path: skip.path, reason: skip.reason, plugin: self.name.clone() })
+            .collect())
+    }
+}
+
+pub(super) fn not_served(plugin: &Plugin, decision: Decision) -> FailureCause {
+    FailureCause::Instantiate(format!("plugin `{}` does not serve {decision}", plugin.name))
+}
+
+impl PluginSet {
+    /// Runs every exclude plugin in order and unions their skips.
+    ///
+    /// # Errors
+    /// A plugin failed with fail mode `closed`, or the request asks for
+    /// exclusion and no plugin serves it.
+    pub fn exclude(&self, input: &ExcludeInput) -> Result<ExcludeDecision, ExcludeError> {
+        let mut plugins = self.serving(Decision::Exclude).peekable();
+        if plugins.peek().is_none() {
+            return if input.options.is_empty() { Ok(ExcludeDecision::default()) } else { Err(ExcludeError::Unserved) };
+        }
+        let paths: HashSet<&str> = input.files.iter().map(|file| file.path.as_str()).collect();
+        let mut request = to_wit(input);
+        let mut decision = ExcludeDecision::default();
+        let mut skipped = HashSet::new();
+        for plugin in plugins {
+            match plugin.exclude_wit(&mut request, &paths) {
+                Ok(skips) => {
+                    for skip in skips {
+                        if skipped.insert(skip.path.clone()) {
+                            decision.skips.push(skip);
+                        }
+                    }
+                }
+                Err(cause) => {
+                    let failure = plugin.failure(Decision::Exclude, cause);
+                    match plugin.fail_mode(Decision::Exclude) {
+                        FailMode::Open => decision.failures.push(failure),
+                        FailMode::Closed => return Err(ExcludeError::Failed(failure)),
+                    }
+                }
+            }
+        }
+        Ok(decision)
+    }
+}

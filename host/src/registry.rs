@@ -1,0 +1,591 @@
+//! OCI registries: resolve a reference to its manifest digest once, then fetch
+//! the manifest and every blob by digest, so a tag that moves mid-pull
+//! cannot mix two models.
+//!
+//! Plain HTTP is used only for registries configured insecure; everything
+//! else is HTTPS. Credentials come from a docker `config.json` (`auths`,
+//! `credHelpers`, `credsStore`), anonymous otherwise. Transient failures
+//! (connection errors, timeouts, 429 and 5xx) are retried with exponential
+//! backoff; an interrupted blob resumes with a Range request from the bytes
+//! already written, and is hashed as a whole by the store whatever happened.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use oci_client::client::{BlobResponse, ClientConfig, ClientProtocol};
+use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::manifest::OciDescriptor;
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use serde::Deserialize;
+
+use crate::digest::Digest;
+use crate::error::ErrorKind;
+use crate::flight::Progress;
+use crate::modelpack::{Descriptor, MANIFEST_MEDIA_TYPE};
+use crate::store::{Ingest, StoreError};
+
+/// How to reach registries.
+#[derive(Clone, Debug)]
+pub struct RegistryConfig {
+    /// Registries (`host` or `host:port`) reached over plain HTTP.
+    pub insecure: Vec<String>,
+    /// The directory holding a docker `config.json`; default `$DOCKER_CONFIG`,
+    /// then `~/.docker`.
+    pub docker_config: Option<PathBuf>,
+    /// Attempts per request, the first included (default 5).
+    pub attempts: u32,
+    /// The first backoff; it doubles per attempt up to 10 s (default 200 ms).
+    pub backoff: Duration,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig { insecure: Vec::new(), docker_config: None, attempts: 5, backoff: Duration::from_millis(200) }
+    }
+}
+
+/// A model reference as the user wrote it, parsed.
+#[derive(Clone, Debug)]
+pub struct ModelRef {
+    text: String,
+    reference: Reference,
+}
+
+impl ModelRef {
+    /// Parses `registry/repository:tag` or `registry/repository@sha256:…`.
+    ///
+    /// # Errors
+    /// [`RegistryError::InvalidReference`].
+    pub fn parse(text: &str) -> Result<ModelRef, RegistryError> {
+        let invalid = |reason: String| RegistryError::InvalidReference { reference: text.to_owned(), reason };
+        let reference: Reference = text.trim().parse().map_err(|error: oci_client::ParseError| invalid(error.to_string()))?;
+        if let Some(digest) = reference.digest() {
+            digest.parse::<Digest>().map_err(|error| invalid(error.to_string()))?;
+        }
+        Ok(ModelRef { text: text.trim().to_owned(), reference })
+    }
+
+    /// The reference as written.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The registry host (`host[:port]`).
+    pub fn registry(&self) -> &str {
+        self.reference.registry()
+    }
+
+    pub fn repository(&self) -> &str {
+        self.reference.repository()
+    }
+
+    /// The digest the reference pins, if it pins one.
+    pub fn digest(&self) -> Option<Digest> {
+        self.reference.digest().and_then(|digest| digest.parse().ok())
+    }
+
+    /// The same repository, at `digest`.
+    fn at(&self, digest: &Digest) -> Reference {
+        Reference::with_digest(self.registry().to_owned(), self.repository().to_owned(), digest.to_string())
+    }
+}
+
+impl std::fmt::Display for ModelRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// What went wrong talking to a registry.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("`{reference}` is not a valid model reference: {reason}")]
+    InvalidReference { reference: String, reason: String },
+    #[error("{reference}: not found in the registry")]
+    NotFound { reference: String },
+    #[error("{reference}: the registry refused access ({reason})")]
+    Denied { reference: String, reason: String },
+    #[error("{reference}: registry unavailable after {attempts} attempts")]
+    Unavailable {
+        reference: String,
+        attempts: u32,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("{reference}: the registry answered wrongly: {reason}")]
+    Protocol { reference: String, reason: String },
+    #[error("{reference}: the manifest's bytes hash to {actual}, not {expected}")]
+    ManifestMismatch { reference: String, expected: Digest, actual: Digest },
+    #[error("{reference}: the docker config {}: {reason}", path.display())]
+    Credentials { reference: String, path: PathBuf, reason: String },
+    #[error("storing a blob of {reference}")]
+    Store {
+        reference: String,
+        #[source]
+        source: StoreError,
+    },
+}
+
+impl RegistryError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            RegistryError::InvalidReference { .. } => ErrorKind::InvalidArgument,
+            RegistryError::NotFound { .. } => ErrorKind::NotFound,
+            RegistryError::Denied { .. } => ErrorKind::PermissionDenied,
+            RegistryError::Unavailable { .. } => ErrorKind::Unavailable,
+            RegistryError::Protocol { .. } | RegistryError::ManifestMismatch { .. } => ErrorKind::DataLoss,
+            RegistryError::Credentials { .. } => ErrorKind::InvalidArgument,
+            RegistryError::Store { source, .. } => source.kind(),
+        }
+    }
+
+    /// Whether the next request may fare better (the flight remembers
+    /// deterministic errors briefly; these it does not).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, RegistryError::Unavailable { .. })
+    }
+}
+
+/// A client for OCI registries.
+pub struct Registry {
+    client: Client,
+    config: RegistryConfig,
+    credentials: Credentials,
+}
+
+enum Failure {
+    Transient(Box<dyn std::error::Error + Send + Sync>),
+    Permanent(RegistryError),
+}
+
+impl Registry {
+    /// A client with `config`.
+    ///
+    /// # Errors
+    /// An unreadable docker config.
+    pub fn new(config: RegistryConfig) -> Result<Registry, RegistryError> {
+        // rustls needs a process-wide crypto provider; a second install is a no-op.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let protocol = if config.insecure.is_empty() {
+            ClientProtocol::Https
+        } else {
+            ClientProtocol::HttpsExcept(config.insecure.clone())
+        };
+        let client = Client::new(ClientConfig {
+            protocol,
+            connect_timeout: Some(Duration::from_secs(10)),
+            read_timeout: Some(Duration::from_secs(60)),
+            ..ClientConfig::default()
+        });
+        let credentials = Credentials::load(config.docker_config.clone())?;
+        Ok(Registry { client, config, credentials })
+    }
+
+    /// The manifest digest `reference` names now: the pinned digest, or one
+    /// HEAD request for a tag.
+    ///
+    /// # Errors
+    /// Not found, denied or unavailable.
+    pub async fn resolve(&self, reference: &ModelRef) -> Result<Digest, RegistryError> {
+        if let Some(digest) = reference.digest() {
+            return Ok(digest);
+        }
+        let auth = self.credentials.auth_for(reference)?;
+        let digest = self
+            .with_retries(reference, "resolving the tag", || async {
+                self.client.fetch_manifest_digest(&reference.reference, &auth).await.map_err(|error| classify(reference, error))
+            })
+            .await?;
+        digest.parse().map_err(|error: crate::digest::DigestError| RegistryError::Protocol {
+            reference: reference.to_string(),
+            reason: format!("the registry gave the digest {error}"),
+        })
+    }
+
+    /// The manifest with `digest`, fetched by digest and verified.
+    ///
+    /// # Errors
+    /// Not found, denied, unavailable, or bytes that do not hash to `digest`.
+    pub async fn fetch_manifest(&self, reference: &ModelRef, digest: &Digest) -> Result<Bytes, RegistryError> {
+        let auth = self.credentials.auth_for(reference)?;
+        let by_digest = reference.at(digest);
+        let accept = [MANIFEST_MEDIA_TYPE, "application/vnd.oci.image.index.v1+json"];
+        let (bytes, _) = self
+            .with_retries(reference, "fetching the manifest", || async {
+                self.client.pull_manifest_raw(&by_digest, &auth, &accept).await.map_err(|error| classify(reference, error))
+            })
+            .await?;
+        let actual = Digest::of(&bytes);
+        if &actual != digest {
+            return Err(RegistryError::ManifestMismatch { reference: reference.to_string(), expected: digest.clone(), actual });
+        }
+        Ok(bytes)
+    }
+
+    /// Streams the blob `blob` into `ingest`, resuming after interruptions
+    /// with Range requests from what `ingest` holds.
+    ///
+    /// Every request asks for a range, even from byte 0: a 206 answer is not
+    /// hashed by the client library, so the bytes are hashed once, by the
+    /// store, off the network task. A registry that answers 200 instead is
+    /// followed from the start.
+    ///
+    /// # Errors
+    /// Not found, denied, unavailable, or a store error.
+    pub async fn fetch_blob(
+        &self,
+        reference: &ModelRef,
+        blob: &Descriptor,
+        ingest: &mut Ingest,
+        progress: &Progress,
+    ) -> Result<(), RegistryError> {
+        let store_error = |source| RegistryError::Store { reference: reference.to_string(), source };
+        if blob.size == 0 {
+            return Ok(());
+        }
+        self.client.store_auth_if_needed(reference.registry(), &self.credentials.auth_for(reference)?).await;
+        let image = &reference.reference;
+        let descriptor = OciDescriptor {
+            media_type: blob.media_type.clone(),
+            digest: blob.digest.to_string(),
+            size: blob.size as i64,
+            ..OciDescriptor::default()
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let offset = ingest.position().await.map_err(store_error)?;
+            if offset >= blob.size {
+                return Ok(());
+            }
+            let failure = match self.client.pull_blob_stream_partial(image, &descriptor, offset, None).await {
+                Ok(response) => {
+                    let stream = match response {
+                        BlobResponse::Partial(stream) => stream,
+                        BlobResponse::Full(stream) => {
+                            if offset > 0 {
+                                ingest.restart().await.map_err(store_error)?;
+                                progress.take_back(offset);
+                            }
+                            stream
+                        }
+                    };
+                    let mut stream = stream.stream;
+                    let mut failure = None;
+                    while let Some(chunk) = stream.next().await {
+                        match chunk {
+                            Ok(bytes) => {
+                                let length = bytes.len() as u64;
+                                ingest.write(bytes).await.map_err(store_error)?;
+                                progress.add(length);
+                            }
+                            Err(error) => {
+                                failure = Some(Failure::Transient(Box::new(error)));
+                                break;
+                            }
+                        }
+                    }
+                    match failure {
+                        Some(failure) => failure,
+                        None if ingest.position().await.map_err(store_error)? >= blob.size => return Ok(()),
+                        None => Failure::Transient("the blob stream ended early".into()),
+                    }
+                }
+                Err(error) => classify(reference, error),
+            };
+            match failure {
+                Failure::Permanent(error) => return Err(error),
+                Failure::Transient(source) if attempt >= self.config.attempts => {
+                    return Err(RegistryError::Unavailable { reference: reference.to_string(), attempts: attempt, source });
+                }
+                Failure::Transient(source) => {
+                    tracing::warn!(reference = %reference, blob = %blob.digest.short(), attempt, "blob download interrupted, resuming: {source}");
+                    tokio::time::sleep(self.backoff(attempt)).await;
+                }
+            }
+        }
+    }
+
+    /// Uploads a blob unless the registry has it; `chunks` yields its bytes.
+    ///
+    /// # Errors
+    /// Denied or unavailable.
+    pub async fn push_blob<S>(&self, reference: &ModelRef, digest: &Digest, size: u64, chunks: S) -> Result<(), RegistryError>
+    where
+        S: futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+    {
+        let auth = self.credentials.auth_for(reference)?;
+        self.client.store_auth_if_needed(reference.registry(), &auth).await;
+        let image = &reference.reference;
+        let exists = self.client.blob_exists(image, &digest.to_string()).await.unwrap_or(false);
+        if exists {
+            return Ok(());
+        }
+        let stream = chunks.map(|chunk| chunk.map_err(OciDistributionError::from));
+        self.client
+            .push_blob_stream(image, stream, &digest.to_string(), Some(size))
+            .await
+            .map(drop)
+            .map_err(|error| match classify(reference, error) {
+                Failure::Permanent(error) => error,
+                Failure::Transient(source) => {
+                    RegistryError::Unavailable { reference: reference.to_string(), attempts: 1, source }
+                }
+            })
+    }
+
+    /// Uploads a manifest under the reference's tag.
+    ///
+    /// # Errors
+    /// Denied or unavailable.
+    pub async fn push_manifest(&self, reference: &ModelRef, manifest: Bytes) -> Result<Digest, RegistryError> {
+        let auth = self.credentials.auth_for(reference)?;
+        self.client.store_auth_if_needed(reference.registry(), &auth).await;
+        let digest = Digest::of(&manifest);
+        let content_type = reqwest_header(MANIFEST_MEDIA_TYPE);
+        self.with_retries(reference, "pushing the manifest", || async {
+            self.client
+                .push_manifest_raw(&reference.reference, manifest.clone(), content_type.clone())
+                .await
+                .map_err(|error| classify(reference, error))
+        })
+        .await?;
+        Ok(digest)
+    }
+
+    async fn with_retries<T, F, Fut>(&self, reference: &ModelRef, what: &str, mut operation: F) -> Result<T, RegistryError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Failure>>,
+    {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match operation().await {
+                Ok(value) => return Ok(value),
+                Err(Failure::Permanent(error)) => return Err(error),
+                Err(Failure::Transient(source)) if attempt >= self.config.attempts => {
+                    return Err(RegistryError::Unavailable { reference: reference.to_string(), attempts: attempt, source });
+                }
+                Err(Failure::Transient(source)) => {
+                    tracing::warn!(reference = %reference, attempt, "{what} failed, retrying: {source}");
+                    tokio::time::sleep(self.backoff(attempt)).await;
+                }
+            }
+        }
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        (self.config.backoff * 2u32.saturating_pow(attempt.saturating_sub(1))).min(Duration::from_secs(10))
+    }
+}
+
+fn reqwest_header(value: &'static str) -> http::HeaderValue {
+    http::HeaderValue::from_static(value)
+}
+
+/// Sorts a client error into what retrying can and cannot fix.
+fn classify(reference: &ModelRef, error: OciDistributionError) -> Failure {
+    let permanent = |error| Failure::Permanent(error);
+    let text = reference.to_string();
+    match error {
+        OciDistributionError::RequestError(ref inner) if inner.is_status() => {
+            let status = inner.status().map(|status| status.as_u16()).unwrap_or(0);
+            status_failure(&text, status, error)
+        }
+        OciDistributionError::RequestError(_) | OciDistributionError::IoError(_) => Failure::Transient(Box::new(error)),
+        OciDistributionError::ServerError { code, .. } => status_failure(&text, code, error),
+        OciDistributionError::ImageManifestNotFoundError(_) => permanent(RegistryError::NotFound { reference: text }),
+        OciDistributionError::UnauthorizedError { .. } | OciDistributionError::AuthenticationFailure(_) => {
+            permanent(RegistryError::Denied { reference: text, reason: error.to_string() })
+        }
+        OciDistributionError::RegistryError { ref envelope, .. } => {
+            let codes: Vec<&OciErrorCode> = envelope.errors.iter().map(|error| &error.code).collect();
+            if codes.iter().any(|code| matches!(code, OciErrorCode::Toomanyrequests)) {
+                Failure::Transient(Box::new(error))
+            } else if codes.iter().any(|code| {
+                matches!(
+                    code,
+                    OciErrorCode::ManifestUnknown | OciErrorCode::BlobUnknown | OciErrorCode::NameUnknown | OciErrorCode::NotFound
+                )
+            }) {
+                permanent(RegistryError::NotFound { reference: text })
+            } else if codes.iter().any(|code| matches!(code, OciErrorCode::Unauthorized | OciErrorCode::Denied)) {
+                permanent(RegistryError::Denied { reference: text, reason: error.to_string() })
+            } else {
+                permanent(RegistryError::Protocol { reference: text, reason: error.to_string() })
+            }
+        }
+        other => permanent(RegistryError::Protocol { reference: text, reason: other.to_string() }),
+    }
+}
+
+fn status_failure(reference: &str, status: u16, error: OciDistributionError) -> Failure {
+    match status {
+        404 => Failure::Permanent(RegistryError::NotFound { reference: reference.to_owned() }),
+        401 | 403 => Failure::Permanent(RegistryError::Denied { reference: reference.to_owned(), reason: error.to_string() }),
+        408 | 429 | 500..=599 => Failure::Transient(Box::new(error)),
+        _ => Failure::Permanent(RegistryError::Protocol { reference: reference.to_owned(), reason: error.to_string() }),
+    }
+}
+
+/// Credentials from a docker `config.json`.
+#[derive(Debug, Default)]
+struct Credentials {
+    path: Option<PathBuf>,
+    config: DockerConfig,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DockerConfig {
+    #[serde(default)]
+    auths: BTreeMap<String, DockerAuth>,
+    #[serde(default)]
+    cred_helpers: BTreeMap<String, String>,
+    creds_store: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct DockerAuth {
+    auth: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct HelperAnswer {
+    username: String,
+    secret: String,
+}
+
+impl Credentials {
+    fn load(dir: Option<PathBuf>) -> Result<Credentials, RegistryError> {
+        let dir = dir
+            .or_else(|| std::env::var_os("DOCKER_CONFIG").map(PathBuf::from))
+            .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".docker")));
+        let Some(path) = dir.map(|dir| dir.join("config.json")) else {
+            return Ok(Credentials::default());
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Credentials::default()),
+            Err(error) => {
+                return Err(RegistryError::Credentials { reference: String::new(), path, reason: error.to_string() });
+            }
+        };
+        let config = serde_json::from_str(&text)
+            .map_err(|error| RegistryError::Credentials { reference: String::new(), path: path.clone(), reason: error.to_string() })?;
+        Ok(Credentials { path: Some(path), config })
+    }
+
+    fn auth_for(&self, reference: &ModelRef) -> Result<RegistryAuth, RegistryError> {
+        let host = reference.registry();
+        let error = |reason: String| RegistryError::Credentials {
+            reference: reference.to_string(),
+            path: self.path.clone().unwrap_or_default(),
+            reason,
+        };
+        let helper = self.config.cred_helpers.get(host).or(self.config.creds_store.as_ref());
+        if let Some(entry) = self.config.auths.iter().find(|(key, _)| auth_key_host(key) == host).map(|(_, entry)| entry) {
+            if let (Some(username), Some(password)) = (&entry.username, &entry.password) {
+                return Ok(RegistryAuth::Basic(username.clone(), password.clone()));
+            }
+            if let Some(encoded) = &entry.auth {
+                let decoded = base64::engine::general_purpose::STANDARD
+                    .decode(encoded.trim())
+                    .map_err(|_| error(format!("auths.{host}.auth is not base64")))?;
+                let decoded = String::from_utf8(decoded).map_err(|_| error(format!("auths.{host}.auth is not UTF-8")))?;
+                let (username, password) =
+                    decoded.split_once(':').ok_or_else(|| error(format!("auths.{host}.auth is not `user:password`")))?;
+                return Ok(RegistryAuth::Basic(username.to_owned(), password.to_owned()));
+            }
+        }
+        match helper {
+            Some(helper) => run_helper(helper, host).map_err(error),
+            None => Ok(RegistryAuth::Anonymous),
+        }
+    }
+}
+
+/// `https://host/v1/` and `host` both name `host`.
+fn auth_key_host(key: &str) -> &str {
+    let key = key.strip_prefix("https://").or_else(|| key.strip_prefix("http://")).unwrap_or(key);
+    key.split('/').next().unwrap_or(key)
+}
+
+fn run_helper(helper: &str, host: &str) -> Result<RegistryAuth, String> {
+    use std::io::Write;
+    let program = format!("docker-credential-{helper}");
+    let mut child = std::process::Command::new(&program)
+        .arg("get")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|error| format!("cannot run {program}: {error}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(host.as_bytes());
+    }
+    let output = child.wait_with_output().map_err(|error| format!("{program}: {error}"))?;
+    if !output.status.success() {
+        // Helpers answer "credentials not found" with a failure: anonymous then.
+        return Ok(RegistryAuth::Anonymous);
+    }
+    let answer: HelperAnswer =
+        serde_json::from_slice(&output.stdout).map_err(|error| format!("{program} answered: {error}"))?;
+    Ok(RegistryAuth::Basic(answer.username, answer.secret))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// References parse with their registry, repository and pinned digest.
+    #[test]
+    fn references() {
+        let pinned = format!("registry.local:5000/models/llama@sha256:{}", "a".repeat(64));
+        let reference = ModelRef::parse(&pinned).unwrap();
+        assert_eq!(reference.registry(), "registry.local:5000");
+        assert_eq!(reference.repository(), "models/llama");
+        assert_eq!(reference.digest().unwrap().hex(), "a".repeat(64));
+        let tagged = ModelRef::parse("registry.local/models/llama:v1").unwrap();
+        assert_eq!(tagged.digest(), None);
+        assert!(matches!(ModelRef::parse("Not A Reference"), Err(RegistryError::InvalidReference { .. })));
+        assert!(ModelRef::parse("registry.local/m@sha256:abc").is_err());
+    }
+
+    /// Credentials come from `auths` (either form), keyed by host.
+    #[test]
+    fn docker_config_auths() {
+        let dir = tempfile::tempdir().unwrap();
+        let encoded = base64::engine::general_purpose::STANDARD.encode("alice:s3cret");
+        std::fs::write(
+            dir.path().join("config.json"),
+            format!(r#"{{"auths": {{"https://one.local/v1/": {{"auth": "{encoded}"}}, "two.local:5000": {{"username": "bob", "password": "pw"}}}}}}"#),
+        )
+        .unwrap();
+        let credentials = Credentials::load(Some(dir.path().to_owned())).unwrap();
+        let auth = |text: &str| credentials.auth_for(&ModelRef::parse(text).unwrap()).unwrap();
+        assert!(matches!(auth("one.local/m:1"), RegistryAuth::Basic(user, password) if user == "alice" && password == "s3cret"));
+        assert!(matches!(auth("two.local:5000/m:1"), RegistryAuth::Basic(user, _) if user == "bob"));
+        assert!(matches!(auth("three.local/m:1"), RegistryAuth::Anonymous));
+        std::fs::write(dir.path().join("config.json"), "{nope").unwrap();
+        assert!(matches!(Credentials::load(Some(dir.path().to_owned())), Err(RegistryError::Credentials { .. })));
+    }
+
+    /// Backoff doubles and is capped.
+    #[test]
+    fn backoff_doubles() {
+        let registry = Registry::new(RegistryConfig::default()).unwrap();
+        assert_eq!(registry.backoff(1), Duration::from_millis(200));
+        assert_eq!(registry.backoff(3), Duration::from_millis(800));
+        assert_eq!(registry.backoff(30), Duration::from_secs(10));
+    }
+}

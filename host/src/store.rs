@@ -1,0 +1,1076 @@
+//! The content-addressed store under a root directory.
+//!
+//! ```text
+//! ROOT/lock                                one process per root (flock)
+//! ROOT/blobs/sha256/<hex>                  verified blobs: raw layers, manifests, configs (0444)
+//! ROOT/unpacked/sha256/<hex>/…             tar layers, unpacked (files 0444)
+//! ROOT/models/sha256/<hex>/<selection>/    one entry: a model tree for one selection
+//!     tree/…                               hardlinks into blobs/ and unpacked/
+//!     entry.json                           what the tree holds (written before publishing)
+//!     usage.json                           last use, use count, references seen
+//! ROOT/tmp/                                everything being written; emptied at start-up
+//! ```
+//!
+//! Nothing becomes visible under its final name before it is complete: a
+//! blob is hashed as it streams into `tmp/`, its size and digest checked,
+//! fsynced, made read-only and renamed into `blobs/`; trees and unpacked
+//! layers are built in `tmp/`, synced and renamed into place whole. A crash
+//! therefore leaves only `tmp/` to clear.
+//!
+//! The store knows nothing of volumes: references from volume records and
+//! leases taken by pulls and link steps live a layer above; the store only
+//! keeps the lease counts that garbage collection must respect.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, BufReader, Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::digest::Digest;
+use crate::error::ErrorKind;
+use crate::link::{LinkError, Linker};
+use crate::modelpack::{Compression, Descriptor, Layer, LayerFormat, Model, ModelPath, Selection, SelectionKey, TarAction, TarKind, TarRules};
+use crate::plugins::quota::Filesystem;
+
+/// Bytes buffered by a blob writer before each `write(2)`.
+const WRITE_BUFFER: usize = 1 << 20;
+/// Chunks in flight between the network task and a blob writer.
+const CHANNEL_CHUNKS: usize = 64;
+
+/// Where everything lives under the root.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    root: PathBuf,
+}
+
+impl Layout {
+    pub fn new(root: impl Into<PathBuf>) -> Layout {
+        Layout { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn blobs(&self) -> PathBuf {
+        self.root.join("blobs/sha256")
+    }
+
+    pub fn blob(&self, digest: &Digest) -> PathBuf {
+        self.blobs().join(digest.hex())
+    }
+
+    pub fn unpacked_dir(&self) -> PathBuf {
+        self.root.join("unpacked/sha256")
+    }
+
+    pub fn unpacked(&self, digest: &Digest) -> PathBuf {
+        self.unpacked_dir().join(digest.hex())
+    }
+
+    pub fn models(&self) -> PathBuf {
+        self.root.join("models/sha256")
+    }
+
+    pub fn entry(&self, key: &EntryKey) -> PathBuf {
+        self.models().join(key.manifest.hex()).join(key.selection.as_str())
+    }
+
+    pub fn tree(&self, key: &EntryKey) -> PathBuf {
+        self.entry(key).join("tree")
+    }
+
+    pub fn tmp(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    pub fn records(&self) -> PathBuf {
+        self.root.join("records")
+    }
+
+    pub fn components(&self) -> PathBuf {
+        self.root.join("components")
+    }
+
+    pub fn default_volumes(&self) -> PathBuf {
+        self.root.join("volumes")
+    }
+
+    fn lock(&self) -> PathBuf {
+        self.root.join("lock")
+    }
+}
+
+/// Names one model tree: a manifest and the selection of its files.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EntryKey {
+    pub manifest: Digest,
+    pub selection: SelectionKey,
+}
+
+impl EntryKey {
+    pub fn new(manifest: Digest, selection: SelectionKey) -> EntryKey {
+        EntryKey { manifest, selection }
+    }
+
+    /// Parses `sha256:<hex>/<selection>`.
+    pub fn parse(text: &str) -> Option<EntryKey> {
+        let (manifest, selection) = text.rsplit_once('/')?;
+        Some(EntryKey { manifest: manifest.parse().ok()?, selection: SelectionKey::parse(selection)? })
+    }
+}
+
+impl std::fmt::Display for EntryKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.manifest, self.selection)
+    }
+}
+
+impl Serialize for EntryKey {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for EntryKey {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<EntryKey, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        EntryKey::parse(&text).ok_or_else(|| serde::de::Error::custom(format!("`{text}` is not an entry key")))
+    }
+}
+
+/// What went wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{action} {}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("blob {digest}: received {actual} bytes, the manifest says {expected}")]
+    SizeMismatch { digest: Digest, expected: u64, actual: u64 },
+    #[error("blob {digest}: the bytes received hash to {actual}; nothing was stored")]
+    DigestMismatch { digest: Digest, actual: Digest },
+    #[error("layer {index} ({digest}) at `{path}`: {reason}")]
+    Unpack { index: usize, digest: Digest, path: String, reason: String },
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error("the blob writer stopped unexpectedly")]
+    WriterGone,
+}
+
+impl StoreError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            StoreError::SizeMismatch { .. } | StoreError::DigestMismatch { .. } | StoreError::Unpack { .. } => {
+                ErrorKind::DataLoss
+            }
+            StoreError::Io { .. } | StoreError::Link(_) | StoreError::WriterGone => ErrorKind::Internal,
+        }
+    }
+}
+
+fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError + use<> {
+    let path = path.to_owned();
+    move |source| StoreError::Io { action, path, source }
+}
+
+/// What start-up recovery removed.
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Recovery {
+    /// Temporaries and half-built trees found in `tmp/`.
+    pub temporaries: Vec<PathBuf>,
+    /// Entry directories without a complete tree.
+    pub incomplete_entries: Vec<PathBuf>,
+}
+
+/// What an entry holds, written once when it is built.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct EntryInfo {
+    pub key: EntryKey,
+    pub layers: Vec<EntryLayer>,
+    /// Bytes of the selected layers as the manifest states them.
+    pub bytes: u64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: time::OffsetDateTime,
+}
+
+/// One layer of an entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct EntryLayer {
+    pub digest: Digest,
+    pub path: String,
+    pub size: u64,
+    /// Whether the layer is an unpacked archive (else the blob is the file).
+    pub unpacked: bool,
+}
+
+/// How an entry has been used, rewritten on every use.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct EntryUsage {
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub last_used_at: Option<time::OffsetDateTime>,
+    pub use_count: u64,
+    /// References that resolved to this entry's manifest, most recent last.
+    pub references: Vec<String>,
+}
+
+/// The root lock: held for the life of the [`Store`].
+#[derive(Debug)]
+struct RootLock {
+    _file: File,
+}
+
+impl RootLock {
+    fn acquire(path: &Path) -> Result<RootLock, StoreError> {
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(io_error("open the lock file", path))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                tracing::info!(lock = %path.display(), holder = holder.trim(), "waiting for another modelcache process to release the root");
+                file.lock().map_err(io_error("lock", path))?;
+            }
+            Err(fs::TryLockError::Error(source)) => return Err(StoreError::Io { action: "lock", path: path.to_owned(), source }),
+        }
+        file.set_len(0).map_err(io_error("write the lock file", path))?;
+        let _ = writeln!(file, "pid {}", std::process::id());
+        Ok(RootLock { _file: file })
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Entries held by pulls and link steps.
+    entry_leases: HashMap<EntryKey, usize>,
+    /// Blobs held by pulls that are fetching or using them.
+    blob_leases: HashMap<Digest, usize>,
+    /// Bytes of `blobs/` and `unpacked/`.
+    cache_bytes: u64,
+}
+
+/// The store.
+#[derive(Debug)]
+pub struct Store {
+    layout: Layout,
+    state: Mutex<State>,
+    _lock: RootLock,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `root`, waits for the root
+    /// lock, and recovers from whatever a previous process left behind.
+    ///
+    /// # Errors
+    /// When the directories cannot be created or read.
+    pub fn open(root: &Path) -> Result<(Arc<Store>, Recovery), StoreError> {
+        let layout = Layout::new(root);
+        fs::create_dir_all(root).map_err(io_error("create the root", root))?;
+        let lock = RootLock::acquire(&layout.lock())?;
+        for dir in [layout.blobs(), layout.unpacked_dir(), layout.models(), layout.tmp(), layout.records()] {
+            fs::create_dir_all(&dir).map_err(io_error("create", &dir))?;
+        }
+        let recovery = recover(&layout)?;
+        let cache_bytes = tree_bytes(&layout.blobs()) + tree_bytes(&layout.unpacked_dir());
+        let store = Store { layout, state: Mutex::new(State { cache_bytes, ..State::default() }), _lock: lock };
+        Ok((Arc::new(store), recovery))
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Bytes the cache holds.
+    pub fn cache_bytes(&self) -> u64 {
+        self.state().cache_bytes
+    }
+
+    /// The filesystem that holds the store.
+    ///
+    /// # Errors
+    /// When `statvfs` fails.
+    pub fn filesystem(&self) -> Result<Filesystem, StoreError> {
+        let root = self.layout.root();
+        let stats = rustix::fs::statvfs(root).map_err(|errno| StoreError::Io {
+            action: "statvfs",
+            path: root.to_owned(),
+            source: errno.into(),
+        })?;
+        Ok(Filesystem {
+            total_bytes: stats.f_blocks * stats.f_frsize,
+            free_bytes: stats.f_bavail * stats.f_frsize,
+        })
+    }
+
+    pub fn has_blob(&self, digest: &Digest) -> bool {
+        self.layout.blob(digest).is_file()
+    }
+
+    /// Whether a layer's content is in the store (a raw layer's blob, or a
+    /// tar layer unpacked).
+    pub fn has_layer(&self, layer: &Layer) -> bool {
+        match layer.format {
+            LayerFormat::Raw => self.has_blob(&layer.blob.digest),
+            LayerFormat::Tar(_) => self.layout.unpacked(&layer.blob.digest).is_dir(),
+        }
+    }
+
+    /// Reads a stored blob (manifests and configs: small).
+    ///
+    /// # Errors
+    /// When it is not stored or unreadable.
+    pub fn read_blob(&self, digest: &Digest) -> Result<Vec<u8>, StoreError> {
+        let path = self.layout.blob(digest);
+        fs::read(&path).map_err(io_error("read", &path))
+    }
+
+    /// Stores `bytes` (already verified to hash to `digest`) as a blob.
+    ///
+    /// # Errors
+    /// On I/O failure.
+    pub fn put_blob(&self, digest: &Digest, bytes: &[u8]) -> Result<(), StoreError> {
+        if Digest::of(bytes) != *digest {
+            return Err(StoreError::DigestMismatch { digest: digest.clone(), actual: Digest::of(bytes) });
+        }
+        if self.has_blob(digest) {
+            return Ok(());
+        }
+        let mut file = self.temp_file("blob")?;
+        file.write_all(bytes).map_err(io_error("write", file.path()))?;
+        self.publish_blob(file, digest, bytes.len() as u64, None, None)
+    }
+
+    fn temp_file(&self, purpose: &str) -> Result<tempfile::NamedTempFile, StoreError> {
+        let tmp = self.layout.tmp();
+        tempfile::Builder::new().prefix(&format!("{purpose}-")).tempfile_in(&tmp).map_err(io_error("create a temporary in", &tmp))
+    }
+
+    /// fsync, read-only, mtime, rename into `blobs/`, fsync the directory.
+    fn publish_blob(
+        &self,
+        file: tempfile::NamedTempFile,
+        digest: &Digest,
+        size: u64,
+        mode: Option<u32>,
+        mtime: Option<SystemTime>,
+    ) -> Result<(), StoreError> {
+        let target = self.layout.blob(digest);
+        let handle = file.as_file();
+        handle.sync_all().map_err(io_error("fsync", file.path()))?;
+        if let Some(mtime) = mtime {
+            handle.set_modified(mtime).map_err(io_error("set the mtime of", file.path()))?;
+        }
+        handle
+            .set_permissions(fs::Permissions::from_mode(read_only_mode(mode)))
+            .map_err(io_error("make read-only", file.path()))?;
+        file.persist(&target).map_err(|error| StoreError::Io { action: "publish", path: target.clone(), source: error.error })?;
+        sync_dir(&self.layout.blobs())?;
+        self.state().cache_bytes += size;
+        Ok(())
+    }
+
+    /// Starts writing the blob `blob`; the bytes are hashed and written on a
+    /// blocking thread, away from the network task that feeds them.
+    ///
+    /// # Errors
+    /// When the temporary cannot be created.
+    pub fn ingest(self: &Arc<Self>, blob: &Descriptor) -> Result<Ingest, StoreError> {
+        let temp = self.temp_file("ingest")?;
+        let file = temp.reopen().map_err(io_error("open", temp.path()))?;
+        let (sender, receiver) = mpsc::channel(CHANNEL_CHUNKS);
+        let limit = blob.size;
+        let writer = tokio::task::spawn_blocking(move || run_writer(file, limit, receiver));
+        Ok(Ingest { store: self.clone(), blob: blob.clone(), temp: Some(temp), sender: Some(sender), writer: Some(writer) })
+    }
+
+    /// Unpacks the stored archive of `layer` into `unpacked/`, checking every
+    /// entry against the model's rules, then drops the archive.
+    ///
+    /// # Errors
+    /// A refused entry (naming it), or I/O.
+    pub fn unpack(&self, layer: &Layer) -> Result<(), StoreError> {
+        let LayerFormat::Tar(compression) = layer.format else {
+            return Ok(());
+        };
+        let target = self.layout.unpacked(&layer.blob.digest);
+        if target.is_dir() {
+            return Ok(());
+        }
+        let archive = self.layout.blob(&layer.blob.digest);
+        let staging = tempfile::Builder::new()
+            .prefix("unpack-")
+            .tempdir_in(self.layout.tmp())
+            .map_err(io_error("create a temporary in", &self.layout.tmp()))?;
+        let bytes = unpack_archive(&archive, compression, layer, staging.path())?;
+        sync_tree(staging.path())?;
+        let staged = staging.keep();
+        fs::rename(&staged, &target).map_err(io_error("publish", &target))?;
+        sync_dir(&self.layout.unpacked_dir())?;
+        fs::remove_file(&archive).map_err(io_error("remove", &archive))?;
+        let mut state = self.state();
+        state.cache_bytes = state.cache_bytes.saturating_sub(layer.blob.size) + bytes;
+        Ok(())
+    }
+
+    pub fn has_entry(&self, key: &EntryKey) -> bool {
+        self.layout.entry(key).join("entry.json").is_file()
+    }
+
+    /// Builds the tree of `key` from stored layers and publishes it whole.
+    /// Every selected layer must be stored.
+    ///
+    /// # Errors
+    /// A link or I/O failure; nothing is published then.
+    pub fn build_entry(&self, key: &EntryKey, model: &Model, selection: &Selection) -> Result<EntryInfo, StoreError> {
+        let staging = tempfile::Builder::new()
+            .prefix("entry-")
+            .tempdir_in(self.layout.tmp())
+            .map_err(io_error("create a temporary in", &self.layout.tmp()))?;
+        let tree = staging.path().join("tree");
+        fs::create_dir(&tree).map_err(io_error("create", &tree))?;
+        let mut linker = Linker::new();
+        let mut layers = Vec::new();
+        for layer in selection.layers(model) {
+            match layer.format {
+                LayerFormat::Raw => {
+                    let target = tree.join(layer.path.as_str());
+                    if let Some(parent) = target.parent() {
+                        fs::create_dir_all(parent).map_err(io_error("create", parent))?;
+                    }
+                    linker.link_file(&self.layout.blob(&layer.blob.digest), &target)?;
+                }
+                LayerFormat::Tar(_) => linker.link_tree(&self.layout.unpacked(&layer.blob.digest), &tree)?,
+            }
+            layers.push(EntryLayer {
+                digest: layer.blob.digest.clone(),
+                path: layer.path.to_string(),
+                size: layer.blob.size,
+                unpacked: layer.format != LayerFormat::Raw,
+            });
+        }
+        let info = EntryInfo {
+            key: key.clone(),
+            bytes: layers.iter().map(|layer| layer.size).sum(),
+            layers,
+            created_at: time::OffsetDateTime::now_utc(),
+        };
+        write_json(&staging.path().join("entry.json"), &info)?;
+        sync_tree(staging.path())?;
+        let target = self.layout.entry(key);
+        let parent = target.parent().expect("entries live in a manifest directory");
+        fs::create_dir_all(parent).map_err(io_error("create", parent))?;
+        let staged = staging.keep();
+        if let Err(source) = fs::rename(&staged, &target) {
+            let _ = fs::remove_dir_all(&staged);
+            return Err(StoreError::Io { action: "publish", path: target, source });
+        }
+        sync_dir(parent)?;
+        Ok(info)
+    }
+
+    /// What the entry holds.
+    ///
+    /// # Errors
+    /// When the entry is absent or its `entry.json` unreadable.
+    pub fn entry_info(&self, key: &EntryKey) -> Result<EntryInfo, StoreError> {
+        read_json(&self.layout.entry(key).join("entry.json"))
+    }
+
+    /// How the entry has been used; defaults when never used.
+    pub fn entry_usage(&self, key: &EntryKey) -> EntryUsage {
+        read_json(&self.layout.entry(key).join("usage.json")).unwrap_or_default()
+    }
+
+    /// Records one use of the entry by a volume of `reference`.
+    ///
+    /// # Errors
+    /// On I/O failure.
+    pub fn record_use(&self, key: &EntryKey, reference: &str) -> Result<EntryUsage, StoreError> {
+        let mut usage = self.entry_usage(key);
+        usage.last_used_at = Some(time::OffsetDateTime::now_utc());
+        usage.use_count += 1;
+        usage.references.retain(|seen| seen != reference);
+        usage.references.push(reference.to_owned());
+        // Keep the list short: the most recent references are what matter.
+        let excess = usage.references.len().saturating_sub(16);
+        usage.references.drain(..excess);
+        write_json(&self.layout.entry(key).join("usage.json"), &usage)?;
+        Ok(usage)
+    }
+
+    /// Every complete entry.
+    ///
+    /// # Errors
+    /// When `models/` cannot be read.
+    pub fn entries(&self) -> Result<Vec<EntryKey>, StoreError> {
+        let mut keys = Vec::new();
+        let models = self.layout.models();
+        for manifest in fs::read_dir(&models).map_err(io_error("read", &models))?.flatten() {
+            let Ok(digest) = format!("sha256:{}", manifest.file_name().to_string_lossy()).parse::<Digest>() else {
+                continue;
+            };
+            for selection in fs::read_dir(manifest.path()).into_iter().flatten().flatten() {
+                if let Some(selection) = SelectionKey::parse(&selection.file_name().to_string_lossy()) {
+                    let key = EntryKey::new(digest.clone(), selection);
+                    if self.has_entry(&key) {
+                        keys.push(key);
+                    }
+                }
+            }
+        }
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// Holds `key` against garbage collection while the lease lives. `None`
+    /// when the entry is not (or no longer) complete: build it again.
+    pub fn lease_entry(self: &Arc<Self>, key: &EntryKey) -> Option<EntryLease> {
+        let mut state = self.state();
+        // Checked under the lock GC takes to evict, so an entry is either
+        // leased before GC looks or found gone after.
+        if !self.has_entry(key) {
+            return None;
+        }
+        *state.entry_leases.entry(key.clone()).or_default() += 1;
+        Some(EntryLease { store: self.clone(), key: key.clone() })
+    }
+
+    /// Holds an entry that is being built (it need not exist yet).
+    pub fn lease_building(self: &Arc<Self>, key: &EntryKey, blobs: &[Digest]) -> BuildLease {
+        let mut state = self.state();
+        *state.entry_leases.entry(key.clone()).or_default() += 1;
+        for digest in blobs {
+            *state.blob_leases.entry(digest.clone()).or_default() += 1;
+        }
+        BuildLease { store: self.clone(), key: key.clone(), blobs: blobs.to_vec() }
+    }
+
+    /// Whether an entry is leased now.
+    pub fn is_entry_leased(&self, key: &EntryKey) -> bool {
+        self.state().entry_leases.get(key).is_some_and(|count| *count > 0)
+    }
+}
+
+/// An entry held against eviction.
+#[derive(Debug)]
+pub struct EntryLease {
+    store: Arc<Store>,
+    key: EntryKey,
+}
+
+impl EntryLease {
+    pub fn key(&self) -> &EntryKey {
+        &self.key
+    }
+
+    pub fn tree(&self) -> PathBuf {
+        self.store.layout.tree(&self.key)
+    }
+}
+
+impl Drop for EntryLease {
+    fn drop(&mut self) {
+        release(&mut self.store.state(), &self.key, &[]);
+    }
+}
+
+/// An entry under construction and the blobs it needs, held against eviction.
+#[derive(Debug)]
+pub struct BuildLease {
+    store: Arc<Store>,
+    key: EntryKey,
+    blobs: Vec<Digest>,
+}
+
+impl Drop for BuildLease {
+    fn drop(&mut self) {
+        release(&mut self.store.state(), &self.key, &self.blobs);
+    }
+}
+
+fn release(state: &mut State, key: &EntryKey, blobs: &[Digest]) {
+    if let Some(count) = state.entry_leases.get_mut(key) {
+        *count -= 1;
+        if *count == 0 {
+            state.entry_leases.remove(key);
+        }
+    }
+    for digest in blobs {
+        if let Some(count) = state.blob_leases.get_mut(digest) {
+            *count -= 1;
+            if *count == 0 {
+                state.blob_leases.remove(digest);
+            }
+        }
+    }
+}
+
+/// A blob being written. Dropped before [`Ingest::commit`], it leaves nothing.
+#[derive(Debug)]
+pub struct Ingest {
+    store: Arc<Store>,
+    blob: Descriptor,
+    temp: Option<tempfile::NamedTempFile>,
+    sender: Option<mpsc::Sender<Command>>,
+    writer: Option<tokio::task::JoinHandle<io::Result<Written>>>,
+}
+
+#[derive(Debug)]
+enum Command {
+    Data(Bytes),
+    Position(oneshot::Sender<io::Result<u64>>),
+    Restart(oneshot::Sender<io::Result<()>>),
+}
+
+#[derive(Debug)]
+struct Written {
+    bytes: u64,
+    digest: Digest,
+}
+
+impl Ingest {
+    fn sender(&self) -> Result<&mpsc::Sender<Command>, StoreError> {
+        self.sender.as_ref().ok_or(StoreError::WriterGone)
+    }
+
+    /// Appends bytes.
+    ///
+    /// # Errors
+    /// When the writer has stopped (its error surfaces at `position` or `commit`).
+    pub async fn write(&mut self, bytes: Bytes) -> Result<(), StoreError> {
+        self.sender()?.send(Command::Data(bytes)).await.map_err(|_| StoreError::WriterGone)
+    }
+
+    /// Bytes written and hashed so far (waits for the writer to catch up).
+    ///
+    /// # Errors
+    /// The writer's I/O error, or more bytes than the manifest states.
+    pub async fn position(&mut self) -> Result<u64, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.sender()?.send(Command::Position(reply)).await.map_err(|_| StoreError::WriterGone)?;
+        let path = self.temp_path();
+        answer.await.map_err(|_| StoreError::WriterGone)?.map_err(io_error("write", &path))
+    }
+
+    /// Starts over from byte 0.
+    ///
+    /// # Errors
+    /// The writer's I/O error.
+    pub async fn restart(&mut self) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.sender()?.send(Command::Restart(reply)).await.map_err(|_| StoreError::WriterGone)?;
+        let path = self.temp_path();
+        answer.await.map_err(|_| StoreError::WriterGone)?.map_err(io_error("truncate", &path))
+    }
+
+    fn temp_path(&self) -> PathBuf {
+        self.temp.as_ref().map(|temp| temp.path().to_owned()).unwrap_or_default()
+    }
+
+    /// Checks size and digest and publishes the blob with the layer's mode
+    /// and mtime. On any failure nothing is published and the temporary goes.
+    ///
+    /// # Errors
+    /// [`StoreError::SizeMismatch`], [`StoreError::DigestMismatch`] or I/O.
+    pub async fn commit(mut self, mode: Option<u32>, mtime: Option<SystemTime>) -> Result<(), StoreError> {
+        self.sender.take();
+        let writer = self.writer.take().ok_or(StoreError::WriterGone)?;
+        let path = self.temp_path();
+        let written = writer.await.map_err(|_| StoreError::WriterGone)?.map_err(io_error("write", &path))?;
+        let digest = self.blob.digest.clone();
+        if written.bytes != self.blob.size {
+            return Err(StoreError::SizeMismatch { digest, expected: self.blob.size, actual: written.bytes });
+        }
+        if written.digest != digest {
+            return Err(StoreError::DigestMismatch { digest, actual: written.digest });
+        }
+        let temp = self.temp.take().ok_or(StoreError::WriterGone)?;
+        let store = self.store.clone();
+        let size = self.blob.size;
+        tokio::task::spawn_blocking(move || store.publish_blob(temp, &digest, size, mode, mtime))
+            .await
+            .map_err(|_| StoreError::WriterGone)?
+    }
+}
+
+/// The blocking side of an [`Ingest`]: hash, buffer, write.
+fn run_writer(mut file: File, limit: u64, mut receiver: mpsc::Receiver<Command>) -> io::Result<Written> {
+    let mut hasher = Sha256::new();
+    let mut buffer = Vec::with_capacity(WRITE_BUFFER);
+    let mut bytes = 0u64;
+    let mut failure: Option<io::Error> = None;
+    while let Some(command) = receiver.blocking_recv() {
+        match command {
+            Command::Data(chunk) => {
+                if failure.is_some() {
+                    continue;
+                }
+                bytes += chunk.len() as u64;
+                if bytes > limit {
+                    // Counted, not kept: the commit reports the size mismatch.
+                    continue;
+                }
+                hasher.update(&chunk);
+                buffer.extend_from_slice(&chunk);
+                if buffer.len() >= WRITE_BUFFER {
+                    if let Err(error) = file.write_all(&buffer) {
+                        failure = Some(error);
+                    }
+                    buffer.clear();
+                }
+            }
+            Command::Position(reply) => {
+                let answer = match failure.take() {
+                    Some(error) => Err(error),
+                    None => file.write_all(&buffer).map(|()| bytes),
+                };
+                buffer.clear();
+                let _ = reply.send(match answer {
+                    Ok(bytes) => Ok(bytes),
+                    Err(error) => {
+                        let copy = io::Error::new(error.kind(), error.to_string());
+                        failure = Some(error);
+                        Err(copy)
+                    }
+                });
+            }
+            Command::Restart(reply) => {
+                buffer.clear();
+                bytes = 0;
+                hasher = Sha256::new();
+                failure = None;
+                let _ = reply.send(file.set_len(0).and_then(|()| {
+                    use std::io::Seek;
+                    file.seek(io::SeekFrom::Start(0)).map(drop)
+                }));
+            }
+        }
+    }
+    if let Some(error) = failure {
+        return Err(error);
+    }
+    file.write_all(&buffer)?;
+    Ok(Written { bytes, digest: Digest::from_hasher(hasher) })
+}
+
+impl Drop for Ingest {
+    fn drop(&mut self) {
+        // The temporary file goes with `temp`; the writer ends when the
+        // channel closes and writes only into the unlinked file.
+        self.sender.take();
+    }
+}
+
+/// Unpacks `archive` into `staging`; returns the bytes of the files made.
+fn unpack_archive(archive: &Path, compression: Compression, layer: &Layer, staging: &Path) -> Result<u64, StoreError> {
+    let refuse = |reason: String| StoreError::Unpack {
+        index: layer.index,
+        digest: layer.blob.digest.clone(),
+        path: layer.path.to_string(),
+        reason,
+    };
+    let file = File::open(archive).map_err(io_error("open", archive))?;
+    let reader: Box<dyn Read> = match compression {
+        Compression::None => Box::new(BufReader::new(file)),
+        Compression::Gzip => Box::new(flate2::read::GzDecoder::new(BufReader::new(file))),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(file).map_err(io_error("decompress", archive))?),
+    };
+    let mut tar = tar::Archive::new(reader);
+    let mut rules = TarRules::new(&layer.path);
+    let mut bytes = 0;
+    let entries = tar.entries().map_err(|error| refuse(format!("not a tar archive: {error}")))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|error| refuse(format!("unreadable archive: {error}")))?;
+        let header = entry.header();
+        let kind = match header.entry_type() {
+            tar::EntryType::Regular | tar::EntryType::Continuous => TarKind::File,
+            tar::EntryType::Directory => TarKind::Directory,
+            tar::EntryType::Symlink => TarKind::Symlink,
+            tar::EntryType::Link => TarKind::Hardlink,
+            // Extended headers are folded into the entries by the reader.
+            tar::EntryType::XGlobalHeader | tar::EntryType::XHeader => continue,
+            _ => TarKind::Other,
+        };
+        let mode = header.mode().ok();
+        let mtime = header.mtime().ok();
+        let name = String::from_utf8(entry.path_bytes().into_owned()).map_err(|_| refuse("an entry name is not UTF-8".into()))?;
+        let target = entry
+            .link_name_bytes()
+            .map(|bytes| String::from_utf8(bytes.into_owned()))
+            .transpose()
+            .map_err(|_| refuse(format!("entry `{name}` has a link target that is not UTF-8")))?;
+        let action = rules.check(&name, kind, target.as_deref()).map_err(refuse)?;
+        match action {
+            TarAction::Skip => {}
+            TarAction::Directory(path) => {
+                let dir = staging.join(path.as_str());
+                fs::create_dir_all(&dir).map_err(io_error("create", &dir))?;
+            }
+            TarAction::File(path) => {
+                let target = create_parent(staging, &path)?;
+                let mut file = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+                    .mode(0o600)
+                    .open(&target)
+                    .map_err(io_error("create", &target))?;
+                bytes += io::copy(&mut entry, &mut file).map_err(|error| refuse(format!("entry `{name}`: {error}")))?;
+                if let Some(mtime) = mtime {
+                    let _ = file.set_modified(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(mtime));
+                }
+                file.set_permissions(fs::Permissions::from_mode(read_only_mode(mode)))
+                    .map_err(io_error("make read-only", &target))?;
+            }
+            TarAction::Symlink(path, destination) => {
+                let link = create_parent(staging, &path)?;
+                std::os::unix::fs::symlink(&destination, &link).map_err(io_error("create symlink", &link))?;
+            }
+        }
+    }
+    Ok(bytes)
+}
+
+fn create_parent(staging: &Path, path: &ModelPath) -> Result<PathBuf, StoreError> {
+    let target = staging.join(path.as_str());
+    if let Some(parent) = target.parent() {
+        fs::create_dir_all(parent).map_err(io_error("create", parent))?;
+    }
+    Ok(target)
+}
+
+/// Store files are read-only; executables stay executable.
+fn read_only_mode(mode: Option<u32>) -> u32 {
+    match mode {
+        Some(mode) if mode & 0o111 != 0 => 0o555,
+        _ => 0o444,
+    }
+}
+
+/// Empties `tmp/` and removes entry directories without `entry.json`.
+fn recover(layout: &Layout) -> Result<Recovery, StoreError> {
+    let mut recovery = Recovery::default();
+    let tmp = layout.tmp();
+    for entry in fs::read_dir(&tmp).map_err(io_error("read", &tmp))?.flatten() {
+        let path = entry.path();
+        remove_any(&path)?;
+        recovery.temporaries.push(path);
+    }
+    let models = layout.models();
+    for manifest in fs::read_dir(&models).map_err(io_error("read", &models))?.flatten() {
+        for selection in fs::read_dir(manifest.path()).into_iter().flatten().flatten() {
+            let path = selection.path();
+            if !path.join("entry.json").is_file() || !path.join("tree").is_dir() {
+                remove_any(&path)?;
+                recovery.incomplete_entries.push(path);
+            }
+        }
+    }
+    if !recovery.temporaries.is_empty() || !recovery.incomplete_entries.is_empty() {
+        tracing::info!(
+            temporaries = recovery.temporaries.len(),
+            incomplete_entries = recovery.incomplete_entries.len(),
+            "recovered the store from an earlier run"
+        );
+    }
+    Ok(recovery)
+}
+
+/// Removes a file or a whole directory tree, read-only parts included.
+pub(crate) fn remove_any(path: &Path) -> Result<(), StoreError> {
+    let metadata = match fs::symlink_metadata(path) {
+        Ok(metadata) => metadata,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => return Err(StoreError::Io { action: "inspect", path: path.to_owned(), source }),
+    };
+    let removed = if metadata.is_dir() { fs::remove_dir_all(path) } else { fs::remove_file(path) };
+    match removed {
+        Err(error) if error.kind() != io::ErrorKind::NotFound => Err(StoreError::Io { action: "remove", path: path.to_owned(), source: error }),
+        _ => Ok(()),
+    }
+}
+
+/// Sum of file sizes below `dir`, each inode once.
+pub(crate) fn tree_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let Ok(metadata) = entry.metadata() else { continue };
+            if metadata.is_dir() {
+                stack.push(entry.path());
+            } else if metadata.is_file() && seen.insert((metadata.dev(), metadata.ino())) {
+                total += metadata.len();
+            }
+        }
+    }
+    total
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir).and_then(|handle| handle.sync_all()).map_err(io_error("fsync", dir))
+}
+
+/// Flushes everything written below `dir` (one `syncfs` instead of an
+/// fsync per file of a large tree).
+fn sync_tree(dir: &Path) -> Result<(), StoreError> {
+    let handle = File::open(dir).map_err(io_error("open", dir))?;
+    rustix::fs::syncfs(&handle).map_err(|errno| StoreError::Io { action: "syncfs", path: dir.to_owned(), source: errno.into() })
+}
+
+/// Writes JSON atomically: temporary beside it, fsync, rename, fsync the directory.
+pub(crate) fn write_json(path: &Path, value: &impl Serialize) -> Result<(), StoreError> {
+    let dir = path.parent().expect("a JSON file lives in a directory");
+    let mut temp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir).map_err(io_error("create a temporary in", dir))?;
+    serde_json::to_writer_pretty(&mut temp, value).map_err(|error| StoreError::Io {
+        action: "serialize",
+        path: path.to_owned(),
+        source: error.into(),
+    })?;
+    temp.as_file().sync_all().map_err(io_error("fsync", temp.path()))?;
+    temp.persist(path).map_err(|error| StoreError::Io { action: "write", path: path.to_owned(), source: error.error })?;
+    sync_dir(dir)
+}
+
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, StoreError> {
+    let bytes = fs::read(path).map_err(io_error("read", path))?;
+    serde_json::from_slice(&bytes).map_err(|error| StoreError::Io { action: "parse", path: path.to_owned(), source: error.into() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn descriptor(bytes: &[u8]) -> Descriptor {
+        Descriptor { digest: Digest::of(bytes), size: bytes.len() as u64, media_type: "application/octet-stream".into() }
+    }
+
+    fn tmp_is_empty(store: &Store) -> bool {
+        fs::read_dir(store.layout.tmp()).unwrap().next().is_none()
+    }
+
+    /// A blob streamed in chunks is hashed, checked and published read-only.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn ingest_publishes_verified_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let content = vec![7u8; 3 * WRITE_BUFFER + 5];
+        let blob = descriptor(&content);
+        let mut ingest = store.ingest(&blob).unwrap();
+        for chunk in content.chunks(100_000) {
+            ingest.write(Bytes::copy_from_slice(chunk)).await.unwrap();
+        }
+        assert_eq!(ingest.position().await.unwrap(), content.len() as u64);
+        ingest.commit(None, None).await.unwrap();
+        let path = store.layout.blob(&blob.digest);
+        assert_eq!(fs::read(&path).unwrap(), content);
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o444);
+        assert_eq!(store.cache_bytes(), content.len() as u64);
+        assert!(tmp_is_empty(&store));
+    }
+
+    /// Wrong bytes, too many bytes or too few publish nothing and leave no
+    /// temporary behind.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn mismatches_publish_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let blob = descriptor(b"expected");
+        for sent in [&b"EXPECTED"[..], b"expected and more", b"exp"] {
+            let mut ingest = store.ingest(&blob).unwrap();
+            ingest.write(Bytes::copy_from_slice(sent)).await.unwrap();
+            let error = ingest.commit(None, None).await.unwrap_err();
+            assert_eq!(error.kind(), ErrorKind::DataLoss, "{error}");
+            assert!(!store.has_blob(&blob.digest));
+            assert!(tmp_is_empty(&store));
+        }
+    }
+
+    /// A restart forgets what was written; a dropped ingest leaves nothing.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn restart_and_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let blob = descriptor(b"abcdef");
+        let mut ingest = store.ingest(&blob).unwrap();
+        ingest.write(Bytes::from_static(b"zzz")).await.unwrap();
+        ingest.restart().await.unwrap();
+        assert_eq!(ingest.position().await.unwrap(), 0);
+        ingest.write(Bytes::from_static(b"abc")).await.unwrap();
+        assert_eq!(ingest.position().await.unwrap(), 3);
+        ingest.write(Bytes::from_static(b"def")).await.unwrap();
+        ingest.commit(Some(0o755), None).await.unwrap();
+        assert_eq!(fs::metadata(store.layout.blob(&blob.digest)).unwrap().permissions().mode() & 0o777, 0o555);
+
+        let other = descriptor(b"never finished");
+        let mut ingest = store.ingest(&other).unwrap();
+        ingest.write(Bytes::from_static(b"never")).await.unwrap();
+        drop(ingest);
+        assert!(tmp_is_empty(&store));
+    }
+
+    /// Start-up recovery clears temporaries and incomplete entries.
+    #[test]
+    fn recovery_clears_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path()).unwrap());
+        let layout = Layout::new(dir.path());
+        fs::write(layout.tmp().join("ingest-left"), b"x").unwrap();
+        fs::create_dir_all(layout.tmp().join("entry-half/tree/a")).unwrap();
+        let key = EntryKey::new(Digest::of(b"m"), SelectionKey::parse("full").unwrap());
+        fs::create_dir_all(layout.tree(&key)).unwrap();
+        let (store, recovery) = Store::open(dir.path()).unwrap();
+        assert_eq!(recovery.temporaries.len(), 2);
+        assert_eq!(recovery.incomplete_entries, [layout.entry(&key)]);
+        assert!(tmp_is_empty(&store));
+        assert!(!layout.entry(&key).exists());
+    }
+
+    /// Entry keys print and parse back; junk does not parse.
+    #[test]
+    fn entry_keys_round_trip() {
+        let key = EntryKey::new(Digest::of(b"m"), SelectionKey::parse("part-0123456789abcdef").unwrap());
+        assert_eq!(EntryKey::parse(&key.to_string()), Some(key));
+        assert_eq!(EntryKey::parse("sha256:00/full"), None);
+        assert_eq!(EntryKey::parse("nothing"), None);
+    }
+
+    /// JSON files are replaced atomically, with nothing left beside them.
+    #[test]
+    fn json_is_written_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("value.json");
+        write_json(&path, &vec![1, 2, 3]).unwrap();
+        write_json(&path, &vec![4]).unwrap();
+        assert_eq!(read_json::<Vec<u32>>(&path).unwrap(), [4]);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}
