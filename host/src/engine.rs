@@ -117,7 +117,7 @@ impl EngineError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             EngineError::Registry(error) => error.kind(),
-            EngineError::Model(_) => ErrorKind::DataLoss,
+            EngineError::Model(error) => error.kind(),
             EngineError::Store(error) => error.kind(),
             EngineError::Volume(error) => error.kind(),
             EngineError::Exclude { source: ExcludeError::Unserved, .. } => ErrorKind::InvalidArgument,
@@ -154,6 +154,28 @@ struct ActiveMount {
     request: MountRequest,
     result: watch::Receiver<Outcome>,
     abort: tokio::task::AbortHandle,
+    progress: Arc<MountProgress>,
+}
+
+/// How far one mount is: the model's selected bytes, of which those already
+/// stored count as done, plus what its entry's flight has fetched.
+#[derive(Debug, Default)]
+struct MountProgress {
+    bytes_total: std::sync::atomic::AtomicU64,
+    flight: Mutex<Option<Arc<Progress>>>,
+}
+
+impl MountProgress {
+    /// `(done, total)`; nothing is done before the flight knows what it fetches.
+    fn snapshot(&self) -> (u64, u64) {
+        let total = self.bytes_total.load(std::sync::atomic::Ordering::Relaxed);
+        let flight = self.flight.lock().unwrap_or_else(|poison| poison.into_inner());
+        let done = flight
+            .as_ref()
+            .and_then(|flight| flight.total().map(|fetching| total.saturating_sub(fetching) + flight.done()))
+            .unwrap_or(0);
+        (done.min(total), total)
+    }
 }
 
 /// A mount under way (or done), to wait for.
@@ -351,8 +373,10 @@ impl Engine {
         let (sender, result) = watch::channel(None);
         let engine = self.clone();
         let task_request = request.clone();
+        let progress = Arc::new(MountProgress::default());
+        let task_progress = progress.clone();
         let task = tokio::spawn(async move {
-            let outcome = engine.clone().run_mount(task_request.clone()).await.map_err(Arc::new);
+            let outcome = engine.clone().run_mount(task_request.clone(), task_progress).await.map_err(Arc::new);
             let slot = (task_request.volume, task_request.mount_id);
             let mut active = engine.active();
             if active.get(&slot).is_some_and(|running| running.id == id) {
@@ -361,11 +385,18 @@ impl Engine {
             drop(active);
             let _ = sender.send(Some(outcome));
         });
-        active.insert(slot, ActiveMount { id, request, result: result.clone(), abort: task.abort_handle() });
+        active.insert(slot, ActiveMount { id, request, result: result.clone(), abort: task.abort_handle(), progress });
         Ok(MountHandle { result })
     }
 
-    async fn run_mount(self: Arc<Self>, request: MountRequest) -> Result<VolumeRecord, EngineError> {
+    /// Bytes done and to do of a mount under way.
+    pub fn progress(&self, volume: &VolumeId, mount_id: &MountId) -> Option<(u64, u64)> {
+        let active = self.active();
+        let running = active.get(&(volume.clone(), mount_id.clone()))?;
+        Some(running.progress.snapshot())
+    }
+
+    async fn run_mount(self: Arc<Self>, request: MountRequest, progress: Arc<MountProgress>) -> Result<VolumeRecord, EngineError> {
         let path = self.volumes.tree(&request.volume, &request.mount_id);
         let mut record = VolumeRecord::pulling(
             request.volume.clone(),
@@ -375,7 +406,7 @@ impl Engine {
             path,
         );
         self.volumes.put(&mut record)?;
-        match self.fill(&request, &mut record).await {
+        match self.fill(&request, &mut record, &progress).await {
             Ok(()) => {
                 record.state = VolumeState::Ready;
                 record.error = None;
@@ -399,7 +430,7 @@ impl Engine {
     }
 
     /// Everything but the record's final state.
-    async fn fill(self: &Arc<Self>, request: &MountRequest, record: &mut VolumeRecord) -> Result<(), EngineError> {
+    async fn fill(self: &Arc<Self>, request: &MountRequest, record: &mut VolumeRecord, progress: &MountProgress) -> Result<(), EngineError> {
         let reference = ModelRef::parse(&request.reference)?;
         let digest = self.registry.resolve(&reference).await?;
         record.digest = Some(digest.clone());
@@ -409,11 +440,12 @@ impl Engine {
         record.skipped = decision.skips;
         record.selection = Some(selection.key().clone());
         record.bytes_total = selection.layers(&model).map(|layer| layer.blob.size).sum();
+        progress.bytes_total.store(record.bytes_total, std::sync::atomic::Ordering::Relaxed);
         // From here the record holds the entry against garbage collection.
         self.volumes.put(record)?;
 
         let key = EntryKey::new(digest, selection.key().clone());
-        let lease = self.ensure_entry(&reference, &model, &selection, &key, record).await?;
+        let lease = self.ensure_entry(&reference, &model, &selection, &key, record, progress).await?;
         record.bytes_done = record.bytes_total;
 
         let tree = lease.tree();
@@ -434,6 +466,7 @@ impl Engine {
         selection: &Selection,
         key: &EntryKey,
         record: &mut VolumeRecord,
+        progress: &MountProgress,
     ) -> Result<EntryLease, EngineError> {
         if let Some(lease) = self.store.lease_entry(key) {
             record.reused_from_cache = true;
@@ -448,13 +481,14 @@ impl Engine {
                 engine.build_entry(&reference, &model, &selection, &flight_key, progress).await
             });
             record.coalesced |= ticket.coalesced();
+            *progress.flight.lock().unwrap_or_else(|poison| poison.into_inner()) = Some(ticket.progress().clone());
             let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
             tick.tick().await;
             let built = loop {
                 tokio::select! {
                     built = ticket.wait() => break built.map_err(EngineError::Shared)?,
                     _ = tick.tick() => {
-                        record.bytes_done = ticket.progress().done();
+                        record.bytes_done = progress.snapshot().0;
                         self.volumes.put(record)?;
                     }
                 }

@@ -19,14 +19,22 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
+const UNKNOWN: u64 = u64::MAX;
+
 /// Bytes done of a flight's work, readable by every waiter. A progress can
 /// forward what it counts to others: a blob shared by two pulls reports
 /// into both.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Progress {
     done: AtomicU64,
     total: AtomicU64,
     forward: Mutex<Vec<Arc<Progress>>>,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress { done: AtomicU64::new(0), total: AtomicU64::new(UNKNOWN), forward: Mutex::new(Vec::new()) }
+    }
 }
 
 impl Progress {
@@ -34,12 +42,13 @@ impl Progress {
         self.done.load(Ordering::Relaxed)
     }
 
-    pub fn total(&self) -> u64 {
-        self.total.load(Ordering::Relaxed)
+    /// The bytes the work has to fetch, once it knows.
+    pub fn total(&self) -> Option<u64> {
+        Some(self.total.load(Ordering::Relaxed)).filter(|total| *total != UNKNOWN)
     }
 
     pub fn set_total(&self, total: u64) {
-        self.total.store(total, Ordering::Relaxed);
+        self.total.store(total.min(UNKNOWN - 1), Ordering::Relaxed);
     }
 
     pub fn add(&self, bytes: u64) {
@@ -325,6 +334,6 @@ mod tests {
             Ok(0)
         });
         ticket.wait().await.unwrap();
-        assert_eq!((ticket.progress().done(), ticket.progress().total()), (4, 10));
+        assert_eq!((ticket.progress().done(), ticket.progress().total()), (4, Some(10)));
     }
 }

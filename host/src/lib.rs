@@ -9,6 +9,7 @@
 //! - [`volumes`]: per-volume records;
 //! - [`plugins`]: WebAssembly policy plugins and the decisions they make;
 //! - [`engine`]: the mount flow that ties them together;
+//! - [`pack`]: a directory packed and pushed as a model;
 //! - [`digest`], [`error`]: the small types everything shares.
 
 pub mod digest;
@@ -17,6 +18,7 @@ pub mod error;
 pub mod flight;
 pub mod link;
 pub mod modelpack;
+pub mod pack;
 pub mod plugins;
 pub mod registry;
 pub mod store;

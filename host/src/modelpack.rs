@@ -131,6 +131,13 @@ pub enum ModelError {
     Nested { digest: Digest, outer: usize, outer_path: String, inner: usize, inner_path: String },
 }
 
+impl ModelError {
+    /// Every way a manifest breaks the rules makes it unservable as asked.
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::InvalidArgument
+    }
+}
+
 /// What is wrong with a path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PathProblem {

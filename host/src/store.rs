@@ -172,9 +172,9 @@ pub enum StoreError {
 impl StoreError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            StoreError::SizeMismatch { .. } | StoreError::DigestMismatch { .. } | StoreError::Unpack { .. } => {
-                ErrorKind::DataLoss
-            }
+            StoreError::SizeMismatch { .. } | StoreError::DigestMismatch { .. } => ErrorKind::DataLoss,
+            // The archive broke the model's layout rules: not servable as asked.
+            StoreError::Unpack { .. } => ErrorKind::InvalidArgument,
             StoreError::Io { .. } | StoreError::Link(_) | StoreError::WriterGone => ErrorKind::Internal,
         }
     }

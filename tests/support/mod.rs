@@ -118,3 +118,257 @@ impl PluginDir {
         target
     }
 }
+
+/// Debian's `docker-registry` (CNCF distribution 2.8) on a loopback port,
+/// storing in a temporary directory; killed when dropped.
+pub struct Registry {
+    child: std::process::Child,
+    port: u16,
+    storage: tempfile::TempDir,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+/// Where the registry binary is, if installed.
+pub fn registry_binary() -> Option<PathBuf> {
+    ["/usr/bin/docker-registry", "/usr/local/bin/docker-registry"].into_iter().map(PathBuf::from).find(|path| path.is_file())
+}
+
+impl Registry {
+    /// Starts a registry; `None` when the binary is missing (the caller skips).
+    pub fn start() -> Option<Registry> {
+        use std::io::BufRead;
+        let binary = registry_binary()?;
+        let storage = tempfile::tempdir().expect("registry storage");
+        let config = storage.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:0\n",
+                storage.path().join("data").display()
+            ),
+        )
+        .expect("registry config");
+        let mut child = Command::new(binary)
+            .arg("serve")
+            .arg(&config)
+            .env("REGISTRY_HTTP_ADDR", "127.0.0.1:0")
+            .env("REGISTRY_LOG_LEVEL", "info")
+            .env("REGISTRY_HTTP_SECRET", "modelcache-tests")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting docker-registry");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (port_sender, port_receiver) = std::sync::mpsc::channel();
+        for stream in [
+            Box::new(child.stderr.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stdout.take().unwrap()),
+        ] {
+            let log = log.clone();
+            let port_sender = port_sender.clone();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(stream).lines().map_while(Result::ok) {
+                    if let Some(rest) = line.split("listening on 127.0.0.1:").nth(1) {
+                        let port: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                        let _ = port_sender.send(port.parse::<u16>().expect("a port"));
+                    }
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        let port = port_receiver.recv_timeout(std::time::Duration::from_secs(20)).expect("the registry announced its port");
+        Some(Registry { child, port, storage, log })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// A reference in this registry.
+    pub fn reference(&self, repository_and_tag: &str) -> String {
+        format!("{}/{repository_and_tag}", self.host())
+    }
+
+    /// GET requests for each blob digest (`sha256:…`), from the access log.
+    pub fn blob_gets(&self) -> std::collections::HashMap<String, usize> {
+        let mut counts = std::collections::HashMap::new();
+        for line in self.log.lock().unwrap().iter() {
+            // Apache-style access line: "GET /v2/<repo>/blobs/sha256:<hex> HTTP/1.1" 206 …
+            let Some(request) = line.split('"').nth(1) else { continue };
+            let mut parts = request.split(' ');
+            if parts.next() != Some("GET") {
+                continue;
+            }
+            if let Some(digest) = parts.next().and_then(|uri| uri.split("/blobs/").nth(1)) {
+                if digest.starts_with("sha256:") {
+                    *counts.entry(digest.to_owned()).or_default() += 1;
+                }
+            }
+        }
+        counts
+    }
+
+    /// The file the registry serves a blob from (to corrupt it on purpose).
+    pub fn blob_file(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.storage.path().join(format!("data/docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]))
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes `files` (relative path, bytes) under `dir`.
+pub fn write_tree(dir: &Path, files: &[(&str, Vec<u8>)]) {
+    for (path, bytes) in files {
+        let target = dir.join(path);
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        std::fs::write(target, bytes).unwrap();
+    }
+}
+
+/// Deterministic pseudo-random bytes (so content differs per seed).
+pub fn bytes(seed: u64, length: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(length + 8);
+    while out.len() < length {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(length);
+    out
+}
+
+/// `sha256:<hex>` of bytes.
+pub fn digest_of(bytes: &[u8]) -> String {
+    modelcache::digest::Digest::of(bytes).to_string()
+}
+
+/// Pushes the directory `dir` as `reference` with the real binary.
+pub fn push(registry: &Registry, dir: &Path, reference: &str) -> String {
+    let output = modelcache()
+        .arg("push")
+        .arg(dir)
+        .arg(reference)
+        .args(["--insecure-registry", &registry.host()])
+        .output()
+        .expect("running modelcache push");
+    assert!(output.status.success(), "push failed: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
+/// Every file under `dir` with its bytes, by relative path.
+pub fn read_tree(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut files = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(current) = stack.pop() {
+        for entry in std::fs::read_dir(&current).unwrap().flatten() {
+            let path = entry.path();
+            let kind = entry.file_type().unwrap();
+            if kind.is_dir() {
+                stack.push(path);
+            } else {
+                let relative = path.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+                let content = if kind.is_symlink() {
+                    format!("-> {}", std::fs::read_link(&path).unwrap().display()).into_bytes()
+                } else {
+                    std::fs::read(&path).unwrap()
+                };
+                files.insert(relative, content);
+            }
+        }
+    }
+    files
+}
+
+/// A TCP proxy in front of a registry that cuts the first blob response
+/// after `cut_after` bytes, and remembers every request line and its Range.
+pub struct FlakyProxy {
+    pub port: u16,
+    pub requests: std::sync::Arc<std::sync::Mutex<Vec<(String, Option<String>)>>>,
+}
+
+impl FlakyProxy {
+    pub fn start(upstream: u16, cut_after: usize) -> FlakyProxy {
+        use std::io::{Read, Write};
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("proxy listener");
+        let port = listener.local_addr().unwrap().port();
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let armed = std::sync::Arc::new(AtomicBool::new(true));
+        let seen = requests.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let seen = seen.clone();
+                let armed = armed.clone();
+                std::thread::spawn(move || {
+                    let mut client = client;
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if client.read(&mut byte).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let text = String::from_utf8_lossy(&head).into_owned();
+                    let mut lines = text.split("\r\n");
+                    let request_line = lines.next().unwrap_or_default().to_owned();
+                    let mut range = None;
+                    let mut rewritten = format!("{request_line}\r\n");
+                    for line in lines.filter(|line| !line.is_empty()) {
+                        let lower = line.to_ascii_lowercase();
+                        if lower.starts_with("range:") {
+                            range = Some(line[6..].trim().to_owned());
+                        }
+                        if !lower.starts_with("connection:") {
+                            rewritten.push_str(line);
+                            rewritten.push_str("\r\n");
+                        }
+                    }
+                    // One request per connection keeps the proxy simple.
+                    rewritten.push_str("Connection: close\r\n\r\n");
+                    let is_blob = request_line.starts_with("GET ") && request_line.contains("/blobs/");
+                    seen.lock().unwrap().push((request_line, range));
+                    let Ok(mut upstream) = TcpStream::connect(("127.0.0.1", upstream)) else { return };
+                    upstream.write_all(rewritten.as_bytes()).unwrap();
+                    let cut = is_blob && armed.swap(false, Ordering::SeqCst);
+                    let mut sent = 0usize;
+                    let mut buffer = vec![0u8; 64 << 10];
+                    loop {
+                        let read = upstream.read(&mut buffer).unwrap_or(0);
+                        if read == 0 {
+                            break;
+                        }
+                        let allowed = if cut { read.min(cut_after.saturating_sub(sent)) } else { read };
+                        if client.write_all(&buffer[..allowed]).is_err() {
+                            break;
+                        }
+                        sent += allowed;
+                        if cut && sent >= cut_after {
+                            break;
+                        }
+                    }
+                    let _ = client.shutdown(Shutdown::Both);
+                });
+            }
+        });
+        FlakyProxy { port, requests }
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}

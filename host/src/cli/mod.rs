@@ -2,6 +2,7 @@
 //! command group. Errors end here as `anyhow` with their causes printed.
 
 mod plugins;
+mod volumes;
 
 use std::process::ExitCode;
 
@@ -27,6 +28,16 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Mount a model into a volume (pulling it into the cache if needed).
+    Mount(volumes::MountArgs),
+    /// Release a volume: remove its tree and let GC collect its model.
+    Unmount(volumes::UnmountArgs),
+    /// List the volume records.
+    Ls(volumes::ListArgs),
+    /// Show what a reference resolves to, its files, and what is cached.
+    Inspect(volumes::InspectArgs),
+    /// Pack a directory as a ModelPack model (one layer per file) and push it.
+    Push(volumes::PushArgs),
     /// Inspect, run and check policy plugins.
     #[command(subcommand)]
     Plugins(plugins::PluginsCommand),
@@ -36,6 +47,11 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let outcome = match cli.command {
+        Command::Mount(args) => volumes::mount(args),
+        Command::Unmount(args) => volumes::unmount(args),
+        Command::Ls(args) => volumes::list(args),
+        Command::Inspect(args) => volumes::inspect(args),
+        Command::Push(args) => volumes::push(args),
         Command::Plugins(command) => plugins::run(command),
     };
     match outcome {

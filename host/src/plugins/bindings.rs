@@ -10,5 +10,5 @@ wasmtime::component::bindgen!({
     world: "modelcache:policy/full-policy",
 });
 
-pub use exports::modelcache::policy::{exclude, gc, quota, settings};
-pub use modelcache::policy::types;
+pub use self::exports::modelcache::policy::{exclude, gc, quota, settings};
+pub use self::modelcache::policy::types;

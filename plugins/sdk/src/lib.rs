@@ -2,7 +2,7 @@
 //!
 //! A policy is a `cdylib` crate built for `wasm32-wasip2`:
 //!
-//! ```ignore
+//! ```no_run
 //! modelcache_policy::generate!("quota-policy");
 //! use exports::modelcache::policy::{quota, settings};
 //!
@@ -17,7 +17,11 @@
 //!         Ok(quota::Verdict::Admit)
 //!     }
 //! }
+//! // Only the wasm build exports: native builds (unit tests) then link
+//! // without the component's `ns:pkg/iface#func` symbol names.
+//! #[cfg(target_arch = "wasm32")]
 //! export!(Policy);
+//! # fn main() {}
 //! ```
 //!
 //! Besides the bindings it carries what policies keep needing: settings

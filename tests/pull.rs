@@ -1,0 +1,755 @@
+//! The pull path against a real registry (Debian's docker-registry): one
+//! download per blob however many mount, exclusion before fetching, two
+//! selections of one digest, corrupt and hostile artifacts, cross-filesystem
+//! volumes, quota reservations, crash recovery, and the CLI.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use modelcache::engine::{Engine, EngineConfig, MountRequest};
+use modelcache::error::ErrorKind;
+use modelcache::link::LinkMethod;
+use modelcache::plugins::exclude::ExcludeOptions;
+use modelcache::registry::{ModelRef, Registry as Client, RegistryConfig};
+use modelcache::volumes::{MountId, VolumeId, VolumeRecord, VolumeState};
+use support::{PluginDir, Registry, bytes, digest_of, push, read_tree, write_tree};
+
+const MIB: usize = 1 << 20;
+
+fn start_registry() -> Option<Registry> {
+    let registry = Registry::start();
+    if registry.is_none() {
+        if std::env::var_os("MODELCACHE_TEST_STRICT").is_some_and(|value| value == "1") {
+            panic!("cannot skip under MODELCACHE_TEST_STRICT=1: docker-registry is not installed");
+        }
+        eprintln!("SKIPPED: docker-registry is not installed (apt-get install docker-registry)");
+    }
+    registry
+}
+
+fn engine_with(root: &Path, insecure: &str, plugins: Option<&Path>, volumes: Option<&Path>) -> Arc<Engine> {
+    let mut config = EngineConfig::new(root);
+    config.registry = RegistryConfig { insecure: vec![insecure.to_owned()], ..RegistryConfig::default() };
+    config.plugin_dir = plugins.map(Path::to_owned);
+    config.volumes_dir = volumes.map(Path::to_owned);
+    Engine::open(config).expect("engine")
+}
+
+fn engine(root: &Path, registry: &Registry) -> Arc<Engine> {
+    engine_with(root, &registry.host(), None, None)
+}
+
+fn request(volume: &str, reference: &str) -> MountRequest {
+    MountRequest {
+        volume: VolumeId::new(volume).unwrap(),
+        mount_id: MountId::default(),
+        reference: reference.to_owned(),
+        options: ExcludeOptions::default(),
+    }
+}
+
+fn excluding(volume: &str, reference: &str, exclude_weights: bool, patterns: &[&str]) -> MountRequest {
+    MountRequest {
+        options: ExcludeOptions { exclude_weights, patterns: patterns.iter().map(|p| p.to_string()).collect() },
+        ..request(volume, reference)
+    }
+}
+
+/// A small model: weights, a config, a tokenizer file, docs.
+fn small_model(seed: u64) -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("model.safetensors", bytes(seed, 3 * MIB)),
+        ("weights/extra.bin", bytes(seed + 1, MIB / 2)),
+        ("config.json", format!("{{\"seed\": {seed}}}").into_bytes()),
+        ("tokenizer/vocab.txt", bytes(seed + 2, 4096)),
+        ("docs/guide.md", b"# guide\n".to_vec()),
+        ("README.md", b"read me\n".to_vec()),
+        ("empty.txt", Vec::new()),
+    ]
+}
+
+/// Pushes `files` as `repository:tag`; returns the reference and the tree.
+fn publish(registry: &Registry, name: &str, files: &[(&str, Vec<u8>)]) -> (String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    write_tree(dir.path(), files);
+    let reference = registry.reference(name);
+    push(registry, dir.path(), &reference);
+    (reference, dir)
+}
+
+fn tmp_is_empty(root: &Path) -> bool {
+    std::fs::read_dir(root.join("tmp")).unwrap().next().is_none()
+}
+
+fn digests(files: &[(&str, Vec<u8>)]) -> BTreeMap<String, String> {
+    files.iter().map(|(path, content)| (path.to_string(), digest_of(content))).collect()
+}
+
+/// 32 concurrent mounts of one uncached model: every volume complete and
+/// byte-identical, each blob served by the registry exactly once, each volume
+/// with its own ready record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_mounts_share_one_download() {
+    let Some(registry) = start_registry() else { return };
+    let files = small_model(1);
+    let (reference, source) = publish(&registry, "models/shared:v1", &files);
+    let root = tempfile::tempdir().unwrap();
+    let engine = engine(root.path(), &registry);
+
+    let tasks: Vec<_> = (0..32)
+        .map(|index| {
+            let (engine, reference) = (engine.clone(), reference.clone());
+            tokio::spawn(async move { engine.mount(request(&format!("vol-{index}"), &reference)).await })
+        })
+        .collect();
+    let mut records = Vec::new();
+    for task in tasks {
+        records.push(task.await.unwrap().expect("every mount succeeds"));
+    }
+
+    let expected = read_tree(source.path());
+    for (index, record) in records.iter().enumerate() {
+        assert_eq!(record.volume.as_str(), format!("vol-{index}"));
+        assert_eq!(record.state, VolumeState::Ready);
+        assert_eq!(read_tree(&record.path), expected, "{} is complete and identical", record.volume);
+        let stored = engine.status(&record.volume, &record.mount_id).unwrap();
+        assert_eq!(stored.state, VolumeState::Ready);
+        assert_eq!(stored.path, record.path);
+    }
+    let starters = records.iter().filter(|record| !record.coalesced && !record.reused_from_cache).count();
+    assert_eq!(starters, 1, "one request pulled, the others joined or reused");
+    let gets = registry.blob_gets();
+    for (path, digest) in digests(&files) {
+        if path == "empty.txt" {
+            continue; // an empty blob needs no request
+        }
+        assert_eq!(gets.get(&digest), Some(&1), "{path} ({digest}) fetched once");
+    }
+    assert!(tmp_is_empty(root.path()));
+}
+
+/// The first caller cancelled mid-download while three others wait: the
+/// three succeed, and the blob is still fetched only once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn first_caller_cancelled_others_succeed() {
+    let Some(registry) = start_registry() else { return };
+    let files = vec![("big.safetensors", bytes(7, 256 * MIB)), ("config.json", b"{}".to_vec())];
+    let (reference, source) = publish(&registry, "models/big:v1", &files);
+    let root = tempfile::tempdir().unwrap();
+    let engine = engine(root.path(), &registry);
+
+    let first = request("first", &reference);
+    let _first_handle = engine.start_mount(first.clone()).unwrap();
+    let started = Instant::now();
+    loop {
+        let (done, _) = engine.progress(&first.volume, &first.mount_id).unwrap_or((0, 0));
+        if done > 0 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the download never started");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let others_requests: Vec<MountRequest> = (1..=3).map(|index| request(&format!("other-{index}"), &reference)).collect();
+    let mut others: Vec<_> = others_requests.iter().map(|other| engine.start_mount(other.clone()).unwrap()).collect();
+    // Wait until every other request has joined the download.
+    for other in &others_requests {
+        while engine.progress(&other.volume, &other.mount_id).is_none_or(|(done, _)| done == 0) {
+            assert!(started.elapsed() < Duration::from_secs(60), "{} never joined", other.volume);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    let (done, total) = engine.progress(&first.volume, &first.mount_id).unwrap();
+    assert!(done < total, "the download finished before the cancel; make the model larger");
+    let released = engine.unmount(&first.volume, &first.mount_id).await.unwrap();
+    assert_eq!(released.state, VolumeState::Released);
+
+    let expected = read_tree(source.path());
+    for handle in &mut others {
+        let record = handle.wait().await.expect("the others succeed");
+        assert!(record.coalesced);
+        assert_eq!(read_tree(&record.path), expected);
+    }
+    assert_eq!(registry.blob_gets().get(&digest_of(&files[0].1)), Some(&1));
+    assert_eq!(engine.status(&first.volume, &first.mount_id).unwrap().state, VolumeState::Released);
+    assert!(!engine.volumes().tree(&first.volume, &first.mount_id).exists());
+    assert!(tmp_is_empty(root.path()));
+}
+
+/// Excluded files are absent from the volume and never requested from the
+/// registry; without an exclude plugin such a request is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn excluded_files_are_never_fetched() {
+    let Some(registry) = start_registry() else { return };
+    let files = small_model(2);
+    let (reference, _source) = publish(&registry, "models/partial:v1", &files);
+    let plugins = PluginDir::reference();
+    let root = tempfile::tempdir().unwrap();
+    let engine = engine_with(root.path(), &registry.host(), Some(plugins.path()), None);
+
+    let record = engine.mount(excluding("light", &reference, true, &["docs/", "*.md", "!README.md"])).await.unwrap();
+    let tree = read_tree(&record.path);
+    let present: Vec<&str> = tree.keys().map(String::as_str).collect();
+    assert_eq!(present, ["README.md", "config.json", "empty.txt", "tokenizer/vocab.txt"]);
+    let skipped: Vec<(&str, &str)> = record.skipped.iter().map(|skip| (skip.path.as_str(), skip.reason.as_str())).collect();
+    // In manifest order; for docs/guide.md the last matching pattern speaks.
+    assert_eq!(
+        skipped,
+        [
+            ("docs/guide.md", "matches `*.md`"),
+            ("model.safetensors", "weights excluded by the request"),
+            ("weights/extra.bin", "weights excluded by the request"),
+        ]
+    );
+    let gets = registry.blob_gets();
+    for (path, digest) in digests(&files) {
+        let fetched = gets.get(&digest).copied().unwrap_or(0);
+        let wanted = usize::from(tree.contains_key(&path) && path != "empty.txt");
+        assert_eq!(fetched, wanted, "{path}");
+    }
+
+    let bare_root = tempfile::tempdir().unwrap();
+    let bare = engine_with(bare_root.path(), &registry.host(), None, None);
+    let error = bare.mount(excluding("x", &reference, true, &[])).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::InvalidArgument);
+    assert!(error.to_string().contains("no plugin serves the exclude decision"), "{error}");
+}
+
+/// One digest, two selections: two correct trees, no cross-contamination;
+/// the partial one then costs no download at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_digest_two_selections() {
+    let Some(registry) = start_registry() else { return };
+    let files = small_model(3);
+    let (reference, source) = publish(&registry, "models/two:v1", &files);
+    let plugins = PluginDir::reference();
+    let root = tempfile::tempdir().unwrap();
+    let engine = engine_with(root.path(), &registry.host(), Some(plugins.path()), None);
+
+    let (full, light) = tokio::join!(
+        engine.mount(request("full", &reference)),
+        engine.mount(excluding("light", &reference, true, &[]))
+    );
+    let (full, light) = (full.unwrap(), light.unwrap());
+    assert_ne!(full.selection, light.selection);
+    assert_eq!(full.selection.as_ref().unwrap().as_str(), "full");
+    let everything = read_tree(source.path());
+    assert_eq!(read_tree(&full.path), everything);
+    let mut without_weights = everything.clone();
+    without_weights.remove("model.safetensors");
+    without_weights.remove("weights/extra.bin");
+    assert_eq!(read_tree(&light.path), without_weights);
+    assert_eq!(engine.store().entries().unwrap().len(), 2);
+
+    let before = registry.blob_gets();
+    let again = engine.mount(excluding("light-2", &reference, true, &[])).await.unwrap();
+    assert!(again.reused_from_cache);
+    let other_partial = engine.mount(excluding("docs-only", &reference, false, &["*.safetensors", "*.bin", "*.json"])).await.unwrap();
+    assert!(other_partial.reused_from_cache || other_partial.bytes_done == other_partial.bytes_total);
+    assert_eq!(registry.blob_gets(), before, "partial trees come from stored blobs");
+    assert_eq!(engine.store().entries().unwrap().len(), 3);
+}
+
+/// A blob whose bytes do not match its digest: a clear error, nothing
+/// published, no temporaries left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_blob_publishes_nothing() {
+    let Some(registry) = start_registry() else { return };
+    let files = vec![("weights.bin", bytes(4, 2 * MIB)), ("config.json", b"{}".to_vec())];
+    let (reference, _source) = publish(&registry, "models/corrupt:v1", &files);
+    let digest = digest_of(&files[0].1);
+    let blob = registry.blob_file(&digest);
+    let mut content = std::fs::read(&blob).unwrap();
+    content[MIB] ^= 0xff;
+    std::fs::write(&blob, content).unwrap();
+
+    let root = tempfile::tempdir().unwrap();
+    let engine = engine(root.path(), &registry);
+    let error = engine.mount(request("v", &reference)).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::DataLoss, "{error}");
+    let message = modelcache::plugins::error_chain(&error);
+    assert!(message.contains(&digest) && message.contains("hash to"), "{message}");
+    let parsed: modelcache::digest::Digest = digest.parse().unwrap();
+    assert!(!engine.store().has_blob(&parsed));
+    assert!(engine.store().entries().unwrap().is_empty());
+    assert!(tmp_is_empty(root.path()));
+    let record = engine.status(&VolumeId::new("v").unwrap(), &MountId::default()).unwrap();
+    assert_eq!(record.state, VolumeState::Failed);
+    assert_eq!(record.error.unwrap().kind, ErrorKind::DataLoss);
+    assert!(!record.path.exists(), "no half-made volume");
+}
+
+/// A tar archive built entry by entry, names written raw so hostile ones
+/// survive.
+fn tar_archive(entries: &[(&str, tar::EntryType, &str, &[u8])]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, kind, link, content) in entries {
+        let mut header = tar::Header::new_gnu();
+        let raw = header.as_gnu_mut().unwrap();
+        raw.name[..name.len()].copy_from_slice(name.as_bytes());
+        raw.linkname[..link.len()].copy_from_slice(link.as_bytes());
+        header.set_entry_type(*kind);
+        header.set_size(content.len() as u64);
+        header.set_mode(if *kind == tar::EntryType::Directory { 0o755 } else { 0o644 });
+        header.set_cksum();
+        builder.append(&header, *content).unwrap();
+    }
+    builder.into_inner().unwrap()
+}
+
+/// Pushes a manifest whose layers are `(path annotation, media type, bytes)`.
+async fn push_raw(registry: &Registry, name: &str, layers: &[(&str, &str, Vec<u8>)]) -> String {
+    let reference = registry.reference(name);
+    let model_ref = ModelRef::parse(&reference).unwrap();
+    let client = Client::new(RegistryConfig { insecure: vec![registry.host()], ..RegistryConfig::default() }).unwrap();
+    let mut descriptors = Vec::new();
+    for (path, media_type, content) in layers {
+        let digest = modelcache::digest::Digest::of(content);
+        let chunk = bytes::Bytes::from(content.clone());
+        client.push_blob(&model_ref, &digest, content.len() as u64, futures_util::stream::once(async { Ok(chunk) })).await.unwrap();
+        descriptors.push(serde_json::json!({
+            "mediaType": media_type,
+            "digest": digest.to_string(),
+            "size": content.len(),
+            "annotations": { "org.cncf.model.filepath": path },
+        }));
+    }
+    let config = b"{}".to_vec();
+    let config_digest = modelcache::digest::Digest::of(&config);
+    let chunk = bytes::Bytes::from(config.clone());
+    client.push_blob(&model_ref, &config_digest, 2, futures_util::stream::once(async { Ok(chunk) })).await.unwrap();
+    let manifest = modelcache::pack::manifest_json(&config, descriptors);
+    client.push_manifest(&model_ref, manifest).await.unwrap();
+    reference
+}
+
+/// Hostile artifacts — `../` and absolute paths, duplicates, tars with
+/// escaping symlinks, hardlinks or paths — are refused with the layer named,
+/// and nothing is written outside the root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_artifacts_are_refused() {
+    use tar::EntryType::{Directory, Link, Regular, Symlink};
+    let Some(registry) = start_registry() else { return };
+    const RAW: &str = "application/vnd.cncf.model.weight.v1.raw";
+    const TAR: &str = "application/vnd.cncf.model.code.v1.tar";
+    let ok = || ("ok.txt", RAW, b"fine".to_vec());
+    let cases: Vec<(&str, Vec<(&str, &str, Vec<u8>)>, &str)> = vec![
+        ("dotdot", vec![ok(), ("../escape.txt", RAW, b"x".to_vec())], "climbs out with `..`"),
+        ("absolute", vec![("/etc/cron.d/evil", RAW, b"x".to_vec())], "is absolute"),
+        ("duplicate", vec![ok(), ("./ok.txt", RAW, b"y".to_vec())], "both claim `ok.txt`"),
+        (
+            "tar-symlink",
+            vec![("pkg", TAR, tar_archive(&[("pkg/", Directory, "", b""), ("pkg/link", Symlink, "../../../outside", b"")]))],
+            "points outside the model",
+        ),
+        (
+            "tar-hardlink",
+            vec![("pkg", TAR, tar_archive(&[("pkg/passwd", Link, "/etc/passwd", b"")]))],
+            "is a hardlink",
+        ),
+        (
+            "tar-dotdot",
+            vec![("pkg", TAR, tar_archive(&[("pkg/../../escape", Regular, "", b"evil")]))],
+            "climbs out",
+        ),
+        (
+            "tar-through-symlink",
+            vec![(
+                "pkg",
+                TAR,
+                tar_archive(&[("pkg/up", Symlink, "..", b""), ("pkg/up/planted", Regular, "", b"evil")]),
+            )],
+            "through `pkg/up`",
+        ),
+        (
+            "tar-elsewhere",
+            vec![("pkg", TAR, tar_archive(&[("other/file", Regular, "", b"evil")]))],
+            "outside the layer's path",
+        ),
+    ];
+    let parent = tempfile::tempdir().unwrap();
+    let root = parent.path().join("root");
+    let engine = engine(&root, &registry);
+    for (name, layers, expected) in cases {
+        let reference = push_raw(&registry, &format!("hostile/{name}:v1"), &layers).await;
+        let error = engine.mount(request(name, &reference)).await.unwrap_err();
+        let message = modelcache::plugins::error_chain(&error);
+        assert_eq!(error.kind(), ErrorKind::InvalidArgument, "{name}: {message}");
+        assert!(message.contains(expected), "{name}: {message}");
+        assert!(message.contains("layer"), "{name} names the layer: {message}");
+        assert!(tmp_is_empty(&root), "{name} left temporaries");
+        assert!(!engine.volumes().tree(&VolumeId::new(name).unwrap(), &MountId::default()).exists());
+    }
+    let outside: Vec<String> =
+        std::fs::read_dir(parent.path()).unwrap().map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(outside, ["root"], "nothing was written beside the root");
+    assert!(engine.store().entries().unwrap().is_empty());
+    assert!(std::fs::read_dir(root.join("unpacked/sha256")).unwrap().next().is_none());
+}
+
+/// A well-formed tar layer unpacks at the model root, with in-tree symlinks,
+/// and gzip and zstd variants too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tar_layers_unpack() {
+    use tar::EntryType::{Directory, Regular, Symlink};
+    let Some(registry) = start_registry() else { return };
+    let archive = tar_archive(&[
+        ("tok/", Directory, "", b""),
+        ("tok/vocab.json", Regular, "", b"{\"a\": 1}"),
+        ("tok/sub/merges.txt", Regular, "", b"a b"),
+        ("tok/current", Symlink, "sub/merges.txt", b""),
+    ]);
+    let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gzip, &archive).unwrap();
+    let zstd = zstd::encode_all(&archive[..], 1).unwrap();
+    let reference = push_raw(
+        &registry,
+        "models/tars:v1",
+        &[
+            ("tok", "application/vnd.cncf.model.weight.config.v1.tar", archive.clone()),
+            ("weights.bin", "application/vnd.cncf.model.weight.v1.raw", bytes(9, 1000)),
+        ],
+    )
+    .await;
+    let gz_reference =
+        push_raw(&registry, "models/tars-gz:v1", &[("tok", "application/vnd.cncf.model.weight.config.v1.tar+gzip", gzip.finish().unwrap())])
+            .await;
+    let zstd_reference =
+        push_raw(&registry, "models/tars-zstd:v1", &[("tok", "application/vnd.cncf.model.weight.config.v1.tar+zstd", zstd)]).await;
+
+    let root = tempfile::tempdir().unwrap();
+    let engine = engine(root.path(), &registry);
+    for (volume, reference) in [("plain", &reference), ("gz", &gz_reference), ("zstd", &zstd_reference)] {
+        let record = engine.mount(request(volume, reference)).await.unwrap();
+        let tree = read_tree(&record.path);
+        assert_eq!(tree["tok/vocab.json"], b"{\"a\": 1}");
+        assert_eq!(tree["tok/sub/merges.txt"], b"a b");
+        assert_eq!(tree["tok/current"], b"-> sub/merges.txt");
+        assert_eq!(std::fs::read(record.path.join("tok/current")).unwrap(), b"a b");
+    }
+    assert!(tmp_is_empty(root.path()));
+}
+
+fn mount_tmpfs(dir: &Path, size: &str) -> bool {
+    std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir)
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Store and volume on different filesystems: the copy fallback serves and
+/// the record says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_filesystem_volumes_are_copied() {
+    skip_unless!(support::is_root(), "mounting a tmpfs needs root");
+    let Some(registry) = start_registry() else { return };
+    let files = small_model(5);
+    let (reference, source) = publish(&registry, "models/xdev:v1", &files);
+    let volumes = tempfile::tempdir().unwrap();
+    assert!(mount_tmpfs(volumes.path(), "64m"), "mounting a tmpfs failed");
+    let _unmount = Unmount(volumes.path().to_owned());
+    let root = tempfile::tempdir().unwrap();
+    let engine = engine_with(root.path(), &registry.host(), None, Some(volumes.path()));
+    let record = engine.mount(request("elsewhere", &reference)).await.unwrap();
+    assert_eq!(record.link_method, Some(LinkMethod::Copy));
+    assert_eq!(record.link.unwrap().copies, files.len() as u64);
+    assert!(record.path.starts_with(volumes.path()));
+    assert_eq!(read_tree(&record.path), read_tree(source.path()));
+    use std::os::unix::fs::MetadataExt;
+    assert_ne!(
+        std::fs::metadata(record.path.join("config.json")).unwrap().dev(),
+        std::fs::metadata(root.path()).unwrap().dev()
+    );
+    let mode = std::fs::metadata(record.path.join("config.json")).unwrap().mode() & 0o777;
+    assert_eq!(mode & 0o222, 0, "copies are read-only like the store");
+}
+
+/// Two concurrent pulls that each fit alone but not together: exactly one
+/// is admitted; the reservation is given back when the pull ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quota_admits_one_of_two() {
+    let Some(registry) = start_registry() else { return };
+    let (first, _a) = publish(&registry, "models/quota-a:v1", &[("a.bin", bytes(11, 20 * MIB))]);
+    let (second, _b) = publish(&registry, "models/quota-b:v1", &[("b.bin", bytes(12, 20 * MIB))]);
+    let plugins = PluginDir::new();
+    plugins.add("quota-watermark", "quota-watermark");
+    plugins.configure("quota-watermark", "[settings]\nlimit = \"30MiB\"\n");
+    let root = tempfile::tempdir().unwrap();
+    let engine = engine_with(root.path(), &registry.host(), Some(plugins.path()), None);
+
+    let (a, b) = tokio::join!(engine.mount(request("a", &first)), engine.mount(request("b", &second)));
+    let outcomes = [a, b];
+    let admitted = outcomes.iter().filter(|outcome| outcome.is_ok()).count();
+    assert_eq!(admitted, 1, "exactly one pull is admitted: {outcomes:?}");
+    let denied = outcomes.iter().find_map(|outcome| outcome.as_ref().err()).unwrap();
+    assert_eq!(denied.kind(), ErrorKind::QuotaDenied);
+    assert!(denied.to_string().contains("exceeds the limit of 30.0 MiB"), "{denied}");
+    assert_eq!(engine.reserved_bytes(), 0);
+    assert!(tmp_is_empty(root.path()));
+}
+
+/// Crash recovery: a leftover temporary, a half-built tree and a `pulling`
+/// record with no live process are cleaned and reported failed at start-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_leftovers_are_recovered() {
+    let root = tempfile::tempdir().unwrap();
+    drop(engine_with(root.path(), "127.0.0.1:1", None, None));
+    std::fs::write(root.path().join("tmp/ingest-leftover"), b"partial").unwrap();
+    let half = root.path().join(format!("models/sha256/{}/full/tree/sub", "ab".repeat(32)));
+    std::fs::create_dir_all(&half).unwrap();
+    std::fs::write(half.join("file"), b"x").unwrap();
+    let volume = VolumeId::new("crashed").unwrap();
+    let volumes = modelcache::volumes::Volumes::new(root.path().join("records"), root.path().join("volumes"));
+    let mut record = VolumeRecord::pulling(
+        volume.clone(),
+        MountId::default(),
+        "registry.local/m:1".into(),
+        ExcludeOptions::default(),
+        volumes.tree(&volume, &MountId::default()),
+    );
+    record.pid = 999_999;
+    volumes.put(&mut record).unwrap();
+
+    let engine = engine_with(root.path(), "127.0.0.1:1", None, None);
+    let (recovery, failed) = engine.recovery();
+    assert_eq!(recovery.temporaries, [root.path().join("tmp/ingest-leftover")]);
+    assert_eq!(recovery.incomplete_entries.len(), 1);
+    assert_eq!(failed.len(), 1);
+    let record = engine.status(&volume, &MountId::default()).unwrap();
+    assert_eq!(record.state, VolumeState::Failed);
+    assert!(record.error.unwrap().message.contains("interrupted"));
+    assert!(tmp_is_empty(root.path()));
+    assert!(!root.path().join(format!("models/sha256/{}/full", "ab".repeat(32))).exists());
+}
+
+/// A `modelcache mount` killed mid-download leaves a store the next run
+/// recovers and completes.
+#[test]
+fn killed_mount_recovers() {
+    let Some(registry) = start_registry() else { return };
+    let files = vec![("big.bin", bytes(13, 192 * MIB))];
+    let (reference, source) = publish(&registry, "models/killed:v1", &files);
+    let root = tempfile::tempdir().unwrap();
+    let mut child = support::modelcache()
+        .args(["mount", &reference, "--volume", "v", "--root"])
+        .arg(root.path())
+        .args(["--insecure-registry", &registry.host()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while std::fs::read_dir(root.path().join("tmp")).map(|mut dir| dir.next().is_none()).unwrap_or(true) {
+        assert!(started.elapsed() < Duration::from_secs(60), "no download started");
+        assert!(child.try_wait().unwrap().is_none(), "the mount finished before it could be killed");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let output = support::modelcache()
+        .args(["mount", &reference, "--volume", "v", "--json", "--root"])
+        .arg(root.path())
+        .args(["--insecure-registry", &registry.host()])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let record: VolumeRecord = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(record.state, VolumeState::Ready);
+    assert_eq!(read_tree(&record.path), read_tree(source.path()));
+    assert!(tmp_is_empty(root.path()));
+}
+
+/// An interrupted blob resumes with a Range request from what was written,
+/// and the whole blob is verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_blobs_resume_with_range() {
+    let Some(registry) = start_registry() else { return };
+    let files = vec![("weights.bin", bytes(14, 8 * MIB))];
+    let (reference, source) = publish(&registry, "models/resume:v1", &files);
+    let proxy = support::FlakyProxy::start(registry.port(), 3 * MIB);
+    let through_proxy = reference.replace(&registry.host(), &proxy.host());
+    let root = tempfile::tempdir().unwrap();
+    let engine = engine_with(root.path(), &proxy.host(), None, None);
+    let record = engine.mount(request("v", &through_proxy)).await.unwrap();
+    assert_eq!(read_tree(&record.path), read_tree(source.path()));
+
+    let digest = digest_of(&files[0].1);
+    let blob_requests: Vec<Option<String>> = proxy
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(line, _)| line.contains(&digest))
+        .map(|(_, range)| range.clone())
+        .collect();
+    assert_eq!(blob_requests.len(), 2, "{blob_requests:?}");
+    assert_eq!(blob_requests[0].as_deref(), Some("bytes=0-"));
+    let resumed_from: u64 =
+        blob_requests[1].as_deref().unwrap().trim_start_matches("bytes=").trim_end_matches('-').parse().unwrap();
+    assert!(resumed_from > 0 && resumed_from < 8 * MIB as u64, "resumed from {resumed_from}");
+}
+
+fn cli(root: &Path, registry: &Registry, args: &[&str]) -> std::process::Output {
+    support::modelcache()
+        .args(args)
+        .arg("--root")
+        .arg(root)
+        .args(["--insecure-registry", &registry.host()])
+        .output()
+        .unwrap()
+}
+
+/// The CLI end to end: inspect, mount, mount again (no download), a
+/// conflicting mount, ls, unmount twice.
+#[test]
+fn cli_mounts_lists_inspects_and_unmounts() {
+    let Some(registry) = start_registry() else { return };
+    let files = small_model(6);
+    let (reference, source) = publish(&registry, "models/cli:v1", &files);
+    let (other, _other_source) = publish(&registry, "models/cli-other:v1", &[("x.bin", bytes(15, 100))]);
+    let root = tempfile::tempdir().unwrap();
+
+    let output = cli(root.path(), &registry, &["inspect", &reference, "--json"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let inspection: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(inspection["layers"].as_array().unwrap().len(), files.len());
+    assert!(inspection["layers"].as_array().unwrap().iter().all(|layer| layer["cached"] == false));
+
+    let output = cli(root.path(), &registry, &["mount", &reference, "--volume", "v1"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("ready at") && stdout.contains("pulled"), "{stdout}");
+    let path = root.path().join("volumes/v1/default");
+    assert_eq!(read_tree(&path), read_tree(source.path()));
+
+    let gets = registry.blob_gets();
+    let output = cli(root.path(), &registry, &["mount", &reference, "--volume", "v1"]);
+    assert!(output.status.success());
+    assert_eq!(registry.blob_gets(), gets, "the same mount again downloads nothing");
+
+    let output = cli(root.path(), &registry, &["mount", &other, "--volume", "v1"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("already holds") && stderr.contains(&reference), "{stderr}");
+
+    let output = support::modelcache().args(["ls", "--json", "--root"]).arg(root.path()).output().unwrap();
+    let records: Vec<VolumeRecord> = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].state, VolumeState::Ready);
+    let output = support::modelcache().args(["ls", "--root"]).arg(root.path()).output().unwrap();
+    assert!(String::from_utf8_lossy(&output.stdout).contains("v1"));
+
+    let output = cli(root.path(), &registry, &["inspect", &reference, "--json"]);
+    let inspection: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(inspection["layers"].as_array().unwrap().iter().all(|layer| layer["cached"] == true));
+    assert_eq!(inspection["entries"].as_array().unwrap().len(), 1);
+
+    for _ in 0..2 {
+        let output = cli(root.path(), &registry, &["unmount", "--volume", "v1"]);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    }
+    assert!(!path.exists());
+    let output = cli(root.path(), &registry, &["unmount", "--volume", "never"]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("has no record"));
+    let output = cli(root.path(), &registry, &["mount", "not a reference", "--volume", "v2"]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("not a valid model reference"));
+}
+
+/// Two processes on one root: the second waits for the root lock, then
+/// serves from the cache; the store stays consistent.
+#[test]
+fn two_processes_share_a_root() {
+    let Some(registry) = start_registry() else { return };
+    let files = small_model(8);
+    let (reference, source) = publish(&registry, "models/procs:v1", &files);
+    let root = tempfile::tempdir().unwrap();
+    let children: Vec<_> = ["p1", "p2"]
+        .iter()
+        .map(|volume| {
+            support::modelcache()
+                .args(["mount", &reference, "--volume", volume, "--root"])
+                .arg(root.path())
+                .args(["--insecure-registry", &registry.host()])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children {
+        let output = child.wait_with_output().unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    }
+    for volume in ["p1", "p2"] {
+        assert_eq!(read_tree(&root.path().join("volumes").join(volume).join("default")), read_tree(source.path()));
+    }
+    for (path, digest) in digests(&files) {
+        if path != "empty.txt" {
+            assert_eq!(registry.blob_gets().get(&digest), Some(&1), "{path}");
+        }
+    }
+    assert!(tmp_is_empty(root.path()));
+}
+
+/// A reference pinned by digest is pulled by that digest, and the record
+/// says which digest the volume holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_digests_are_honoured() {
+    let Some(registry) = start_registry() else { return };
+    let (tagged, _one) = publish(&registry, "models/moving:v1", &[("a.bin", bytes(16, 1000))]);
+    let root = tempfile::tempdir().unwrap();
+    let engine = engine(root.path(), &registry);
+    let first = engine.mount(request("tagged", &tagged)).await.unwrap();
+    let digest = first.digest.clone().unwrap();
+    // The tag moves to another model; the pinned reference still names the first.
+    publish(&registry, "models/moving:v1", &[("b.bin", bytes(17, 1000))]);
+    let pinned = format!("{}/models/moving@{digest}", registry.host());
+    let record = engine.mount(request("pinned", &pinned)).await.unwrap();
+    assert_eq!(record.digest.as_ref(), Some(&digest));
+    assert!(record.path.join("a.bin").exists() && !record.path.join("b.bin").exists());
+    let moved = engine.mount(request("moved", &tagged)).await.unwrap();
+    assert_ne!(moved.digest.as_ref(), Some(&digest));
+    assert!(moved.path.join("b.bin").exists());
+}
+
+/// Errors are typed: a missing tag is not-found, a non-model artifact is
+/// refused naming its type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_typed() {
+    let Some(registry) = start_registry() else { return };
+    let root = tempfile::tempdir().unwrap();
+    let engine = engine(root.path(), &registry);
+    let error = engine.mount(request("missing", &registry.reference("models/none:v1"))).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::NotFound, "{error}");
+
+    let reference = registry.reference("images/not-a-model:v1");
+    let model_ref = ModelRef::parse(&reference).unwrap();
+    let client = Client::new(RegistryConfig { insecure: vec![registry.host()], ..RegistryConfig::default() }).unwrap();
+    let config = bytes::Bytes::from_static(b"{}");
+    let config_digest = modelcache::digest::Digest::of(&config);
+    client.push_blob(&model_ref, &config_digest, 2, futures_util::stream::once(async { Ok(config) })).await.unwrap();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest.to_string(), "size": 2 },
+        "layers": [],
+    });
+    client.push_manifest(&model_ref, serde_json::to_vec(&manifest).unwrap().into()).await.unwrap();
+    let error = engine.mount(request("image", &reference)).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::InvalidArgument, "{error}");
+    assert!(error.to_string().contains("not a ModelPack model"), "{error}");
+}
