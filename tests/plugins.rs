@@ -118,7 +118,8 @@ fn reference_plugins_decide() {
 
     // 90% used: evict least recently used until under 75%.
     let decision = set.gc(&gc_input(90 * GIB, vec![candidate("b", 500), candidate("a", 100), candidate("c", 900)]));
-    assert_eq!(decision.evict, ["a", "b"]);
+    assert_eq!(decision.keys(), ["a", "b"]);
+    assert_eq!(decision.evict[0].plugin, "gc-lru-watermark");
     assert!(decision.failures.is_empty());
     assert!(set.gc(&gc_input(50 * GIB, vec![candidate("a", 100)])).evict.is_empty());
 }
@@ -137,7 +138,7 @@ fn plugins_compose_in_order() {
     dir.add("quota-watermark", "tight");
     dir.configure("tight", "[settings]\nlimit = \"10GiB\"\n");
     dir.add("gc-lru-watermark", "ttl");
-    dir.configure("ttl", "order = 1\n[settings]\nttl = \"1h\"\ngrace = \"0s\"\n");
+    dir.configure("ttl", "order = 1\n[settings]\nttl = \"1h\"\ngrace = \"0s\"\nhigh = \"100%\"\nlow = \"100%\"\n");
     dir.add("gc-lru-watermark", "lru");
     dir.configure("lru", "order = 2\n[settings]\ngrace = \"0s\"\n");
     let host = host(&dir);
@@ -157,7 +158,9 @@ fn plugins_compose_in_order() {
     // needed to get from 95% under 75%.
     let now = 1_000_000;
     let candidates = vec![candidate("fresh", now - 60), candidate("idle", now - 7_200), candidate("warm", now - 600)];
-    assert_eq!(set.gc(&gc_input(95 * GIB, candidates)).evict, ["idle", "warm"]);
+    let decision = set.gc(&gc_input(95 * GIB, candidates));
+    assert_eq!(decision.keys(), ["idle", "warm"]);
+    assert_eq!((decision.evict[0].plugin.as_str(), decision.evict[1].plugin.as_str()), ("ttl", "lru"));
 }
 
 /// Invalid settings refuse that plugin with a message naming it and the

@@ -29,9 +29,11 @@ use tokio::sync::{Semaphore, watch};
 use crate::digest::Digest;
 use crate::error::ErrorKind;
 use crate::flight::{Flights, Progress};
+use crate::gc::{DuEntry, DuReport, Eviction, GcReport, Pin, Pins, Trigger};
 use crate::link::{LinkReport, Linker};
 use crate::modelpack::{Layer, LayerFormat, Model, ModelError, Selection};
 use crate::plugins::exclude::{Artifact, ExcludeDecision, ExcludeError, ExcludeInput, ExcludeOptions, ModelFile};
+use crate::plugins::gc::{Candidate, GcInput};
 use crate::plugins::quota::{QuotaInput, QuotaVerdict};
 use crate::plugins::{CompiledCache, PluginHost, Runtime, RuntimeOptions};
 use crate::registry::{ModelRef, Registry, RegistryConfig, RegistryError};
@@ -56,6 +58,8 @@ pub struct EngineConfig {
     pub download_concurrency: usize,
     /// Layers of one pull fetched at once (default 4).
     pub layer_concurrency: usize,
+    /// Temporaries untouched for this long are leftovers GC removes (default 1 h).
+    pub gc_grace: Duration,
     pub runtime: RuntimeOptions,
 }
 
@@ -68,6 +72,7 @@ impl EngineConfig {
             registry: RegistryConfig::default(),
             download_concurrency: 4,
             layer_concurrency: 4,
+            gc_grace: Duration::from_secs(3600),
             runtime: RuntimeOptions::default(),
         }
     }
@@ -264,7 +269,15 @@ pub struct Engine {
     next_mount: std::sync::atomic::AtomicU64,
     recovery: Recovery,
     failed_at_start: Vec<VolumeRecord>,
+    pins: Pins,
+    /// One GC run at a time.
+    collecting: tokio::sync::Mutex<()>,
+    on_evict: Mutex<Option<EvictionObserver>>,
 }
+
+/// Called at the moment an entry is evicted (tests use it to check that
+/// nothing in use ever is).
+pub type EvictionObserver = Box<dyn Fn(&EntryKey) + Send + Sync>;
 
 impl Engine {
     /// Opens the store (waiting for its lock), recovers it, loads the
@@ -300,6 +313,9 @@ impl Engine {
             next_mount: std::sync::atomic::AtomicU64::new(0),
             recovery,
             failed_at_start,
+            pins: Pins::new(&layout),
+            collecting: tokio::sync::Mutex::new(()),
+            on_evict: Mutex::new(None),
         }))
     }
 
@@ -434,6 +450,9 @@ impl Engine {
         let reference = ModelRef::parse(&request.reference)?;
         let digest = self.registry.resolve(&reference).await?;
         record.digest = Some(digest.clone());
+        // Held until the volume is ready: GC leaves the manifest and, once
+        // chosen, the entry alone; a record holding the entry takes over.
+        let _manifest = self.store.hold(None, std::slice::from_ref(&digest));
         let model = Arc::new(self.model(&reference, &digest).await?);
         let decision = self.exclude(&reference, &model, &request.options).await?;
         let selection = model.select(decision.skips.iter().map(|skip| skip.path.as_str()));
@@ -441,10 +460,12 @@ impl Engine {
         record.selection = Some(selection.key().clone());
         record.bytes_total = selection.layers(&model).map(|layer| layer.blob.size).sum();
         progress.bytes_total.store(record.bytes_total, std::sync::atomic::Ordering::Relaxed);
-        // From here the record holds the entry against garbage collection.
+        let key = EntryKey::new(digest, selection.key().clone());
+        let _entry = self.store.hold(Some(&key), &[]);
+        // From here the record holds the entry too, and keeps holding it
+        // once ready.
         self.volumes.put(record)?;
 
-        let key = EntryKey::new(digest, selection.key().clone());
         let lease = self.ensure_entry(&reference, &model, &selection, &key, record, progress).await?;
         record.bytes_done = record.bytes_total;
 
@@ -520,7 +541,7 @@ impl Engine {
         let layers: Vec<&Layer> = selection.layers(model).collect();
         let mut needed: Vec<Digest> = layers.iter().map(|layer| layer.blob.digest.clone()).collect();
         needed.push(model.digest.clone());
-        let _lease = self.store.lease_building(key, &needed);
+        let _hold = self.store.hold(Some(key), &needed);
         let missing: Vec<Layer> = layers.iter().filter(|layer| !self.store.has_layer(layer)).map(|layer| (*layer).clone()).collect();
         let incoming: u64 =
             missing.iter().filter(|layer| !self.store.has_blob(&layer.blob.digest)).map(|layer| layer.blob.size).sum();
@@ -578,30 +599,41 @@ impl Engine {
 
     /// The quota decision for a pull adding `incoming` bytes, and the
     /// reservation that holds them until the pull ends.
-    async fn admit(&self, reference: &ModelRef, model: &Model, incoming: u64) -> Result<Reservation<'_>, EngineError> {
+    async fn admit(self: &Arc<Self>, reference: &ModelRef, model: &Model, incoming: u64) -> Result<Reservation<'_>, EngineError> {
         let reservations = &self.reservations;
         if incoming == 0 {
             return Ok(Reservation { reservations, bytes: 0 });
         }
         let _one_at_a_time = reservations.deciding.lock().await;
-        let reserved = *reservations.bytes.lock().unwrap_or_else(|poison| poison.into_inner());
-        let input = QuotaInput {
-            reference: reference.to_string(),
-            manifest_digest: model.digest.to_string(),
-            incoming_bytes: incoming,
-            cache_bytes: self.store.cache_bytes(),
-            reserved_bytes: reserved,
-            filesystem: self.store.filesystem()?,
-        };
-        let plugins = self.plugins.current();
-        let decision = tokio::task::spawn_blocking(move || plugins.quota(&input)).await.map_err(join_error)?;
-        match decision.verdict {
+        let mut verdict = self.quota(reference, model, incoming).await?;
+        if matches!(verdict, QuotaVerdict::Deny { .. }) {
+            // Make room if GC can, then ask once more.
+            let report = self.gc(false, Trigger::QuotaDenied).await?;
+            if !report.evicted.is_empty() || !report.blobs.is_empty() {
+                verdict = self.quota(reference, model, incoming).await?;
+            }
+        }
+        match verdict {
             QuotaVerdict::Admit => {
                 *reservations.bytes.lock().unwrap_or_else(|poison| poison.into_inner()) += incoming;
                 Ok(Reservation { reservations, bytes: incoming })
             }
             QuotaVerdict::Deny { reason, .. } => Err(EngineError::QuotaDenied { reference: reference.to_string(), reason }),
         }
+    }
+
+    async fn quota(&self, reference: &ModelRef, model: &Model, incoming: u64) -> Result<QuotaVerdict, EngineError> {
+        let input = QuotaInput {
+            reference: reference.to_string(),
+            manifest_digest: model.digest.to_string(),
+            incoming_bytes: incoming,
+            cache_bytes: self.store.cache_bytes(),
+            reserved_bytes: *self.reservations.bytes.lock().unwrap_or_else(|poison| poison.into_inner()),
+            filesystem: self.store.filesystem()?,
+        };
+        let plugins = self.plugins.current();
+        let decision = tokio::task::spawn_blocking(move || plugins.quota(&input)).await.map_err(join_error)?;
+        Ok(decision.verdict)
     }
 
     /// Bytes admitted and not yet in the cache.
@@ -716,6 +748,182 @@ impl Engine {
             .collect();
         let entries = self.store.entries()?.into_iter().filter(|key| key.manifest == digest).collect();
         Ok(Inspection { reference: reference.to_string(), digest, artifact_type: model.artifact_type, layers, entries })
+    }
+}
+
+impl Engine {
+    /// Sets the function called at each eviction.
+    pub fn on_evict(&self, observer: EvictionObserver) {
+        *self.on_evict.lock().unwrap_or_else(|poison| poison.into_inner()) = Some(observer);
+    }
+
+    fn protected(&self, key: &EntryKey, pinned: &std::collections::HashSet<Digest>) -> bool {
+        self.volumes.is_held(key) || self.store.is_entry_leased(key) || pinned.contains(&key.manifest)
+    }
+
+    /// One garbage collection run: the gc plugins choose among the entries
+    /// nothing protects; chosen entries go whole, then every blob no entry
+    /// needs, then stale temporaries. A dry run reports and changes nothing.
+    ///
+    /// # Errors
+    /// On I/O failure; a failing plugin is reported, not an error.
+    pub async fn gc(self: &Arc<Self>, dry_run: bool, trigger: Trigger) -> Result<GcReport, EngineError> {
+        let _one_at_a_time = self.collecting.lock().await;
+        let engine = self.clone();
+        tokio::task::spawn_blocking(move || engine.collect(dry_run, trigger)).await.map_err(join_error)?
+    }
+
+    fn collect(&self, dry_run: bool, trigger: Trigger) -> Result<GcReport, EngineError> {
+        let before = self.store.cache_bytes();
+        let temporaries = if dry_run { Vec::new() } else { self.store.remove_stale_temporaries(self.config.gc_grace)? };
+        let pinned = self.pins.digests();
+        let entries = self.store.entries()?;
+        let candidates = crate::gc::candidates(&entries, |key| self.protected(key, &pinned));
+        let (bytes, _) = crate::gc::account(&crate::gc::census(self.store.layout(), self.volumes.trees()));
+        let now = time::OffsetDateTime::now_utc();
+        let mut offered = Vec::new();
+        let mut facts = HashMap::new();
+        for key in candidates {
+            let info = self.store.entry_info(key)?;
+            let usage = self.store.entry_usage(key);
+            let entry_bytes = bytes.get(key).copied().unwrap_or_default();
+            offered.push(Candidate {
+                key: key.to_string(),
+                manifest_digest: key.manifest.to_string(),
+                references: usage.references.clone(),
+                bytes_on_disk: entry_bytes.on_disk,
+                exclusive_bytes: entry_bytes.exclusive,
+                created_at: info.created_at.unix_timestamp().max(0) as u64,
+                last_used_at: usage.last_used_at.unwrap_or(info.created_at).unix_timestamp().max(0) as u64,
+                use_count: usage.use_count,
+            });
+            facts.insert(key.to_string(), (key.clone(), entry_bytes, usage));
+        }
+        let input = GcInput {
+            filesystem: self.store.filesystem()?,
+            cache_bytes: before,
+            now: now.unix_timestamp().max(0) as u64,
+            candidates: offered,
+        };
+        let candidates = input.candidates.len();
+        let decision = self.plugins.current().gc(&input);
+        let mut evicted = Vec::new();
+        for choice in decision.evict {
+            let Some((key, entry_bytes, usage)) = facts.remove(&choice.key) else { continue };
+            // The store checks its own leases under its lock.
+            let referenced = |key: &EntryKey| self.volumes.is_held(key) || pinned.contains(&key.manifest);
+            let done = dry_run
+                || self.store.evict_entry(&key, referenced, |key| {
+                    if let Some(observer) = &*self.on_evict.lock().unwrap_or_else(|poison| poison.into_inner()) {
+                        observer(key);
+                    }
+                })?;
+            if done {
+                tracing::info!(entry = %key, plugin = %choice.plugin, exclusive_bytes = entry_bytes.exclusive, dry_run, "evicting");
+                evicted.push(Eviction {
+                    key,
+                    plugin: choice.plugin,
+                    bytes_on_disk: entry_bytes.on_disk,
+                    exclusive_bytes: entry_bytes.exclusive,
+                    references: usage.references,
+                    last_used_at: usage.last_used_at,
+                });
+            }
+        }
+        // A dry run lists the blobs unneeded now; what the chosen entries
+        // would leave behind is in their exclusive bytes.
+        let blobs = self.store.sweep(&pinned, dry_run)?;
+        let freed_bytes = if dry_run {
+            evicted.iter().map(|eviction| eviction.exclusive_bytes).sum::<u64>() + blobs.iter().map(|(_, bytes)| bytes).sum::<u64>()
+        } else {
+            before.saturating_sub(self.store.cache_bytes())
+        };
+        let report = GcReport {
+            trigger,
+            dry_run,
+            candidates,
+            evicted,
+            blobs,
+            temporaries,
+            freed_bytes,
+            failures: decision.failures,
+        };
+        tracing::info!(trigger = ?trigger, dry_run, candidates, evicted = report.evicted.len(), blobs = report.blobs.len(),
+            freed_bytes = report.freed_bytes, "gc run");
+        Ok(report)
+    }
+
+    /// Runs GC every `interval` until the engine is dropped.
+    pub fn spawn_periodic_gc(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
+        let engine = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(engine) = engine.upgrade() else { return };
+                if let Err(error) = engine.gc(false, Trigger::Periodic).await {
+                    tracing::error!("periodic gc failed: {}", crate::plugins::error_chain(&error));
+                }
+            }
+        })
+    }
+
+    /// Each entry's bytes (on disk, exclusive, shared), who references it,
+    /// and totals that reconcile with `du -sb` of the root.
+    ///
+    /// # Errors
+    /// When the store cannot be read.
+    pub fn du(&self) -> Result<DuReport, EngineError> {
+        let (bytes, totals) = crate::gc::account(&crate::gc::census(self.store.layout(), self.volumes.trees()));
+        let pinned = self.pins.digests();
+        let mut entries = Vec::new();
+        for key in self.store.entries()? {
+            let usage = self.store.entry_usage(&key);
+            let entry_bytes = bytes.get(&key).copied().unwrap_or_default();
+            entries.push(DuEntry {
+                bytes_on_disk: entry_bytes.on_disk,
+                exclusive_bytes: entry_bytes.exclusive,
+                shared_bytes: entry_bytes.shared(),
+                referenced_by: self.volumes.holders(&key).into_iter().map(|(volume, mount)| format!("{volume}/{mount}")).collect(),
+                pinned: pinned.contains(&key.manifest),
+                references: usage.references,
+                last_used_at: usage.last_used_at,
+                use_count: usage.use_count,
+                key,
+            });
+        }
+        Ok(DuReport { entries, totals })
+    }
+
+    /// Pins a manifest (named by a reference, resolved now, or a bare
+    /// `sha256:` digest): its entries are never offered to GC.
+    ///
+    /// # Errors
+    /// An unresolvable reference, or I/O.
+    pub async fn pin(&self, target: &str) -> Result<Pin, EngineError> {
+        let digest = self.resolve_target(target).await?;
+        Ok(self.pins.pin(&digest, target)?)
+    }
+
+    /// Removes a pin; `false` when there was none.
+    ///
+    /// # Errors
+    /// An unresolvable reference, or I/O.
+    pub async fn unpin(&self, target: &str) -> Result<bool, EngineError> {
+        let digest = self.resolve_target(target).await?;
+        Ok(self.pins.unpin(&digest)?)
+    }
+
+    pub fn pins(&self) -> Vec<Pin> {
+        self.pins.list()
+    }
+
+    async fn resolve_target(&self, target: &str) -> Result<Digest, EngineError> {
+        if let Ok(digest) = target.parse::<Digest>() {
+            return Ok(digest);
+        }
+        Ok(self.registry.resolve(&ModelRef::parse(target)?).await?)
     }
 }
 

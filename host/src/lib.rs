@@ -7,6 +7,7 @@
 //! - [`flight`]: one download per key, however many ask;
 //! - [`link`]: hardlink, reflink or copy trees out of the store;
 //! - [`volumes`]: per-volume records;
+//! - [`gc`]: garbage collection, pins and disk accounting;
 //! - [`plugins`]: WebAssembly policy plugins and the decisions they make;
 //! - [`engine`]: the mount flow that ties them together;
 //! - [`pack`]: a directory packed and pushed as a model;
@@ -16,6 +17,7 @@ pub mod digest;
 pub mod engine;
 pub mod error;
 pub mod flight;
+pub mod gc;
 pub mod link;
 pub mod modelpack;
 pub mod pack;

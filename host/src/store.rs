@@ -21,7 +21,7 @@
 //! leases taken by pulls and link steps live a layer above; the store only
 //! keeps the lease counts that garbage collection must respect.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -486,7 +486,13 @@ impl Store {
         let parent = target.parent().expect("entries live in a manifest directory");
         fs::create_dir_all(parent).map_err(io_error("create", parent))?;
         let staged = staging.keep();
-        if let Err(source) = fs::rename(&staged, &target) {
+        // Under the lock a sweep reads entries with: it sees this entry's
+        // blobs as needed, or still held by the pull building it.
+        let published = {
+            let _state = self.state();
+            fs::rename(&staged, &target)
+        };
+        if let Err(source) = published {
             let _ = fs::remove_dir_all(&staged);
             return Err(StoreError::Io { action: "publish", path: target, source });
         }
@@ -561,19 +567,124 @@ impl Store {
         Some(EntryLease { store: self.clone(), key: key.clone() })
     }
 
-    /// Holds an entry that is being built (it need not exist yet).
-    pub fn lease_building(self: &Arc<Self>, key: &EntryKey, blobs: &[Digest]) -> BuildLease {
+    /// Holds an entry that may not exist yet (being selected or built) and
+    /// the blobs a pull needs, against garbage collection.
+    pub fn hold(self: &Arc<Self>, key: Option<&EntryKey>, blobs: &[Digest]) -> Hold {
         let mut state = self.state();
-        *state.entry_leases.entry(key.clone()).or_default() += 1;
+        if let Some(key) = key {
+            *state.entry_leases.entry(key.clone()).or_default() += 1;
+        }
         for digest in blobs {
             *state.blob_leases.entry(digest.clone()).or_default() += 1;
         }
-        BuildLease { store: self.clone(), key: key.clone(), blobs: blobs.to_vec() }
+        Hold { store: self.clone(), key: key.cloned(), blobs: blobs.to_vec() }
     }
 
-    /// Whether an entry is leased now.
+    /// Whether an entry is leased or held now.
     pub fn is_entry_leased(&self, key: &EntryKey) -> bool {
-        self.state().entry_leases.get(key).is_some_and(|count| *count > 0)
+        self.state().entry_leases.contains_key(key)
+    }
+
+    /// Evicts an entry whole, unless it is leased or `protected` says so.
+    /// The check and the rename out of `models/` happen under the lock that
+    /// leases take, so a link step either holds the entry first or finds it
+    /// gone and builds it again; it never sees a half-deleted tree.
+    /// `observe` runs at the moment of eviction, still under that lock;
+    /// neither closure may call back into the store.
+    ///
+    /// # Errors
+    /// On I/O failure (the entry then stays or is already whole in `tmp/`).
+    pub fn evict_entry(
+        &self,
+        key: &EntryKey,
+        protected: impl Fn(&EntryKey) -> bool,
+        observe: impl Fn(&EntryKey),
+    ) -> Result<bool, StoreError> {
+        let trash = {
+            let state = self.state();
+            if state.entry_leases.contains_key(key) || protected(key) || !self.has_entry(key) {
+                return Ok(false);
+            }
+            let trash = self.layout.tmp().join(format!("trash-{}-{}", key.manifest.hex(), key.selection));
+            remove_any(&trash)?;
+            let entry = self.layout.entry(key);
+            fs::rename(&entry, &trash).map_err(io_error("evict", &entry))?;
+            observe(key);
+            trash
+        };
+        remove_any(&trash)?;
+        // The manifest's directory goes with its last entry.
+        let _ = fs::remove_dir(self.layout.models().join(key.manifest.hex()));
+        Ok(true)
+    }
+
+    /// Blobs and unpacked layers that no entry uses, `pinned` does not name
+    /// and no pull holds: removed (or, for a dry run, only listed) with their
+    /// sizes. What entries need is read under the lock entries are published
+    /// with, so an entry published meanwhile keeps its blobs.
+    ///
+    /// # Errors
+    /// On I/O failure.
+    pub fn sweep(&self, pinned: &HashSet<Digest>, dry_run: bool) -> Result<Vec<(Digest, u64)>, StoreError> {
+        let mut trash = Vec::new();
+        let mut swept = Vec::new();
+        {
+            let mut state = self.state();
+            let mut layers = Vec::new();
+            for key in self.entries()? {
+                let info = self.entry_info(&key)?;
+                layers.push((key, info.layers.into_iter().map(|layer| layer.digest).collect::<Vec<_>>()));
+            }
+            let needed = crate::gc::needed_blobs(layers.iter().map(|(key, digests)| (key, &digests[..])), pinned);
+            for (dir, kind) in [(self.layout.blobs(), "blob"), (self.layout.unpacked_dir(), "unpacked")] {
+                for item in fs::read_dir(&dir).map_err(io_error("read", &dir))?.flatten() {
+                    let Ok(digest) = format!("sha256:{}", item.file_name().to_string_lossy()).parse::<Digest>() else {
+                        continue;
+                    };
+                    if needed.contains(&digest) || state.blob_leases.contains_key(&digest) {
+                        continue;
+                    }
+                    let path = item.path();
+                    let bytes =
+                        if kind == "unpacked" { tree_bytes(&path) } else { item.metadata().map(|m| m.len()).unwrap_or(0) };
+                    swept.push((digest.clone(), bytes));
+                    if dry_run {
+                        continue;
+                    }
+                    // Out of its place under the lock; removed after it.
+                    let target = self.layout.tmp().join(format!("trash-{kind}-{}", digest.hex()));
+                    remove_any(&target)?;
+                    fs::rename(&path, &target).map_err(io_error("evict", &path))?;
+                    state.cache_bytes = state.cache_bytes.saturating_sub(bytes);
+                    trash.push(target);
+                }
+            }
+        }
+        for path in trash {
+            remove_any(&path)?;
+        }
+        Ok(swept)
+    }
+
+    /// Removes what has sat in `tmp/` unchanged for longer than `grace`:
+    /// what a crashed or cancelled step left, never what is being written.
+    ///
+    /// # Errors
+    /// On I/O failure.
+    pub fn remove_stale_temporaries(&self, grace: std::time::Duration) -> Result<Vec<PathBuf>, StoreError> {
+        let tmp = self.layout.tmp();
+        let mut removed = Vec::new();
+        for item in fs::read_dir(&tmp).map_err(io_error("read", &tmp))?.flatten() {
+            let stale = item
+                .metadata()
+                .and_then(|metadata| metadata.modified())
+                .is_ok_and(|modified| modified.elapsed().is_ok_and(|age| age > grace));
+            if stale {
+                remove_any(&item.path())?;
+                removed.push(item.path());
+            }
+        }
+        Ok(removed)
     }
 }
 
@@ -596,29 +707,29 @@ impl EntryLease {
 
 impl Drop for EntryLease {
     fn drop(&mut self) {
-        release(&mut self.store.state(), &self.key, &[]);
+        release(&mut self.store.state(), Some(&self.key), &[]);
     }
 }
 
-/// An entry under construction and the blobs it needs, held against eviction.
+/// An entry (maybe not built yet) and blobs held against eviction.
 #[derive(Debug)]
-pub struct BuildLease {
+pub struct Hold {
     store: Arc<Store>,
-    key: EntryKey,
+    key: Option<EntryKey>,
     blobs: Vec<Digest>,
 }
 
-impl Drop for BuildLease {
+impl Drop for Hold {
     fn drop(&mut self) {
-        release(&mut self.store.state(), &self.key, &self.blobs);
+        release(&mut self.store.state(), self.key.as_ref(), &self.blobs);
     }
 }
 
-fn release(state: &mut State, key: &EntryKey, blobs: &[Digest]) {
-    if let Some(count) = state.entry_leases.get_mut(key) {
+fn release(state: &mut State, key: Option<&EntryKey>, blobs: &[Digest]) {
+    if let Some(count) = key.and_then(|key| state.entry_leases.get_mut(key)) {
         *count -= 1;
         if *count == 0 {
-            state.entry_leases.remove(key);
+            state.entry_leases.remove(key.expect("counted a key"));
         }
     }
     for digest in blobs {

@@ -215,15 +215,47 @@ impl VolumeError {
 }
 
 /// The records of a root and the directory that holds volume trees.
-#[derive(Clone, Debug)]
+///
+/// Keeps an index of the entries that `pulling` and `ready` records hold,
+/// updated by every [`Volumes::put`] before it returns, so garbage
+/// collection asks memory, not the disk, whether an entry is referenced.
+#[derive(Debug)]
 pub struct Volumes {
     records: PathBuf,
     trees: PathBuf,
+    holding: std::sync::Mutex<std::collections::HashMap<(VolumeId, MountId), EntryKey>>,
 }
 
 impl Volumes {
+    /// The records under `records`, volume trees under `trees`.
     pub fn new(records: PathBuf, trees: PathBuf) -> Volumes {
-        Volumes { records, trees }
+        let volumes = Volumes { records, trees, holding: Default::default() };
+        for record in volumes.list() {
+            volumes.index(&record);
+        }
+        volumes
+    }
+
+    fn index(&self, record: &VolumeRecord) {
+        let mut holding = self.holding.lock().unwrap_or_else(|poison| poison.into_inner());
+        let slot = (record.volume.clone(), record.mount_id.clone());
+        match record.entry().filter(|_| record.state.holds_entry()) {
+            Some(key) => holding.insert(slot, key),
+            None => holding.remove(&slot),
+        };
+    }
+
+    /// The volumes whose records hold `key` (pulling or ready).
+    pub fn holders(&self, key: &EntryKey) -> Vec<(VolumeId, MountId)> {
+        let holding = self.holding.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut holders: Vec<_> = holding.iter().filter(|(_, held)| *held == key).map(|(slot, _)| slot.clone()).collect();
+        holders.sort();
+        holders
+    }
+
+    /// Whether any pulling or ready record holds `key`.
+    pub fn is_held(&self, key: &EntryKey) -> bool {
+        self.holding.lock().unwrap_or_else(|poison| poison.into_inner()).values().any(|held| held == key)
     }
 
     /// Where the tree of a volume's mount lives.
@@ -262,6 +294,7 @@ impl Volumes {
         let dir = path.parent().expect("records live in a volume directory");
         fs::create_dir_all(dir).map_err(|source| StoreError::Io { action: "create", path: dir.to_owned(), source })?;
         write_json(&path, record)?;
+        self.index(record);
         Ok(())
     }
 

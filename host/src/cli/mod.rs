@@ -1,6 +1,7 @@
 //! Command-line interface: argument parsing, logging, and one module per
 //! command group. Errors end here as `anyhow` with their causes printed.
 
+mod cache;
 mod plugins;
 mod volumes;
 
@@ -38,6 +39,14 @@ enum Command {
     Inspect(volumes::InspectArgs),
     /// Pack a directory as a ModelPack model (one layer per file) and push it.
     Push(volumes::PushArgs),
+    /// Collect garbage: evict what the gc plugins choose among unused entries.
+    Gc(cache::GcArgs),
+    /// Disk use per entry (on disk, exclusive, shared) and who references it.
+    Du(cache::DuArgs),
+    /// Pin a model so GC never evicts it; without an argument, list the pins.
+    Pin(cache::PinArgs),
+    /// Remove a pin.
+    Unpin(cache::PinArgs),
     /// Inspect, run and check policy plugins.
     #[command(subcommand)]
     Plugins(plugins::PluginsCommand),
@@ -52,6 +61,10 @@ pub fn main() -> ExitCode {
         Command::Ls(args) => volumes::list(args),
         Command::Inspect(args) => volumes::inspect(args),
         Command::Push(args) => volumes::push(args),
+        Command::Gc(args) => cache::gc(args),
+        Command::Du(args) => cache::du(args),
+        Command::Pin(args) => cache::pin(args),
+        Command::Unpin(args) => cache::unpin(args),
         Command::Plugins(command) => plugins::run(command),
     };
     match outcome {

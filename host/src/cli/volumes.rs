@@ -48,7 +48,7 @@ impl RegistryArgs {
 }
 
 impl RootArgs {
-    fn open(&self) -> anyhow::Result<Arc<Engine>> {
+    pub fn open(&self) -> anyhow::Result<Arc<Engine>> {
         let mut config = EngineConfig::new(&self.root);
         config.plugin_dir.clone_from(&self.plugin_dir);
         config.volumes_dir.clone_from(&self.volumes_dir);
@@ -120,6 +120,11 @@ pub struct PushArgs {
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+}
+
+/// Runs one future to completion on a fresh runtime.
+pub fn block_on<T>(future: impl std::future::Future<Output = T>) -> anyhow::Result<T> {
+    Ok(runtime()?.block_on(future))
 }
 
 pub fn mount(args: MountArgs) -> anyhow::Result<ExitCode> {
@@ -218,7 +223,7 @@ pub fn unmount(args: UnmountArgs) -> anyhow::Result<ExitCode> {
     let volume = VolumeId::new(&args.volume)?;
     let mount_id = MountId::new(&args.mount_id)?;
     let engine = args.root.open()?;
-    let record = runtime()?.block_on(engine.unmount(&volume, &mount_id))?;
+    let record = block_on(engine.unmount(&volume, &mount_id))??;
     println!("{}/{}: released ({})", record.volume, record.mount_id, record.reference);
     Ok(ExitCode::SUCCESS)
 }
@@ -254,7 +259,7 @@ fn list_line(record: &VolumeRecord) -> String {
 
 pub fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
     let engine = args.root.open()?;
-    let inspection = runtime()?.block_on(engine.inspect(&args.reference))?;
+    let inspection = block_on(engine.inspect(&args.reference))??;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&inspection)?);
         return Ok(ExitCode::SUCCESS);

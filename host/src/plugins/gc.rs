@@ -46,9 +46,24 @@ pub struct Candidate {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct GcDecision {
-    /// Keys to evict, in order.
-    pub evict: Vec<String>,
+    /// Keys to evict, in order, each with the plugin that chose it.
+    pub evict: Vec<GcChoice>,
     pub failures: Vec<PluginFailure>,
+}
+
+/// One key to evict and who chose it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct GcChoice {
+    pub key: String,
+    pub plugin: String,
+}
+
+impl GcDecision {
+    /// The keys, in order.
+    pub fn keys(&self) -> Vec<&str> {
+        self.evict.iter().map(|choice| choice.key.as_str()).collect()
+    }
 }
 
 fn to_wit(input: &GcInput) -> wit::Request {
@@ -112,7 +127,7 @@ impl PluginSet {
                 Ok(evict) => {
                     for key in evict {
                         if chosen.insert(key.clone()) {
-                            decision.evict.push(key);
+                            decision.evict.push(GcChoice { key, plugin: plugin.name.clone() });
                         }
                     }
                 }
