@@ -47,7 +47,7 @@ fn exclude_input(exclude_weights: bool, patterns: &[&str]) -> ExcludeInput {
 }
 
 fn skipped(set: &PluginSet, input: &ExcludeInput) -> Vec<String> {
-    set.exclude(input).expect("exclude decision").skips.into_iter().map(|skip| skip.path).collect()
+    set.exclude(input.clone()).expect("exclude decision").skips.into_iter().map(|skip| skip.path).collect()
 }
 
 fn quota_input(cache: u64, reserved: u64, incoming: u64) -> QuotaInput {
@@ -104,7 +104,7 @@ fn reference_plugins_decide() {
     assert_eq!(skipped(&set, &exclude_input(true, &[])), ["model.safetensors", "extra/pytorch_model.bin"]);
     assert_eq!(skipped(&set, &exclude_input(false, &["docs/", "!docs/keep.md"])), ["docs/guide.md"]);
     assert!(skipped(&set, &exclude_input(false, &[])).is_empty());
-    let reasons = set.exclude(&exclude_input(false, &["*.md"])).unwrap().skips;
+    let reasons = set.exclude(exclude_input(false, &["*.md"])).unwrap().skips;
     assert_eq!(reasons[0].reason, "matches `*.md`");
     assert_eq!(reasons[0].plugin, "exclude-patterns");
 
@@ -117,11 +117,11 @@ fn reference_plugins_decide() {
     assert!(reason.contains("81.0 GiB exceeds the limit of 80.0 GiB"), "{reason}");
 
     // 90% used: evict least recently used until under 75%.
-    let decision = set.gc(&gc_input(90 * GIB, vec![candidate("b", 500), candidate("a", 100), candidate("c", 900)]));
+    let decision = set.gc(gc_input(90 * GIB, vec![candidate("b", 500), candidate("a", 100), candidate("c", 900)]));
     assert_eq!(decision.keys(), ["a", "b"]);
     assert_eq!(decision.evict[0].plugin, "gc-lru-watermark");
     assert!(decision.failures.is_empty());
-    assert!(set.gc(&gc_input(50 * GIB, vec![candidate("a", 100)])).evict.is_empty());
+    assert!(set.gc(gc_input(50 * GIB, vec![candidate("a", 100)])).evict.is_empty());
 }
 
 /// Several plugins per decision: exclude unions, quota needs every admit,
@@ -144,7 +144,7 @@ fn plugins_compose_in_order() {
     let host = host(&dir);
     let set = host.current();
 
-    let skips = set.exclude(&exclude_input(false, &[])).unwrap().skips;
+    let skips = set.exclude(exclude_input(false, &[])).unwrap().skips;
     let by_plugin: Vec<(&str, &str)> = skips.iter().map(|skip| (skip.path.as_str(), skip.plugin.as_str())).collect();
     assert_eq!(by_plugin, [("docs/guide.md", "docs-out"), ("README.md", "readme-out")]);
 
@@ -158,7 +158,7 @@ fn plugins_compose_in_order() {
     // needed to get from 95% under 75%.
     let now = 1_000_000;
     let candidates = vec![candidate("fresh", now - 60), candidate("idle", now - 7_200), candidate("warm", now - 600)];
-    let decision = set.gc(&gc_input(95 * GIB, candidates));
+    let decision = set.gc(gc_input(95 * GIB, candidates));
     assert_eq!(decision.keys(), ["idle", "warm"]);
     assert_eq!((decision.evict[0].plugin.as_str(), decision.evict[1].plugin.as_str()), ("ttl", "lru"));
 }
@@ -219,7 +219,7 @@ fn reload_keeps_the_last_good_version() {
     std::fs::remove_file(dir.path().join("exclude-patterns.toml")).unwrap();
     let removed = host.reload();
     assert!(removed.statuses().iter().all(|status| status.name != "exclude-patterns"));
-    assert!(matches!(removed.exclude(&exclude_input(true, &[])), Err(ExcludeError::Unserved)));
+    assert!(matches!(removed.exclude(exclude_input(true, &[])), Err(ExcludeError::Unserved)));
 }
 
 /// An endless loop is stopped within twice its deadline, the fail mode
@@ -233,7 +233,7 @@ fn endless_loop_times_out() {
     let set = host.current();
 
     let started = Instant::now();
-    let decision = set.exclude(&exclude_input(false, &["*.md"])).unwrap();
+    let decision = set.exclude(exclude_input(false, &["*.md"])).unwrap();
     let elapsed = started.elapsed();
     assert!(elapsed < Duration::from_millis(400), "took {elapsed:?}");
     // Fail open: the looper skips nothing, exclude-patterns still answers.
@@ -250,7 +250,7 @@ fn endless_loop_times_out() {
     assert!(reason.contains("looper") && reason.contains("timeout"), "{reason}");
 
     // gc evicts nothing on a failing plugin's word.
-    let decision = set.gc(&gc_input(10 * GIB, vec![candidate("a", 1)]));
+    let decision = set.gc(gc_input(10 * GIB, vec![candidate("a", 1)]));
     assert!(decision.evict.is_empty());
     assert_eq!(decision.failures[0].cause.label(), "timeout");
 }
@@ -266,13 +266,13 @@ fn memory_cap_fails_the_call_only() {
     let host = host(&dir);
     let set = host.current();
 
-    let Err(ExcludeError::Failed(failure)) = set.exclude(&exclude_input(false, &[])) else {
+    let Err(ExcludeError::Failed(failure)) = set.exclude(exclude_input(false, &[])) else {
         panic!("a closed exclude plugin that runs out of memory fails the decision")
     };
     assert_eq!(failure.cause, FailureCause::OutOfMemory(32 << 20));
     // The same plugin is called again from a fresh instance, and another
     // plugin serves meanwhile.
-    assert!(matches!(set.exclude(&exclude_input(false, &[])), Err(ExcludeError::Failed(_))));
+    assert!(matches!(set.exclude(exclude_input(false, &[])), Err(ExcludeError::Failed(_))));
     assert_eq!(set.quota(&quota_input(0, 0, 1)).verdict, QuotaVerdict::Admit);
 }
 
@@ -286,7 +286,7 @@ fn traps_lies_and_refusals_fail_the_call() {
     }
     let host = host(&dir);
     let set = host.current();
-    let decision = set.exclude(&exclude_input(false, &[])).unwrap();
+    let decision = set.exclude(exclude_input(false, &[])).unwrap();
     assert!(decision.skips.is_empty());
     let causes: Vec<(&str, &FailureCause)> =
         decision.failures.iter().map(|failure| (failure.plugin.as_str(), &failure.cause)).collect();
@@ -294,7 +294,7 @@ fn traps_lies_and_refusals_fail_the_call() {
     assert!(matches!(causes[1], ("panic", FailureCause::Trap(message)) if message.contains("unreachable")), "{causes:?}");
     assert!(matches!(causes[2], ("refuse", FailureCause::PluginError(message)) if message == "hostile policy refuses"));
 
-    let gc = set.gc(&gc_input(GIB, vec![candidate("a", 1)]));
+    let gc = set.gc(gc_input(GIB, vec![candidate("a", 1)]));
     assert!(gc.evict.is_empty());
     assert!(gc.failures.iter().any(|failure| matches!(&failure.cause, FailureCause::InvalidOutput(m) if m.contains("no-such-key"))));
 }

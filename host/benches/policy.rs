@@ -109,8 +109,12 @@ fn main() {
     let cache = CompiledCache::new(support::component_cache());
     for pooling in [true, false] {
         let runtime = Runtime::new(RuntimeOptions { pooling }).expect("runtime");
+        // Generous limits: the benchmark measures, it does not enforce.
         let load = |name: &str| {
-            Plugin::load(&runtime, Some(&cache), &support::plugin_wasm(name), PluginConfig::default()).expect("plugin")
+            let mut config = PluginConfig::default();
+            config.limits.timeout = Duration::from_secs(10);
+            config.limits.memory_bytes = 1 << 30;
+            Plugin::load(&runtime, Some(&cache), &support::plugin_wasm(name), config).expect("plugin")
         };
         let allocator = format!("{:?}", runtime.allocation());
         let rows: [(&str, Plugin, usize, Box<dyn Fn(&Plugin)>, Box<dyn Fn()>); 3] = [
@@ -136,7 +140,11 @@ fn main() {
                 Box::new(native::gc(&gc)),
             ),
         ];
+        let only = std::env::var("MODELCACHE_BENCH_ONLY").ok();
         for (label, plugin, iterations, call, native_call) in rows {
+            if only.as_deref().is_some_and(|only| !label.starts_with(only)) {
+                continue;
+            }
             let wasm = measure(iterations, || call(&plugin));
             let native = measure(iterations, || native_call());
             println!(
@@ -226,6 +234,7 @@ mod native {
                 .collect(),
             settings: "{}".into(),
         };
-        move || drop(std::hint::black_box(gc_lru_watermark::decide(&request)))
+        // The clone stands for what lowering the input into the guest costs.
+        move || drop(std::hint::black_box(gc_lru_watermark::decide(request.clone())))
     }
 }

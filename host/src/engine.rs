@@ -673,7 +673,7 @@ impl Engine {
             options: options.clone(),
         };
         let plugins = self.plugins.current();
-        tokio::task::spawn_blocking(move || plugins.exclude(&input))
+        tokio::task::spawn_blocking(move || plugins.exclude(input))
             .await
             .map_err(join_error)?
             .map_err(|source| EngineError::Exclude { reference: reference.to_string(), source })
@@ -806,7 +806,7 @@ impl Engine {
             candidates: offered,
         };
         let candidates = input.candidates.len();
-        let decision = self.plugins.current().gc(&input);
+        let decision = self.plugins.current().gc(input);
         let mut evicted = Vec::new();
         for choice in decision.evict {
             let Some((key, entry_bytes, usage)) = facts.remove(&choice.key) else { continue };

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashSet};
 use serde::{Deserialize, Serialize};
 
 use super::bindings::{exclude as wit, types};
-use super::{Decision, FailMode, FailureCause, Plugin, PluginFailure, PluginSet};
+use super::{Decision, FailMode, FailureCause, KnownNames, Plugin, PluginFailure, PluginSet};
 
 /// The input of an exclude decision.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -90,32 +90,30 @@ pub enum ExcludeError {
     Unserved,
 }
 
-fn to_wit(input: &ExcludeInput) -> wit::Request {
+/// Moves the input into the WIT types (no string is copied).
+fn into_wit(input: ExcludeInput) -> wit::Request {
     wit::Request {
         artifact: wit::Artifact {
-            reference: input.artifact.reference.clone(),
-            manifest_digest: input.artifact.manifest_digest.clone(),
+            reference: input.artifact.reference,
+            manifest_digest: input.artifact.manifest_digest,
             annotations: input
                 .artifact
                 .annotations
-                .iter()
-                .map(|(key, value)| types::Annotation { key: key.clone(), value: value.clone() })
+                .into_iter()
+                .map(|(key, value)| types::Annotation { key, value })
                 .collect(),
         },
         files: input
             .files
-            .iter()
+            .into_iter()
             .map(|file| wit::ModelFile {
-                path: file.path.clone(),
+                path: file.path,
                 size: file.size,
-                media_type: file.media_type.clone(),
-                layer_digest: file.layer_digest.clone(),
+                media_type: file.media_type,
+                layer_digest: file.layer_digest,
             })
             .collect(),
-        options: wit::Options {
-            exclude_weights: input.options.exclude_weights,
-            patterns: input.options.patterns.clone(),
-        },
+        options: wit::Options { exclude_weights: input.options.exclude_weights, patterns: input.options.patterns },
         settings: String::new(),
     }
 }
@@ -126,16 +124,16 @@ impl Plugin {
     /// # Errors
     /// Why the call failed; the caller applies the fail mode.
     pub fn exclude(&self, input: &ExcludeInput) -> Result<Vec<Skip>, FailureCause> {
-        let paths = input.files.iter().map(|file| file.path.as_str()).collect();
-        self.exclude_wit(&mut to_wit(input), &paths)
+        let paths = KnownNames::new(input.files.iter().map(|file| file.path.as_str()));
+        self.exclude_wit(&mut into_wit(input.clone()), &paths)
     }
 
-    fn exclude_wit(&self, request: &mut wit::Request, paths: &HashSet<&str>) -> Result<Vec<Skip>, FailureCause> {
+    fn exclude_wit(&self, request: &mut wit::Request, paths: &KnownNames) -> Result<Vec<Skip>, FailureCause> {
         let indices = self.exports.exclude.as_ref().ok_or_else(|| not_served(self, Decision::Exclude))?;
         request.settings.clone_from(&self.config.settings_json);
         let answer = self.call(|store, instance| indices.load(&mut *store, instance)?.call_decide(&mut *store, request))?;
         let skips = answer.map_err(FailureCause::PluginError)?;
-        if let Some(unknown) = skips.iter().find(|skip| !paths.contains(skip.path.as_str())) {
+        if let Some(unknown) = skips.iter().find(|skip| !paths.contains(&skip.path)) {
             return Err(FailureCause::InvalidOutput(format!("skips `{}`, which is not a file of the model", unknown.path)));
         }
         Ok(skips
@@ -155,13 +153,13 @@ impl PluginSet {
     /// # Errors
     /// A plugin failed with fail mode `closed`, or the request asks for
     /// exclusion and no plugin serves it.
-    pub fn exclude(&self, input: &ExcludeInput) -> Result<ExcludeDecision, ExcludeError> {
+    pub fn exclude(&self, input: ExcludeInput) -> Result<ExcludeDecision, ExcludeError> {
         let mut plugins = self.serving(Decision::Exclude).peekable();
         if plugins.peek().is_none() {
             return if input.options.is_empty() { Ok(ExcludeDecision::default()) } else { Err(ExcludeError::Unserved) };
         }
-        let paths: HashSet<&str> = input.files.iter().map(|file| file.path.as_str()).collect();
-        let mut request = to_wit(input);
+        let paths = KnownNames::new(input.files.iter().map(|file| file.path.as_str()));
+        let mut request = into_wit(input);
         let mut decision = ExcludeDecision::default();
         let mut skipped = HashSet::new();
         for plugin in plugins {

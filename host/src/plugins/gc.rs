@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::bindings::gc as wit;
 use super::exclude::not_served;
 use super::quota::Filesystem;
-use super::{Decision, FailMode, FailureCause, Plugin, PluginFailure, PluginSet};
+use super::{Decision, FailMode, FailureCause, KnownNames, Plugin, PluginFailure, PluginSet};
 
 /// The input of a gc decision.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,18 +66,20 @@ impl GcDecision {
     }
 }
 
-fn to_wit(input: &GcInput) -> wit::Request {
+/// Moves the input into the WIT types: with 100,000 candidates, copying
+/// their strings would cost more than the plugin's own work.
+fn into_wit(input: GcInput) -> wit::Request {
     wit::Request {
         filesystem: input.filesystem.into(),
         cache_bytes: input.cache_bytes,
         now: input.now,
         candidates: input
             .candidates
-            .iter()
+            .into_iter()
             .map(|candidate| wit::Candidate {
-                key: candidate.key.clone(),
-                manifest_digest: candidate.manifest_digest.clone(),
-                references: candidate.references.clone(),
+                key: candidate.key,
+                manifest_digest: candidate.manifest_digest,
+                references: candidate.references,
                 bytes_on_disk: candidate.bytes_on_disk,
                 exclusive_bytes: candidate.exclusive_bytes,
                 created_at: candidate.created_at,
@@ -95,16 +97,16 @@ impl Plugin {
     /// # Errors
     /// Why the call failed; the caller applies the fail mode.
     pub fn gc(&self, input: &GcInput) -> Result<Vec<String>, FailureCause> {
-        let keys = input.candidates.iter().map(|candidate| candidate.key.as_str()).collect();
-        self.gc_wit(&mut to_wit(input), &keys)
+        let keys = KnownNames::new(input.candidates.iter().map(|candidate| candidate.key.as_str()));
+        self.gc_wit(&mut into_wit(input.clone()), &keys)
     }
 
-    fn gc_wit(&self, request: &mut wit::Request, keys: &HashSet<&str>) -> Result<Vec<String>, FailureCause> {
+    fn gc_wit(&self, request: &mut wit::Request, keys: &KnownNames) -> Result<Vec<String>, FailureCause> {
         let indices = self.exports.gc.as_ref().ok_or_else(|| not_served(self, Decision::Gc))?;
         request.settings.clone_from(&self.config.settings_json);
         let answer = self.call(|store, instance| indices.load(&mut *store, instance)?.call_decide(&mut *store, request))?;
         let evict = answer.map_err(FailureCause::PluginError)?;
-        if let Some(unknown) = evict.iter().find(|key| !keys.contains(key.as_str())) {
+        if let Some(unknown) = evict.iter().find(|key| !keys.contains(key)) {
             return Err(FailureCause::InvalidOutput(format!("evicts `{unknown}`, which is not a candidate")));
         }
         Ok(evict)
@@ -113,13 +115,13 @@ impl Plugin {
 
 impl PluginSet {
     /// Asks every gc plugin in order and unions their answers.
-    pub fn gc(&self, input: &GcInput) -> GcDecision {
+    pub fn gc(&self, input: GcInput) -> GcDecision {
         let mut plugins = self.serving(Decision::Gc).peekable();
         if plugins.peek().is_none() || input.candidates.is_empty() {
             return GcDecision::default();
         }
-        let keys: HashSet<&str> = input.candidates.iter().map(|candidate| candidate.key.as_str()).collect();
-        let mut request = to_wit(input);
+        let keys = KnownNames::new(input.candidates.iter().map(|candidate| candidate.key.as_str()));
+        let mut request = into_wit(input);
         let mut decision = GcDecision::default();
         let mut chosen = HashSet::new();
         for plugin in plugins {

@@ -305,6 +305,27 @@ fn exported_decisions(plugin: &str, exports: &[String]) -> Result<(String, Vec<D
     Ok((version.unwrap_or_default(), decisions))
 }
 
+/// The names an answer may mention (file paths, entry keys), kept as 64-bit
+/// hashes: cheap to build and probe even for 100,000 long keys, and free of
+/// borrows on the request. A forged name that collides is still only a name
+/// the caller then fails to find.
+pub(crate) struct KnownNames(std::collections::HashSet<u64>);
+
+impl KnownNames {
+    fn hash(name: &str) -> u64 {
+        use std::hash::BuildHasher;
+        foldhash::fast::FixedState::with_seed(0x6d63).hash_one(name)
+    }
+
+    pub(crate) fn new<'a>(names: impl IntoIterator<Item = &'a str>) -> KnownNames {
+        KnownNames(names.into_iter().map(KnownNames::hash).collect())
+    }
+
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.0.contains(&KnownNames::hash(name))
+    }
+}
+
 /// How one plugin of a directory stands.
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "kebab-case")]

@@ -192,6 +192,10 @@ fn engine_config(pooling: Option<PoolingAllocationConfig>) -> Config {
     let mut config = Config::new();
     config.wasm_component_model(true);
     config.epoch_interruption(true);
+    // For profiling policies with `perf`: names the JIT code in /tmp/perf-PID.map.
+    if std::env::var_os("MODELCACHE_WASM_PERFMAP").is_some_and(|value| value == "1") {
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     if let Some(pooling) = pooling {
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
     }
@@ -215,7 +219,14 @@ fn pooling_config() -> PoolingAllocationConfig {
         .max_memory_size(MAX_MEMORY_BYTES as usize)
         .table_elements(50_000)
         .max_core_instance_size(1 << 20)
-        .max_component_instance_size(1 << 20);
+        .max_component_instance_size(1 << 20)
+        // A fresh instance per call: reset a small policy's memory with
+        // memset instead of madvise, so calls neither fault pages back in
+        // nor shoot down TLBs; batch what still needs decommitting.
+        .linear_memory_keep_resident(4 << 20)
+        .table_keep_resident(256 << 10)
+        .decommit_batch_size(32)
+        .pagemap_scan(wasmtime::Enabled::Auto);
     pooling
 }
 

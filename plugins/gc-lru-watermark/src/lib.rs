@@ -11,7 +11,7 @@
 
 modelcache_policy::generate!("gc-policy");
 
-use exports::modelcache::policy::gc::{self, Candidate, Request};
+use exports::modelcache::policy::gc::{self, Request};
 use exports::modelcache::policy::settings;
 use modelcache_policy::size::{Limit, parse_duration};
 use serde::Deserialize;
@@ -61,36 +61,46 @@ impl Settings {
     }
 }
 
-/// The decision as a plain function, so it is tested natively.
+/// The decision as a plain function, so it is tested natively. It takes the
+/// request by value so the chosen keys move out instead of being copied:
+/// with 100,000 candidates that is most of the cost.
 ///
 /// # Errors
 /// Invalid settings.
-pub fn decide(request: &Request) -> Result<Vec<String>, String> {
+pub fn decide(mut request: Request) -> Result<Vec<String>, String> {
     let settings = Settings::parse(&request.settings)?;
     let total = request.filesystem.total_bytes;
     let mut used = total.saturating_sub(request.filesystem.free_bytes);
     let over_high = used > settings.high.bytes_of(total);
+    if !over_high && settings.ttl.is_none() {
+        return Ok(Vec::new());
+    }
     let low = settings.low.bytes_of(total).min(settings.high.bytes_of(total));
 
-    let mut order: Vec<&Candidate> = request
+    // Least recently used first; ties by key, so the answer is stable.
+    let now = request.now;
+    let mut order: Vec<(u64, u32)> = request
         .candidates
         .iter()
-        .filter(|candidate| request.now.saturating_sub(candidate.created_at) >= settings.grace)
+        .enumerate()
+        .filter(|(_, candidate)| now.saturating_sub(candidate.created_at) >= settings.grace)
+        .map(|(index, candidate)| (candidate.last_used_at, index as u32))
         .collect();
-    // Least recently used first; ties by key, so the answer is stable.
-    order.sort_unstable_by(|a, b| (a.last_used_at, &a.key).cmp(&(b.last_used_at, &b.key)));
+    let candidates = &mut request.candidates;
+    order.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| candidates[a.1 as usize].key.cmp(&candidates[b.1 as usize].key)));
 
     let mut evict = Vec::new();
-    for candidate in order {
-        let idle = request.now.saturating_sub(candidate.last_used_at);
+    for (last_used_at, index) in order {
+        let idle = now.saturating_sub(last_used_at);
         let expired = settings.ttl.is_some_and(|ttl| idle > ttl);
         if !expired && !(over_high && used > low) {
             // Sorted by last use, so no later entry is expired either, and
             // usage only falls: nothing further qualifies.
             break;
         }
+        let candidate = &mut candidates[index as usize];
         used = used.saturating_sub(candidate.exclusive_bytes);
-        evict.push(candidate.key.clone());
+        evict.push(std::mem::take(&mut candidate.key));
     }
     Ok(evict)
 }
@@ -105,7 +115,7 @@ impl settings::Guest for Policy {
 
 impl gc::Guest for Policy {
     fn decide(request: Request) -> Result<Vec<String>, String> {
-        decide(&request)
+        decide(request)
     }
 }
 
@@ -117,6 +127,7 @@ export!(Policy);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use exports::modelcache::policy::gc::Candidate;
     use modelcache::policy::types::Filesystem;
 
     const NOW: u64 = 10_000_000;
@@ -154,19 +165,19 @@ mod tests {
             candidate("oldest", 6, 50, 40),
             candidate("middle", 6, 50, 20),
         ];
-        assert_eq!(decide(&request(90, candidates.clone(), "{}")).unwrap(), ["oldest", "middle", "newest"]);
-        assert_eq!(decide(&request(86, candidates.clone(), "{}")).unwrap(), ["oldest", "middle"]);
-        assert!(decide(&request(85, candidates, "{}")).unwrap().is_empty());
+        assert_eq!(decide(request(90, candidates.clone(), "{}")).unwrap(), ["oldest", "middle", "newest"]);
+        assert_eq!(decide(request(86, candidates.clone(), "{}")).unwrap(), ["oldest", "middle"]);
+        assert!(decide(request(85, candidates, "{}")).unwrap().is_empty());
     }
 
     /// Young entries are never offered up; idle ones past the TTL always are.
     #[test]
     fn grace_and_ttl() {
         let candidates = vec![candidate("young", 50, 0, 0), candidate("idle", 1, 500, 300), candidate("used", 1, 500, 2)];
-        assert!(decide(&request(99, vec![candidate("young", 50, 0, 0)], "{}")).unwrap().is_empty());
-        assert_eq!(decide(&request(10, candidates.clone(), r#"{"ttl": "7d"}"#)).unwrap(), ["idle"]);
+        assert!(decide(request(99, vec![candidate("young", 50, 0, 0)], "{}")).unwrap().is_empty());
+        assert_eq!(decide(request(10, candidates.clone(), r#"{"ttl": "7d"}"#)).unwrap(), ["idle"]);
         assert_eq!(
-            decide(&request(99, candidates, r#"{"ttl": "7d", "grace": "0s"}"#)).unwrap(),
+            decide(request(99, candidates, r#"{"ttl": "7d", "grace": "0s"}"#)).unwrap(),
             ["idle", "used", "young"]
         );
     }
@@ -175,7 +186,7 @@ mod tests {
     #[test]
     fn sizes_and_invalid_settings() {
         let candidates = vec![candidate("a", 30, 50, 3), candidate("b", 30, 50, 2)];
-        assert_eq!(decide(&request(60, candidates, r#"{"high": "50B", "low": "40B"}"#)).unwrap(), ["a"]);
+        assert_eq!(decide(request(60, candidates, r#"{"high": "50B", "low": "40B"}"#)).unwrap(), ["a"]);
         for bad in [r#"{"high": "70%", "low": "80%"}"#, r#"{"ttl": "forever"}"#, r#"{"grace": 5}"#, r#"{"hihg": "1%"}"#] {
             assert!(<Policy as settings::Guest>::validate_settings(bad.into()).is_err(), "{bad}");
         }

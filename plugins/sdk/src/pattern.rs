@@ -96,9 +96,24 @@ impl Rules {
         if self.rules.is_empty() {
             return Verdict::Unmatched;
         }
-        let parts: Vec<&str> = path.split('/').filter(|part| !part.is_empty()).collect();
+        // Paths are rarely deeper than this; deeper ones take the heap.
+        let mut stack = [""; 32];
+        let mut heap = Vec::new();
+        let mut count = 0;
+        for part in path.split('/').filter(|part| !part.is_empty()) {
+            if count < stack.len() {
+                stack[count] = part;
+            } else {
+                if heap.is_empty() {
+                    heap.extend_from_slice(&stack);
+                }
+                heap.push(part);
+            }
+            count += 1;
+        }
+        let parts: &[&str] = if heap.is_empty() { &stack[..count] } else { &heap };
         for rule in self.rules.iter().rev() {
-            if rule.matches(&parts) {
+            if rule.matches(parts) {
                 return if rule.negated {
                     Verdict::Included(&rule.text)
                 } else {
@@ -159,6 +174,11 @@ impl Rule {
 
     /// Whether the rule matches the path or one of its parent directories.
     fn matches(&self, parts: &[&str]) -> bool {
+        let Some((last, parents_parts)) = parts.split_last() else { return false };
+        // The common unanchored pattern (`*.md`, `cache`): any name matches.
+        if let [Segment::AnyDirs, Segment::Glob(glob)] = self.segments.as_slice() {
+            return parents_parts.iter().any(|part| glob.matches(part)) || (!self.dir_only && glob.matches(last));
+        }
         let parents = parts.len().saturating_sub(1);
         (1..=parents).any(|depth| match_segments(&self.segments, &parts[..depth]))
             || (!self.dir_only && match_segments(&self.segments, parts))
@@ -224,10 +244,15 @@ fn match_segments(segments: &[Segment], parts: &[&str]) -> bool {
     true
 }
 
-/// A glob over one path part: literals, `?`, `*` and `[…]` classes.
+/// A glob over one path part: literals, `?`, `*` and `[…]` classes. Common
+/// shapes (`name`, `*.ext`, `prefix*`, `*`) skip the general matcher.
 #[derive(Clone, Debug)]
-struct Glob {
-    tokens: Vec<Token>,
+enum Glob {
+    Exact(String),
+    Suffix(String),
+    Prefix(String),
+    Anything,
+    Tokens(Vec<Token>),
 }
 
 #[derive(Clone, Debug)]
@@ -288,66 +313,75 @@ impl Glob {
             };
             tokens.push(token);
         }
-        Ok(Glob { tokens })
+        Ok(Glob::shape(tokens))
     }
 
-    /// Classic wildcard matching with one backtrack point for the last `*`.
-    fn matches(&self, text: &str) -> bool {
-        let text: &[u8] = text.as_bytes();
-        let (mut t, mut i) = (0, 0);
-        let mut backtrack: Option<(usize, usize)> = None;
-        while i < text.len() || t < self.tokens.len() {
-            if let Some(token) = self.tokens.get(t) {
-                if let Token::Star = token {
-                    backtrack = Some((t, i));
-                    t += 1;
-                    continue;
-                }
-                if i < text.len() {
-                    let (c, width) = decode(&text[i..]);
-                    let hit = match token {
-                        Token::Literal(expected) => *expected == c,
-                        Token::AnyChar => true,
-                        Token::Class { negated, ranges } => {
-                            ranges.iter().any(|&(low, high)| low <= c && c <= high) != *negated
-                        }
-                        Token::Star => unreachable!("handled above"),
-                    };
-                    if hit {
-                        t += 1;
-                        i += width;
-                        continue;
-                    }
-                }
-            }
-            match backtrack {
-                Some((star, start)) if start < text.len() => {
-                    let (_, width) = decode(&text[start..]);
-                    backtrack = Some((star, start + width));
-                    t = star + 1;
-                    i = start + width;
-                }
-                _ => return false,
-            }
+    fn shape(tokens: Vec<Token>) -> Glob {
+        let literal = |tokens: &[Token]| -> Option<String> {
+            tokens
+                .iter()
+                .map(|token| match token {
+                    Token::Literal(c) => Some(*c),
+                    _ => None,
+                })
+                .collect()
+        };
+        match tokens.as_slice() {
+            [Token::Star] => Glob::Anything,
+            [Token::Star, rest @ ..] if literal(rest).is_some() => Glob::Suffix(literal(rest).unwrap_or_default()),
+            [rest @ .., Token::Star] if literal(rest).is_some() => Glob::Prefix(literal(rest).unwrap_or_default()),
+            all if literal(all).is_some() => Glob::Exact(literal(all).unwrap_or_default()),
+            _ => Glob::Tokens(tokens),
         }
-        true
+    }
+
+    fn matches(&self, text: &str) -> bool {
+        match self {
+            Glob::Exact(literal) => text == literal,
+            Glob::Suffix(suffix) => text.ends_with(suffix.as_str()),
+            Glob::Prefix(prefix) => text.starts_with(prefix.as_str()),
+            Glob::Anything => true,
+            Glob::Tokens(tokens) => match_tokens(tokens, text),
+        }
     }
 }
 
-/// The first char of a UTF-8 byte slice and its width.
-fn decode(bytes: &[u8]) -> (char, usize) {
-    let width = match bytes[0] {
-        0x00..=0x7f => 1,
-        0xc0..=0xdf => 2,
-        0xe0..=0xef => 3,
-        _ => 4,
+/// Classic wildcard matching with one backtrack point for the last `*`.
+fn match_tokens(tokens: &[Token], text: &str) -> bool {
+    let (mut t, mut i) = (0, 0);
+    let mut backtrack: Option<(usize, usize)> = None;
+    while i < text.len() || t < tokens.len() {
+        if let Some(token) = tokens.get(t) {
+            if let Token::Star = token {
+                backtrack = Some((t, i));
+                t += 1;
+                continue;
+            }
+            if let Some(c) = text[i..].chars().next() {
+                let hit = match token {
+                    Token::Literal(expected) => *expected == c,
+                    Token::AnyChar => true,
+                    Token::Class { negated, ranges } => ranges.iter().any(|&(low, high)| low <= c && c <= high) != *negated,
+                    Token::Star => unreachable!("handled above"),
+                };
+                if hit {
+                    t += 1;
+                    i += c.len_utf8();
+                    continue;
+                }
+            }
+        }
+        match backtrack {
+            Some((star, start)) if start < text.len() => {
+                let width = text[start..].chars().next().map_or(1, char::len_utf8);
+                backtrack = Some((star, start + width));
+                t = star + 1;
+                i = start + width;
+            }
+            _ => return false,
+        }
     }
-    .min(bytes.len());
-    let c = std::str::from_utf8(&bytes[..width])
-        .ok()
-        .and_then(|s| s.chars().next())
-        .unwrap_or(char::REPLACEMENT_CHARACTER);
-    (c, width)
+    true
 }
 
 #[cfg(test)]
