@@ -32,12 +32,12 @@ use crate::flight::{Flights, Progress};
 use crate::gc::{DuEntry, DuReport, Eviction, GcReport, Pin, Pins, Trigger};
 use crate::link::{LinkReport, Linker};
 use crate::modelpack::{Layer, LayerFormat, Model, ModelError, Selection};
-use crate::plugins::exclude::{Artifact, ExcludeDecision, ExcludeError, ExcludeInput, ExcludeOptions, ModelFile};
+use crate::plugins::exclude::{Artifact, ExcludeDecision, ExcludeError, ExcludeInput, ExcludeOptions, ModelFile, Skip};
 use crate::plugins::gc::{Candidate, GcInput};
 use crate::plugins::quota::{QuotaInput, QuotaVerdict};
 use crate::plugins::{CompiledCache, PluginHost, Runtime, RuntimeOptions};
 use crate::registry::{ModelRef, Registry, RegistryConfig, RegistryError};
-use crate::store::{EntryKey, EntryLease, Recovery, Store, StoreError, remove_any};
+use crate::store::{EntryKey, EntryLease, Hold, Recovery, Store, StoreError, remove_any};
 use crate::volumes::{MountId, RecordError, VolumeError, VolumeId, VolumeRecord, VolumeState, Volumes};
 
 /// How often a waiting mount writes its progress into its record.
@@ -145,6 +145,44 @@ fn join_error(error: tokio::task::JoinError) -> EngineError {
     })
 }
 
+/// How a request got its entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Source {
+    /// It was in the cache.
+    Cached,
+    /// This request started the pull.
+    Pulled,
+    /// It joined a pull another request had started.
+    Joined,
+}
+
+/// What a prefetch did.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Prefetched {
+    pub key: EntryKey,
+    pub bytes: u64,
+    pub source: Source,
+    pub pinned: bool,
+}
+
+struct Resolved {
+    reference: ModelRef,
+    model: Arc<Model>,
+    selection: Selection,
+    key: EntryKey,
+    skips: Vec<Skip>,
+    _holds: [Hold; 2],
+}
+
+impl Resolved {
+    /// Bytes of the selected layers.
+    fn bytes(&self) -> u64 {
+        self.selection.layers(&self.model).map(|layer| layer.blob.size).sum()
+    }
+}
+
 /// What building an entry fetched.
 #[derive(Clone, Copy, Debug)]
 struct Built {
@@ -232,7 +270,7 @@ impl Drop for Reservation<'_> {
 }
 
 /// Per layer of `model`: its path, size, type, digest and whether it is cached.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct InspectedLayer {
     pub path: String,
@@ -243,7 +281,7 @@ pub struct InspectedLayer {
 }
 
 /// What `inspect` reports of a reference.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct Inspection {
     pub reference: String,
@@ -385,6 +423,16 @@ impl Engine {
                 _ => {}
             }
         }
+        // Written before the answer, so a caller that does not wait can ask
+        // for the status at once.
+        let mut record = VolumeRecord::pulling(
+            request.volume.clone(),
+            request.mount_id.clone(),
+            request.reference.clone(),
+            request.options.clone(),
+            self.volumes.tree(&request.volume, &request.mount_id),
+        );
+        self.volumes.put(&mut record)?;
         let id = self.next_mount.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (sender, result) = watch::channel(None);
         let engine = self.clone();
@@ -392,7 +440,7 @@ impl Engine {
         let progress = Arc::new(MountProgress::default());
         let task_progress = progress.clone();
         let task = tokio::spawn(async move {
-            let outcome = engine.clone().run_mount(task_request.clone(), task_progress).await.map_err(Arc::new);
+            let outcome = engine.clone().run_mount(task_request.clone(), record, task_progress).await.map_err(Arc::new);
             let slot = (task_request.volume, task_request.mount_id);
             let mut active = engine.active();
             if active.get(&slot).is_some_and(|running| running.id == id) {
@@ -412,16 +460,12 @@ impl Engine {
         Some(running.progress.snapshot())
     }
 
-    async fn run_mount(self: Arc<Self>, request: MountRequest, progress: Arc<MountProgress>) -> Result<VolumeRecord, EngineError> {
-        let path = self.volumes.tree(&request.volume, &request.mount_id);
-        let mut record = VolumeRecord::pulling(
-            request.volume.clone(),
-            request.mount_id.clone(),
-            request.reference.clone(),
-            request.options.clone(),
-            path,
-        );
-        self.volumes.put(&mut record)?;
+    async fn run_mount(
+        self: Arc<Self>,
+        request: MountRequest,
+        mut record: VolumeRecord,
+        progress: Arc<MountProgress>,
+    ) -> Result<VolumeRecord, EngineError> {
         match self.fill(&request, &mut record, &progress).await {
             Ok(()) => {
                 record.state = VolumeState::Ready;
@@ -447,76 +491,106 @@ impl Engine {
 
     /// Everything but the record's final state.
     async fn fill(self: &Arc<Self>, request: &MountRequest, record: &mut VolumeRecord, progress: &MountProgress) -> Result<(), EngineError> {
-        let reference = ModelRef::parse(&request.reference)?;
-        let digest = self.registry.resolve(&reference).await?;
-        record.digest = Some(digest.clone());
-        // Held until the volume is ready: GC leaves the manifest and, once
-        // chosen, the entry alone; a record holding the entry takes over.
-        let _manifest = self.store.hold(None, std::slice::from_ref(&digest));
-        let model = Arc::new(self.model(&reference, &digest).await?);
-        let decision = self.exclude(&reference, &model, &request.options).await?;
-        let selection = model.select(decision.skips.iter().map(|skip| skip.path.as_str()));
-        record.skipped = decision.skips;
-        record.selection = Some(selection.key().clone());
-        record.bytes_total = selection.layers(&model).map(|layer| layer.blob.size).sum();
+        let resolved = self.resolve_request(&request.reference, &request.options).await?;
+        record.digest = Some(resolved.key.manifest.clone());
+        record.skipped = resolved.skips.clone();
+        record.selection = Some(resolved.key.selection.clone());
+        record.bytes_total = resolved.bytes();
         progress.bytes_total.store(record.bytes_total, std::sync::atomic::Ordering::Relaxed);
-        let key = EntryKey::new(digest, selection.key().clone());
-        let _entry = self.store.hold(Some(&key), &[]);
         // From here the record holds the entry too, and keeps holding it
         // once ready.
         self.volumes.put(record)?;
 
-        let lease = self.ensure_entry(&reference, &model, &selection, &key, record, progress).await?;
+        let (lease, source) = self
+            .ensure_entry(&resolved, |flight| {
+                *progress.flight.lock().unwrap_or_else(|poison| poison.into_inner()) = Some(flight.clone());
+            }, |_| {
+                record.bytes_done = progress.snapshot().0;
+                self.volumes.put(record)
+            })
+            .await?;
+        record.reused_from_cache = source == Source::Cached;
+        record.coalesced = source == Source::Joined;
         record.bytes_done = record.bytes_total;
 
         let tree = lease.tree();
         let target = record.path.clone();
         let report = tokio::task::spawn_blocking(move || link_volume(&tree, &target)).await.map_err(join_error)??;
+        let metrics = crate::metrics::metrics();
+        for (method, files) in [("hardlink", report.hardlinks), ("reflink", report.reflinks), ("copy", report.copies)] {
+            if files > 0 {
+                metrics.linked_files.add([method], files);
+            }
+        }
         record.link_method = report.method();
         record.link = Some(report);
-        self.store.record_use(&key, reference.as_str())?;
+        self.store.record_use(&resolved.key, resolved.reference.as_str())?;
         drop(lease);
         Ok(())
     }
 
+    /// A reference and options turned into a model, a selection and the entry
+    /// that serves it; the manifest and the entry are held against GC from
+    /// the moment they are known.
+    async fn resolve_request(&self, reference: &str, options: &ExcludeOptions) -> Result<Resolved, EngineError> {
+        let reference = ModelRef::parse(reference)?;
+        let digest = self.registry.resolve(&reference).await?;
+        let manifest_hold = self.store.hold(None, std::slice::from_ref(&digest));
+        let model = Arc::new(self.model(&reference, &digest).await?);
+        let decision = self.exclude(&reference, &model, options).await?;
+        let selection = model.select(decision.skips.iter().map(|skip| skip.path.as_str()));
+        let key = EntryKey::new(digest, selection.key().clone());
+        let entry_hold = self.store.hold(Some(&key), &[]);
+        Ok(Resolved { reference, model, selection, key, skips: decision.skips, _holds: [manifest_hold, entry_hold] })
+    }
+
     /// The entry, leased: cached, or built by the flight this request joins.
+    /// `joined` sees the flight's progress; `tick` runs every second while
+    /// it goes on.
     async fn ensure_entry(
         self: &Arc<Self>,
-        reference: &ModelRef,
-        model: &Arc<Model>,
-        selection: &Selection,
-        key: &EntryKey,
-        record: &mut VolumeRecord,
-        progress: &MountProgress,
-    ) -> Result<EntryLease, EngineError> {
+        resolved: &Resolved,
+        mut joined: impl FnMut(&Arc<Progress>),
+        mut tick: impl FnMut(&Progress) -> Result<(), VolumeError>,
+    ) -> Result<(EntryLease, Source), EngineError> {
+        let metrics = crate::metrics::metrics();
+        let key = &resolved.key;
         if let Some(lease) = self.store.lease_entry(key) {
-            record.reused_from_cache = true;
-            return Ok(lease);
+            metrics.cache_hits.inc();
+            return Ok((lease, Source::Cached));
         }
         // GC may evict a finished entry before this request leases it (only
         // when no record holds it, so rarely): build it again, a few times.
         for _ in 0..3 {
             let engine = self.clone();
-            let (reference, model, selection, flight_key) = (reference.clone(), model.clone(), selection.clone(), key.clone());
+            let (reference, model, selection, flight_key) =
+                (resolved.reference.clone(), resolved.model.clone(), resolved.selection.clone(), key.clone());
             let mut ticket = self.entries.join(key.clone(), move |progress| async move {
                 engine.build_entry(&reference, &model, &selection, &flight_key, progress).await
             });
-            record.coalesced |= ticket.coalesced();
-            *progress.flight.lock().unwrap_or_else(|poison| poison.into_inner()) = Some(ticket.progress().clone());
-            let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
-            tick.tick().await;
+            joined(ticket.progress());
+            let mut interval = tokio::time::interval(PROGRESS_INTERVAL);
+            interval.tick().await;
             let built = loop {
                 tokio::select! {
                     built = ticket.wait() => break built.map_err(EngineError::Shared)?,
-                    _ = tick.tick() => {
-                        record.bytes_done = progress.snapshot().0;
-                        self.volumes.put(record)?;
-                    }
+                    _ = interval.tick() => tick(ticket.progress())?,
                 }
             };
-            record.reused_from_cache = built.fetched_bytes == 0 && !ticket.coalesced();
+            let source = if ticket.coalesced() {
+                Source::Joined
+            } else if built.fetched_bytes == 0 {
+                Source::Cached
+            } else {
+                Source::Pulled
+            };
             if let Some(lease) = self.store.lease_entry(key) {
-                return Ok(lease);
+                match source {
+                    Source::Cached => metrics.cache_hits.inc(),
+                    Source::Pulled => metrics.cache_misses.inc(),
+                    Source::Joined => metrics.coalesced_waiters.inc(),
+                }
+                return Ok((lease, source));
             }
         }
         Err(EngineError::Store(StoreError::Io {
@@ -524,6 +598,21 @@ impl Engine {
             path: self.store.layout().entry(key),
             source: std::io::Error::other("evicted three times in a row"),
         }))
+    }
+
+    /// Pulls a model into the cache with no volume, so a node is warm before
+    /// pods land; `pin` keeps it from GC.
+    ///
+    /// # Errors
+    /// As a mount's.
+    pub async fn prefetch(self: &Arc<Self>, reference: &str, options: &ExcludeOptions, pin: bool) -> Result<Prefetched, EngineError> {
+        let resolved = self.resolve_request(reference, options).await?;
+        if pin {
+            self.pins.pin(&resolved.key.manifest, reference)?;
+        }
+        let (lease, source) = self.ensure_entry(&resolved, |_| {}, |_| Ok(())).await?;
+        drop(lease);
+        Ok(Prefetched { key: resolved.key.clone(), bytes: resolved.bytes(), source, pinned: pin })
     }
 
     /// The shared part of a mount: admit, fetch, unpack, build.
@@ -538,6 +627,24 @@ impl Engine {
         if self.store.has_entry(key) {
             return Ok(Built { fetched_bytes: 0 });
         }
+        let metrics = crate::metrics::metrics();
+        metrics.pulls_started.inc();
+        let built = self.clone().pull_entry(reference, model, selection, key, progress).await;
+        match &built {
+            Ok(_) => metrics.pulls_succeeded.inc(),
+            Err(error) => metrics.pulls_failed.inc([error.kind().as_str()]),
+        }
+        built
+    }
+
+    async fn pull_entry(
+        self: Arc<Self>,
+        reference: &ModelRef,
+        model: &Arc<Model>,
+        selection: &Selection,
+        key: &EntryKey,
+        progress: Arc<Progress>,
+    ) -> Result<Built, EngineError> {
         let layers: Vec<&Layer> = selection.layers(model).collect();
         let mut needed: Vec<Digest> = layers.iter().map(|layer| layer.blob.digest.clone()).collect();
         needed.push(model.digest.clone());
@@ -707,14 +814,64 @@ impl Engine {
         Ok(record)
     }
 
+    /// Mounts under way.
+    pub fn active_mounts(&self) -> usize {
+        self.active().len()
+    }
+
+    /// Waits up to `timeout` for the mounts under way, then cancels the rest
+    /// (their records say so, so a client knows to ask again) and waits a
+    /// little for their pulls to let go of their temporaries. Returns how
+    /// many were cancelled.
+    pub async fn shutdown(&self, timeout: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.active_mounts() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let remaining: Vec<_> = self.active().drain().collect();
+        let cancelled = remaining.len();
+        for ((volume, mount_id), mut running) in remaining {
+            running.abort.abort();
+            while running.result.changed().await.is_ok() {}
+            if let Ok(Some(mut record)) = self.volumes.get(&volume, &mount_id) {
+                if record.state == VolumeState::Pulling {
+                    record.state = VolumeState::Failed;
+                    record.error = Some(RecordError {
+                        kind: ErrorKind::Cancelled,
+                        message: "modelcache shut down before the mount finished; ask again".into(),
+                    });
+                    if let Err(error) = self.volumes.put(&mut record) {
+                        tracing::error!(volume = %volume, "cannot record the cancellation: {error}");
+                    }
+                }
+            }
+            tracing::info!(volume = %volume, mount_id = %mount_id, "mount cancelled by shutdown");
+        }
+        // Aborted flights unwind and drop their temporaries; blocking steps
+        // finish on their own threads.
+        let settle = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !(self.entries.is_empty() && self.blobs.is_empty()) && tokio::time::Instant::now() < settle {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        cancelled
+    }
+
     /// A volume's record, with live progress while it pulls.
     ///
     /// # Errors
     /// [`EngineError::NotFound`] when there is no record.
     pub fn status(&self, volume: &VolumeId, mount_id: &MountId) -> Result<VolumeRecord, EngineError> {
-        self.volumes
+        let mut record = self
+            .volumes
             .get(volume, mount_id)?
-            .ok_or_else(|| EngineError::NotFound { volume: volume.clone(), mount_id: mount_id.clone() })
+            .ok_or_else(|| EngineError::NotFound { volume: volume.clone(), mount_id: mount_id.clone() })?;
+        if record.state == VolumeState::Pulling {
+            if let Some((done, total)) = self.progress(volume, mount_id) {
+                record.bytes_done = done;
+                record.bytes_total = total.max(record.bytes_total);
+            }
+        }
+        Ok(record)
     }
 
     /// Every volume record.
@@ -850,6 +1007,12 @@ impl Engine {
         };
         tracing::info!(trigger = ?trigger, dry_run, candidates, evicted = report.evicted.len(), blobs = report.blobs.len(),
             freed_bytes = report.freed_bytes, "gc run");
+        if !dry_run {
+            let metrics = crate::metrics::metrics();
+            let trigger = serde_json::to_value(trigger).ok().and_then(|value| value.as_str().map(str::to_owned)).unwrap_or_default();
+            metrics.gc_runs.inc([&trigger]);
+            metrics.gc_freed_bytes.add(report.freed_bytes);
+        }
         Ok(report)
     }
 

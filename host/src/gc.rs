@@ -66,7 +66,7 @@ impl EntryBytes {
 }
 
 /// Where every byte under the root is, each inode counted once.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct Totals {
     /// Files some entry's tree links.
@@ -276,7 +276,7 @@ pub enum Trigger {
 }
 
 /// One entry a run evicted (or would).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct Eviction {
     pub key: EntryKey,
@@ -290,7 +290,7 @@ pub struct Eviction {
 }
 
 /// What a run did (or, dry, would do).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct GcReport {
     pub trigger: Trigger,
@@ -306,7 +306,7 @@ pub struct GcReport {
 }
 
 /// One line of `modelcache du`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct DuEntry {
     pub key: EntryKey,
@@ -323,7 +323,7 @@ pub struct DuEntry {
 }
 
 /// `modelcache du`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct DuReport {
     pub entries: Vec<DuEntry>,

@@ -10,15 +10,20 @@
 //! - [`gc`]: garbage collection, pins and disk accounting;
 //! - [`plugins`]: WebAssembly policy plugins and the decisions they make;
 //! - [`engine`]: the mount flow that ties them together;
+//! - [`api`], [`daemon`]: the long-lived daemon and its API on a unix socket;
 //! - [`pack`]: a directory packed and pushed as a model;
+//! - [`metrics`]: counters for Prometheus;
 //! - [`digest`], [`error`]: the small types everything shares.
 
+pub mod api;
+pub mod daemon;
 pub mod digest;
 pub mod engine;
 pub mod error;
 pub mod flight;
 pub mod gc;
 pub mod link;
+pub mod metrics;
 pub mod modelpack;
 pub mod pack;
 pub mod plugins;

@@ -41,11 +41,52 @@ pub struct RegistryConfig {
     pub attempts: u32,
     /// The first backoff; it doubles per attempt up to 10 s (default 200 ms).
     pub backoff: Duration,
+    /// Per registry host, mirrors tried in order before it (a pull-through
+    /// cache, a peer-to-peer proxy): each gets one try per request, and any
+    /// failure falls through to the next and finally to the origin.
+    pub mirrors: BTreeMap<String, Vec<Mirror>>,
+}
+
+/// One mirror of a registry; it serves the same repositories at the same paths.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mirror {
+    /// `host[:port]`.
+    pub host: String,
+    /// Reached over plain HTTP (an `http://` endpoint).
+    pub plain_http: bool,
+    /// Also asked to resolve tags (else only blobs and manifests by digest).
+    pub resolve: bool,
+}
+
+impl Mirror {
+    /// Parses an endpoint: `http://host:port`, `https://host` or `host`.
+    ///
+    /// # Errors
+    /// An endpoint with a path or another scheme.
+    pub fn parse(endpoint: &str, resolve: bool) -> Result<Mirror, String> {
+        let (plain_http, rest) = match endpoint.split_once("://") {
+            Some(("http", rest)) => (true, rest),
+            Some(("https", rest)) => (false, rest),
+            Some((scheme, _)) => return Err(format!("`{endpoint}`: scheme `{scheme}` is neither http nor https")),
+            None => (false, endpoint),
+        };
+        let host = rest.trim_end_matches('/');
+        if host.is_empty() || host.contains('/') {
+            return Err(format!("`{endpoint}` must be a host[:port], without a path"));
+        }
+        Ok(Mirror { host: host.to_owned(), plain_http, resolve })
+    }
 }
 
 impl Default for RegistryConfig {
     fn default() -> Self {
-        RegistryConfig { insecure: Vec::new(), docker_config: None, attempts: 5, backoff: Duration::from_millis(200) }
+        RegistryConfig {
+            insecure: Vec::new(),
+            docker_config: None,
+            attempts: 5,
+            backoff: Duration::from_millis(200),
+            mirrors: BTreeMap::new(),
+        }
     }
 }
 
@@ -89,9 +130,19 @@ impl ModelRef {
         self.reference.digest().and_then(|digest| digest.parse().ok())
     }
 
-    /// The same repository, at `digest`.
-    fn at(&self, digest: &Digest) -> Reference {
-        Reference::with_digest(self.registry().to_owned(), self.repository().to_owned(), digest.to_string())
+    /// The same repository at `host` (a mirror), by the same tag or digest.
+    fn on(&self, host: &str) -> Reference {
+        match (self.reference.digest(), self.reference.tag()) {
+            (Some(digest), _) => Reference::with_digest(host.to_owned(), self.repository().to_owned(), digest.to_owned()),
+            (None, tag) => {
+                Reference::with_tag(host.to_owned(), self.repository().to_owned(), tag.unwrap_or("latest").to_owned())
+            }
+        }
+    }
+
+    /// The same repository, at `digest`, on `host`.
+    fn at(&self, host: &str, digest: &Digest) -> Reference {
+        Reference::with_digest(host.to_owned(), self.repository().to_owned(), digest.to_string())
     }
 }
 
@@ -163,6 +214,15 @@ enum Failure {
     Permanent(RegistryError),
 }
 
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Transient(source) => write!(f, "{source}"),
+            Failure::Permanent(error) => write!(f, "{error}"),
+        }
+    }
+}
+
 impl Registry {
     /// A client with `config`.
     ///
@@ -171,11 +231,9 @@ impl Registry {
     pub fn new(config: RegistryConfig) -> Result<Registry, RegistryError> {
         // rustls needs a process-wide crypto provider; a second install is a no-op.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let protocol = if config.insecure.is_empty() {
-            ClientProtocol::Https
-        } else {
-            ClientProtocol::HttpsExcept(config.insecure.clone())
-        };
+        let mut plain_http = config.insecure.clone();
+        plain_http.extend(config.mirrors.values().flatten().filter(|mirror| mirror.plain_http).map(|mirror| mirror.host.clone()));
+        let protocol = if plain_http.is_empty() { ClientProtocol::Https } else { ClientProtocol::HttpsExcept(plain_http) };
         let client = Client::new(ClientConfig {
             protocol,
             connect_timeout: Some(Duration::from_secs(10)),
@@ -187,7 +245,7 @@ impl Registry {
     }
 
     /// The manifest digest `reference` names now: the pinned digest, or one
-    /// HEAD request for a tag.
+    /// HEAD request for a tag (at a mirror that may resolve, else the origin).
     ///
     /// # Errors
     /// Not found, denied or unavailable.
@@ -195,10 +253,9 @@ impl Registry {
         if let Some(digest) = reference.digest() {
             return Ok(digest);
         }
-        let auth = self.credentials.auth_for(reference)?;
         let digest = self
-            .with_retries(reference, "resolving the tag", || async {
-                self.client.fetch_manifest_digest(&reference.reference, &auth).await.map_err(|error| classify(reference, error))
+            .from_hosts(reference, "resolving the tag", true, |image, auth| async move {
+                self.client.fetch_manifest_digest(&image, &auth).await.map_err(|error| classify(reference, error))
             })
             .await?;
         digest.parse().map_err(|error: crate::digest::DigestError| RegistryError::Protocol {
@@ -212,11 +269,10 @@ impl Registry {
     /// # Errors
     /// Not found, denied, unavailable, or bytes that do not hash to `digest`.
     pub async fn fetch_manifest(&self, reference: &ModelRef, digest: &Digest) -> Result<Bytes, RegistryError> {
-        let auth = self.credentials.auth_for(reference)?;
-        let by_digest = reference.at(digest);
         let accept = [MANIFEST_MEDIA_TYPE, "application/vnd.oci.image.index.v1+json"];
         let (bytes, _) = self
-            .with_retries(reference, "fetching the manifest", || async {
+            .from_hosts(reference, "fetching the manifest", false, |image, auth| async move {
+                let by_digest = reference.at(image.registry(), digest);
                 self.client.pull_manifest_raw(&by_digest, &auth, &accept).await.map_err(|error| classify(reference, error))
             })
             .await?;
@@ -227,8 +283,32 @@ impl Registry {
         Ok(bytes)
     }
 
-    /// Streams the blob `blob` into `ingest`, resuming after interruptions
-    /// with Range requests from what `ingest` holds.
+    /// Tries `operation` at each mirror of the reference's registry, once
+    /// each, then at the origin with retries. Any failure at a mirror falls
+    /// through to the next host, as containerd's hosts.toml mirrors do.
+    async fn from_hosts<T, F, Fut>(&self, reference: &ModelRef, what: &str, resolving: bool, mut operation: F) -> Result<T, RegistryError>
+    where
+        F: FnMut(Reference, RegistryAuth) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Failure>>,
+    {
+        for mirror in self.config.mirrors.get(reference.registry()).into_iter().flatten() {
+            if resolving && !mirror.resolve {
+                continue;
+            }
+            let auth = self.credentials.auth_for_host(reference, &mirror.host)?;
+            match operation(reference.on(&mirror.host), auth).await {
+                Ok(value) => return Ok(value),
+                Err(failure) => tracing::debug!(mirror = %mirror.host, reference = %reference, "mirror failed {what}: {failure}"),
+            }
+        }
+        let auth = self.credentials.auth_for_host(reference, reference.registry())?;
+        self.with_retries(reference, what, || operation(reference.reference.clone(), auth.clone())).await
+    }
+
+    /// Streams the blob `blob` into `ingest`, from the first mirror that has
+    /// it, else the origin, resuming after interruptions with Range requests
+    /// from what `ingest` holds (a mirror's partial bytes are kept and the
+    /// next host continues from there).
     ///
     /// Every request asks for a range, even from byte 0: a 206 answer is not
     /// hashed by the client library, so the bytes are hashed once, by the
@@ -244,12 +324,31 @@ impl Registry {
         ingest: &mut Ingest,
         progress: &Progress,
     ) -> Result<(), RegistryError> {
-        let store_error = |source| RegistryError::Store { reference: reference.to_string(), source };
         if blob.size == 0 {
             return Ok(());
         }
-        self.client.store_auth_if_needed(reference.registry(), &self.credentials.auth_for(reference)?).await;
-        let image = &reference.reference;
+        for mirror in self.config.mirrors.get(reference.registry()).into_iter().flatten() {
+            match self.fetch_blob_at(reference, &mirror.host, blob, ingest, progress, 1).await {
+                Ok(()) => return Ok(()),
+                Err(error @ RegistryError::Store { .. }) => return Err(error),
+                Err(error) => tracing::debug!(mirror = %mirror.host, blob = %blob.digest.short(), "mirror failed: {error}"),
+            }
+        }
+        self.fetch_blob_at(reference, reference.registry(), blob, ingest, progress, self.config.attempts).await
+    }
+
+    async fn fetch_blob_at(
+        &self,
+        reference: &ModelRef,
+        host: &str,
+        blob: &Descriptor,
+        ingest: &mut Ingest,
+        progress: &Progress,
+        attempts: u32,
+    ) -> Result<(), RegistryError> {
+        let store_error = |source| RegistryError::Store { reference: reference.to_string(), source };
+        self.client.store_auth_if_needed(host, &self.credentials.auth_for_host(reference, host)?).await;
+        let image = reference.on(host);
         let descriptor = OciDescriptor {
             media_type: blob.media_type.clone(),
             digest: blob.digest.to_string(),
@@ -263,7 +362,7 @@ impl Registry {
             if offset >= blob.size {
                 return Ok(());
             }
-            let failure = match self.client.pull_blob_stream_partial(image, &descriptor, offset, None).await {
+            let failure = match self.client.pull_blob_stream_partial(&image, &descriptor, offset, None).await {
                 Ok(response) => {
                     let stream = match response {
                         BlobResponse::Partial(stream) => stream,
@@ -283,6 +382,7 @@ impl Registry {
                                 let length = bytes.len() as u64;
                                 ingest.write(bytes).await.map_err(store_error)?;
                                 progress.add(length);
+                                crate::metrics::metrics().downloaded_bytes.add(length);
                             }
                             Err(error) => {
                                 failure = Some(Failure::Transient(Box::new(error)));
@@ -300,11 +400,11 @@ impl Registry {
             };
             match failure {
                 Failure::Permanent(error) => return Err(error),
-                Failure::Transient(source) if attempt >= self.config.attempts => {
+                Failure::Transient(source) if attempt >= attempts => {
                     return Err(RegistryError::Unavailable { reference: reference.to_string(), attempts: attempt, source });
                 }
                 Failure::Transient(source) => {
-                    tracing::warn!(reference = %reference, blob = %blob.digest.short(), attempt, "blob download interrupted, resuming: {source}");
+                    tracing::warn!(reference = %reference, host, blob = %blob.digest.short(), attempt, "blob download interrupted, resuming: {source}");
                     tokio::time::sleep(self.backoff(attempt)).await;
                 }
             }
@@ -319,7 +419,7 @@ impl Registry {
     where
         S: futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static,
     {
-        let auth = self.credentials.auth_for(reference)?;
+        let auth = self.credentials.auth_for_host(reference, reference.registry())?;
         self.client.store_auth_if_needed(reference.registry(), &auth).await;
         let image = &reference.reference;
         let exists = self.client.blob_exists(image, &digest.to_string()).await.unwrap_or(false);
@@ -344,7 +444,7 @@ impl Registry {
     /// # Errors
     /// Denied or unavailable.
     pub async fn push_manifest(&self, reference: &ModelRef, manifest: Bytes) -> Result<Digest, RegistryError> {
-        let auth = self.credentials.auth_for(reference)?;
+        let auth = self.credentials.auth_for_host(reference, reference.registry())?;
         self.client.store_auth_if_needed(reference.registry(), &auth).await;
         let digest = Digest::of(&manifest);
         let content_type = reqwest_header(MANIFEST_MEDIA_TYPE);
@@ -485,8 +585,7 @@ impl Credentials {
         Ok(Credentials { path: Some(path), config })
     }
 
-    fn auth_for(&self, reference: &ModelRef) -> Result<RegistryAuth, RegistryError> {
-        let host = reference.registry();
+    fn auth_for_host(&self, reference: &ModelRef, host: &str) -> Result<RegistryAuth, RegistryError> {
         let error = |reason: String| RegistryError::Credentials {
             reference: reference.to_string(),
             path: self.path.clone().unwrap_or_default(),
@@ -572,7 +671,10 @@ mod tests {
         )
         .unwrap();
         let credentials = Credentials::load(Some(dir.path().to_owned())).unwrap();
-        let auth = |text: &str| credentials.auth_for(&ModelRef::parse(text).unwrap()).unwrap();
+        let auth = |text: &str| {
+            let reference = ModelRef::parse(text).unwrap();
+            credentials.auth_for_host(&reference, reference.registry()).unwrap()
+        };
         assert!(matches!(auth("one.local/m:1"), RegistryAuth::Basic(user, password) if user == "alice" && password == "s3cret"));
         assert!(matches!(auth("two.local:5000/m:1"), RegistryAuth::Basic(user, _) if user == "bob"));
         assert!(matches!(auth("three.local/m:1"), RegistryAuth::Anonymous));

@@ -2,10 +2,10 @@
 
 use std::process::ExitCode;
 
-use modelcache::gc::Trigger;
 use modelcache_policy::size::HumanBytes;
 
-use super::volumes::{RootArgs, block_on};
+use super::backend::RootArgs;
+use super::volumes::block_on;
 
 #[derive(Debug, clap::Args)]
 pub struct GcArgs {
@@ -35,8 +35,7 @@ pub struct PinArgs {
 }
 
 pub fn gc(args: GcArgs) -> anyhow::Result<ExitCode> {
-    let engine = args.root.open()?;
-    let report = block_on(engine.gc(args.dry_run, Trigger::OnDemand))??;
+    let report = block_on(async { args.root.backend().await?.gc(args.dry_run).await })??;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);
@@ -73,8 +72,7 @@ pub fn gc(args: GcArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn du(args: DuArgs) -> anyhow::Result<ExitCode> {
-    let engine = args.root.open()?;
-    let report = engine.du()?;
+    let report = block_on(async { args.root.backend().await?.du().await })??;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);
@@ -108,27 +106,29 @@ pub fn du(args: DuArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn pin(args: PinArgs) -> anyhow::Result<ExitCode> {
-    let engine = args.root.open()?;
-    match args.target {
-        Some(target) => {
-            let pin = block_on(engine.pin(&target))??;
-            println!("pinned {} ({})", pin.digest, pin.reference);
-        }
-        None => {
-            for pin in engine.pins() {
-                println!("{} {}", pin.digest, pin.reference);
+    block_on(async {
+        let backend = args.root.backend().await?;
+        match &args.target {
+            Some(target) => {
+                let pin = backend.pin(target).await?;
+                println!("pinned {} ({})", pin.digest, pin.reference);
+            }
+            None => {
+                for pin in backend.pins().await? {
+                    println!("{} {}", pin.digest, pin.reference);
+                }
             }
         }
-    }
+        anyhow::Ok(())
+    })??;
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn unpin(args: PinArgs) -> anyhow::Result<ExitCode> {
-    let engine = args.root.open()?;
-    let Some(target) = args.target else {
+    let Some(target) = args.target.clone() else {
         anyhow::bail!("name what to unpin: a reference or a sha256: digest");
     };
-    if block_on(engine.unpin(&target))?? {
+    if block_on(async { args.root.backend().await?.unpin(&target).await })?? {
         println!("unpinned {target}");
     } else {
         println!("{target} was not pinned");

@@ -1,8 +1,10 @@
 //! Command-line interface: argument parsing, logging, and one module per
 //! command group. Errors end here as `anyhow` with their causes printed.
 
+mod backend;
 mod cache;
 mod plugins;
+mod serve;
 mod volumes;
 
 use std::process::ExitCode;
@@ -14,9 +16,9 @@ use tracing_subscriber::EnvFilter;
 #[derive(Debug, Parser)]
 #[command(name = "modelcache", version, about, propagate_version = true)]
 struct Cli {
-    /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "MODELCACHE_LOG_FORMAT")]
-    log_format: LogFormat,
+    /// Log format on stderr (default text; `serve` takes it from its config).
+    #[arg(long, global = true, value_enum, env = "MODELCACHE_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -29,12 +31,18 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the daemon: the API on a unix socket, metrics, GC, plugin reloads.
+    Serve(serve::ServeArgs),
     /// Mount a model into a volume (pulling it into the cache if needed).
     Mount(volumes::MountArgs),
     /// Release a volume: remove its tree and let GC collect its model.
-    Unmount(volumes::UnmountArgs),
+    Unmount(volumes::VolumeArgs),
+    /// A volume's record, with progress while it pulls.
+    Status(volumes::VolumeArgs),
     /// List the volume records.
     Ls(volumes::ListArgs),
+    /// Pull a model into the cache with no volume (optionally pinned).
+    Prefetch(volumes::PrefetchArgs),
     /// Show what a reference resolves to, its files, and what is cached.
     Inspect(volumes::InspectArgs),
     /// Pack a directory as a ModelPack model (one layer per file) and push it.
@@ -54,18 +62,12 @@ enum Command {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
     let outcome = match cli.command {
-        Command::Mount(args) => volumes::mount(args),
-        Command::Unmount(args) => volumes::unmount(args),
-        Command::Ls(args) => volumes::list(args),
-        Command::Inspect(args) => volumes::inspect(args),
-        Command::Push(args) => volumes::push(args),
-        Command::Gc(args) => cache::gc(args),
-        Command::Du(args) => cache::du(args),
-        Command::Pin(args) => cache::pin(args),
-        Command::Unpin(args) => cache::unpin(args),
-        Command::Plugins(command) => plugins::run(command),
+        Command::Serve(args) => serve::run(args, cli.log_format),
+        command => {
+            init_logging(cli.log_format.unwrap_or(LogFormat::Text), "info");
+            run(command)
+        }
     };
     match outcome {
         Ok(code) => code,
@@ -76,10 +78,28 @@ pub fn main() -> ExitCode {
     }
 }
 
+fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve(_) => unreachable!("served above"),
+        Command::Mount(args) => volumes::mount(args),
+        Command::Unmount(args) => volumes::unmount(args),
+        Command::Status(args) => volumes::status(args),
+        Command::Prefetch(args) => volumes::prefetch(args),
+        Command::Ls(args) => volumes::list(args),
+        Command::Inspect(args) => volumes::inspect(args),
+        Command::Push(args) => volumes::push(args),
+        Command::Gc(args) => cache::gc(args),
+        Command::Du(args) => cache::du(args),
+        Command::Pin(args) => cache::pin(args),
+        Command::Unpin(args) => cache::unpin(args),
+        Command::Plugins(command) => plugins::run(command),
+    }
+}
+
 /// Logs go to stderr, filtered by `MODELCACHE_LOG` (e.g. `debug`,
-/// `modelcache=debug,info`), default `info`.
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("MODELCACHE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+/// `modelcache=debug,info`), else `default_level`.
+fn init_logging(format: LogFormat, default_level: &str) {
+    let filter = EnvFilter::try_from_env("MODELCACHE_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -11,21 +11,34 @@ use modelcache::plugins::exclude::ExcludeInput;
 use modelcache::plugins::gc::GcInput;
 use modelcache::plugins::quota::QuotaInput;
 use modelcache::plugins::{
-    CompiledCache, Decision, Plugin, PluginConfig, PluginHost, Runtime, RuntimeOptions, error_chain,
+    CompiledCache, Decision, Plugin, PluginConfig, PluginHost, PluginStatus, Runtime, RuntimeOptions, error_chain,
 };
+
+use super::backend::RootArgs;
+use super::volumes::block_on;
 
 #[derive(Debug, Subcommand)]
 pub enum PluginsCommand {
-    /// List the plugins of a directory: decisions served, loaded or refused and why.
+    /// List plugins: decisions served, loaded or refused and why. With
+    /// `--dir`, loads that directory here; without, asks the daemon.
     Ls {
-        /// The plugin directory (`NAME.wasm` and optional `NAME.toml`).
+        /// A plugin directory (`NAME.wasm` and optional `NAME.toml`) to load here.
         #[arg(long)]
-        dir: PathBuf,
+        dir: Option<PathBuf>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
         cache: CacheArgs,
+        #[command(flatten)]
+        root: RootArgs,
+    },
+    /// Make the daemon (or the engine on the root) load its plugin directory again.
+    Reload {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        root: RootArgs,
     },
     /// Run one decision of one plugin on a JSON input and print the JSON answer.
     Run {
@@ -69,7 +82,15 @@ fn parse_decision(text: &str) -> Result<Decision, String> {
 
 pub fn run(command: PluginsCommand) -> anyhow::Result<ExitCode> {
     match command {
-        PluginsCommand::Ls { dir, json, cache } => list(&dir, json, &cache),
+        PluginsCommand::Ls { dir: Some(dir), json, cache, .. } => list(&dir, json, &cache),
+        PluginsCommand::Ls { dir: None, json, root, .. } => {
+            let statuses = block_on(async { root.backend().await?.plugins(false).await })??;
+            print_statuses(&statuses, json)
+        }
+        PluginsCommand::Reload { json, root } => {
+            let statuses = block_on(async { root.backend().await?.plugins(true).await })??;
+            print_statuses(&statuses, json)
+        }
         PluginsCommand::Run { plugin, decision, input, settings, cache } => {
             run_one(&plugin, decision, &input, settings.as_deref(), &cache)
         }
@@ -85,13 +106,16 @@ fn list(dir: &Path, json: bool, cache: &CacheArgs) -> anyhow::Result<ExitCode> {
         bail!("plugin directory {} does not exist", dir.display());
     }
     let host = PluginHost::open(runtime()?, cache.cache(), Some(dir.to_owned()));
-    let set = host.current();
+    print_statuses(host.current().statuses(), json)
+}
+
+fn print_statuses(statuses: &[PluginStatus], json: bool) -> anyhow::Result<ExitCode> {
     if json {
-        println!("{}", serde_json::to_string_pretty(set.statuses())?);
+        println!("{}", serde_json::to_string_pretty(statuses)?);
         return Ok(ExitCode::SUCCESS);
     }
     println!("{:<24} {:<8} {:<18} {:<14} DETAIL", "NAME", "STATE", "DECISIONS", "SHA256");
-    for status in set.statuses() {
+    for status in statuses {
         let decisions: Vec<&str> = status.decisions.iter().map(|decision| decision.as_str()).collect();
         let sha = status.sha256.as_deref().map(|sha| &sha[..12]).unwrap_or("-");
         println!(

@@ -1,61 +1,17 @@
-//! `modelcache mount | unmount | ls | inspect | push`: the engine on a root
-//! directory, without a daemon.
+//! `modelcache mount | unmount | status | ls | inspect | prefetch | push`.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
-use modelcache::engine::{Engine, EngineConfig, MountRequest};
+use modelcache::engine::MountRequest;
 use modelcache::plugins::exclude::ExcludeOptions;
-use modelcache::registry::{ModelRef, Registry, RegistryConfig};
-use modelcache::volumes::{MountId, VolumeId, VolumeRecord, Volumes};
+use modelcache::registry::{ModelRef, Registry};
+use modelcache::volumes::{MountId, VolumeId, VolumeRecord};
 use modelcache_policy::size::HumanBytes;
 
-/// Where the engine works; shared by the commands that open it.
-#[derive(Debug, Clone, clap::Args)]
-pub struct RootArgs {
-    /// The cache's root directory.
-    #[arg(long, env = "MODELCACHE_ROOT", default_value = "/var/lib/modelcache")]
-    pub root: PathBuf,
-    /// The policy plugin directory (NAME.wasm + NAME.toml).
-    #[arg(long = "plugins", env = "MODELCACHE_PLUGINS")]
-    pub plugin_dir: Option<PathBuf>,
-    /// Where volume trees go (default ROOT/volumes).
-    #[arg(long, env = "MODELCACHE_VOLUMES")]
-    pub volumes_dir: Option<PathBuf>,
-    #[command(flatten)]
-    pub registry: RegistryArgs,
-}
-
-/// How to reach registries.
-#[derive(Debug, Clone, clap::Args)]
-pub struct RegistryArgs {
-    /// A registry (host[:port]) to reach over plain HTTP; repeatable.
-    #[arg(long = "insecure-registry", env = "MODELCACHE_INSECURE_REGISTRIES", value_delimiter = ',')]
-    pub insecure: Vec<String>,
-    /// The directory holding a docker config.json (default $DOCKER_CONFIG, then ~/.docker).
-    #[arg(long, env = "DOCKER_CONFIG")]
-    pub docker_config: Option<PathBuf>,
-}
-
-impl RegistryArgs {
-    pub fn config(&self) -> RegistryConfig {
-        RegistryConfig { insecure: self.insecure.clone(), docker_config: self.docker_config.clone(), ..RegistryConfig::default() }
-    }
-}
-
-impl RootArgs {
-    pub fn open(&self) -> anyhow::Result<Arc<Engine>> {
-        let mut config = EngineConfig::new(&self.root);
-        config.plugin_dir.clone_from(&self.plugin_dir);
-        config.volumes_dir.clone_from(&self.volumes_dir);
-        config.registry = self.registry.config();
-        Engine::open(config).with_context(|| format!("opening the cache at {}", self.root.display()))
-    }
-}
+use super::backend::{RegistryArgs, RootArgs};
 
 #[derive(Debug, clap::Args)]
 pub struct MountArgs {
@@ -67,12 +23,8 @@ pub struct MountArgs {
     /// Tells several mounts of one volume apart.
     #[arg(long, default_value = "default")]
     pub mount_id: String,
-    /// Leave the weights out (needs an exclude plugin).
-    #[arg(long)]
-    pub exclude_weights: bool,
-    /// A gitignore-style pattern of files to leave out; repeatable.
-    #[arg(long = "exclude")]
-    pub patterns: Vec<String>,
+    #[command(flatten)]
+    pub exclude: ExcludeArgs,
     /// Print the record as JSON.
     #[arg(long)]
     pub json: bool,
@@ -80,28 +32,67 @@ pub struct MountArgs {
     pub root: RootArgs,
 }
 
+/// What to leave out of a model.
 #[derive(Debug, clap::Args)]
-pub struct UnmountArgs {
+pub struct ExcludeArgs {
+    /// Leave the weights out (needs an exclude plugin).
+    #[arg(long)]
+    pub exclude_weights: bool,
+    /// A gitignore-style pattern of files to leave out; repeatable.
+    #[arg(long = "exclude")]
+    pub patterns: Vec<String>,
+}
+
+impl ExcludeArgs {
+    fn options(&self) -> ExcludeOptions {
+        ExcludeOptions { exclude_weights: self.exclude_weights, patterns: self.patterns.clone() }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct VolumeArgs {
     #[arg(long)]
     pub volume: String,
     #[arg(long, default_value = "default")]
     pub mount_id: String,
+    /// Print the record as JSON.
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub root: RootArgs,
+}
+
+impl VolumeArgs {
+    fn ids(&self) -> anyhow::Result<(VolumeId, MountId)> {
+        Ok((VolumeId::new(&self.volume)?, MountId::new(&self.mount_id)?))
+    }
 }
 
 #[derive(Debug, clap::Args)]
 pub struct ListArgs {
     #[arg(long)]
     pub json: bool,
-    /// The cache's root directory.
-    #[arg(long, env = "MODELCACHE_ROOT", default_value = "/var/lib/modelcache")]
-    pub root: PathBuf,
+    #[command(flatten)]
+    pub root: RootArgs,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct InspectArgs {
     pub reference: String,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub root: RootArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PrefetchArgs {
+    pub reference: String,
+    /// Pin the model so GC never evicts it.
+    #[arg(long)]
+    pub pin: bool,
+    #[command(flatten)]
+    pub exclude: ExcludeArgs,
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -118,13 +109,15 @@ pub struct PushArgs {
     pub registry: RegistryArgs,
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
-}
-
 /// Runs one future to completion on a fresh runtime.
 pub fn block_on<T>(future: impl std::future::Future<Output = T>) -> anyhow::Result<T> {
-    Ok(runtime()?.block_on(future))
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    Ok(runtime.block_on(future))
+}
+
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<ExitCode> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(ExitCode::SUCCESS)
 }
 
 pub fn mount(args: MountArgs) -> anyhow::Result<ExitCode> {
@@ -132,46 +125,35 @@ pub fn mount(args: MountArgs) -> anyhow::Result<ExitCode> {
         volume: VolumeId::new(&args.volume)?,
         mount_id: MountId::new(&args.mount_id)?,
         reference: args.reference.clone(),
-        options: ExcludeOptions { exclude_weights: args.exclude_weights, patterns: args.patterns.clone() },
+        options: args.exclude.options(),
     };
-    let engine = args.root.open()?;
-    let record = runtime()?.block_on(async {
-        let mut handle = engine.start_mount(request.clone())?;
+    let record = block_on(async {
+        let backend = args.root.backend().await?;
         let bar = progress_bar();
-        let waited = async {
-            loop {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                if let Some((done, total)) = engine.progress(&request.volume, &request.mount_id) {
-                    bar.update(done, total);
-                }
-            }
-        };
-        tokio::select! {
-            record = handle.wait() => { bar.finish(); record }
-            () = waited => unreachable!("the progress loop never ends"),
-        }
-    })?;
+        let record = backend.mount(request, |done, total| bar.update(done, total)).await;
+        bar.finish();
+        record
+    })??;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&record)?);
-    } else {
-        println!(
-            "{}/{}: {} ({}) ready at {}",
-            record.volume,
-            record.mount_id,
-            record.reference,
-            record.digest.as_ref().map(|digest| digest.short()).unwrap_or_default(),
-            record.path.display()
-        );
-        let source = if record.reused_from_cache {
-            "from the cache"
-        } else if record.coalesced {
-            "joined a pull under way"
-        } else {
-            "pulled"
-        };
-        let method = record.link_method.map(|method| method.as_str()).unwrap_or("nothing to link");
-        println!("  {} {source}, {method}, {} files left out", HumanBytes(record.bytes_total), record.skipped.len());
+        return print_json(&record);
     }
+    println!(
+        "{}/{}: {} ({}) ready at {}",
+        record.volume,
+        record.mount_id,
+        record.reference,
+        record.digest.as_ref().map(|digest| digest.short()).unwrap_or_default(),
+        record.path.display()
+    );
+    let source = if record.reused_from_cache {
+        "from the cache"
+    } else if record.coalesced {
+        "joined a pull under way"
+    } else {
+        "pulled"
+    };
+    let method = record.link_method.map(|method| method.as_str()).unwrap_or("nothing to link");
+    println!("  {} {source}, {method}, {} files left out", HumanBytes(record.bytes_total), record.skipped.len());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -219,22 +201,38 @@ impl Bar {
     }
 }
 
-pub fn unmount(args: UnmountArgs) -> anyhow::Result<ExitCode> {
-    let volume = VolumeId::new(&args.volume)?;
-    let mount_id = MountId::new(&args.mount_id)?;
-    let engine = args.root.open()?;
-    let record = block_on(engine.unmount(&volume, &mount_id))??;
+pub fn unmount(args: VolumeArgs) -> anyhow::Result<ExitCode> {
+    let (volume, mount_id) = args.ids()?;
+    let record = block_on(async { args.root.backend().await?.unmount(&volume, &mount_id).await })??;
+    if args.json {
+        return print_json(&record);
+    }
     println!("{}/{}: released ({})", record.volume, record.mount_id, record.reference);
     Ok(ExitCode::SUCCESS)
 }
 
-/// Reads the records without the root lock: they are replaced atomically.
-pub fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
-    let layout = modelcache::store::Layout::new(&args.root);
-    let records = Volumes::new(layout.records(), layout.default_volumes()).list();
+pub fn status(args: VolumeArgs) -> anyhow::Result<ExitCode> {
+    let (volume, mount_id) = args.ids()?;
+    let record = block_on(async { args.root.backend().await?.status(&volume, &mount_id).await })??;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&records)?);
-        return Ok(ExitCode::SUCCESS);
+        return print_json(&record);
+    }
+    println!("{}", list_line(&record));
+    if let Some(error) = &record.error {
+        println!("  error ({}): {}", error.kind, error.message);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
+    let records = block_on(async {
+        match modelcache::api::client::Client::reach(&args.root.socket).await {
+            Some(client) => client.get::<Vec<VolumeRecord>>("/v1/volumes").await.map_err(anyhow::Error::from),
+            None => Ok(args.root.records()),
+        }
+    })??;
+    if args.json {
+        return print_json(&records);
     }
     println!("{:<28} {:<10} {:<9} {:<22} {:>10} {:<9} REFERENCE", "VOLUME", "MOUNT", "STATE", "DIGEST", "BYTES", "LINK");
     for record in &records {
@@ -258,11 +256,9 @@ fn list_line(record: &VolumeRecord) -> String {
 }
 
 pub fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
-    let engine = args.root.open()?;
-    let inspection = block_on(engine.inspect(&args.reference))??;
+    let inspection = block_on(async { args.root.backend().await?.inspect(&args.reference).await })??;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&inspection)?);
-        return Ok(ExitCode::SUCCESS);
+        return print_json(&inspection);
     }
     println!("{} -> {}", inspection.reference, inspection.digest);
     println!("{:<48} {:>10} {:<7} MEDIA TYPE", "PATH", "SIZE", "CACHED");
@@ -281,12 +277,32 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+pub fn prefetch(args: PrefetchArgs) -> anyhow::Result<ExitCode> {
+    let options = args.exclude.options();
+    let status = block_on(async { args.root.backend().await?.prefetch(&args.reference, options, args.pin).await })??;
+    if args.json {
+        return print_json(&status);
+    }
+    match status.state.as_str() {
+        "ready" => println!(
+            "{}: in the cache as {} ({}, {}){}",
+            status.reference,
+            status.key.unwrap_or_default(),
+            HumanBytes(status.bytes.unwrap_or(0)),
+            status.source.unwrap_or_default(),
+            if status.pinned { ", pinned" } else { "" }
+        ),
+        _ => println!("{}: still pulling", status.reference),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn push(args: PushArgs) -> anyhow::Result<ExitCode> {
     let reference = ModelRef::parse(&args.reference)?;
     let registry = Registry::new(args.registry.config())?;
-    let digest = runtime()?
-        .block_on(modelcache::pack::push_dir(&registry, &reference, &args.dir))
+    let digest = block_on(modelcache::pack::push_dir(&registry, &reference, &args.dir))?
         .with_context(|| format!("pushing {} as {}", args.dir.display(), reference))?;
     println!("{reference}@{digest}");
     Ok(ExitCode::SUCCESS)
 }
+

@@ -79,7 +79,7 @@ impl PluginError {
 
 /// Why one call of a plugin failed. Every cause is logged; the plugin's fail
 /// mode for the decision then decides what the failure means.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "cause", content = "detail", rename_all = "kebab-case")]
 pub enum FailureCause {
     /// The call ran past its deadline and was interrupted.
@@ -124,7 +124,7 @@ impl fmt::Display for FailureCause {
 }
 
 /// One failed call, as decisions report it.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, thiserror::Error)]
 #[error("{decision} plugin `{plugin}` failed ({cause})")]
 pub struct PluginFailure {
     pub plugin: String,
@@ -137,5 +137,9 @@ mod millis {
 
     pub fn serialize<S: serde::Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_u64(duration.as_millis() as u64)
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        <u64 as serde::Deserialize>::deserialize(deserializer).map(Duration::from_millis)
     }
 }

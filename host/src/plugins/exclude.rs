@@ -131,7 +131,7 @@ impl Plugin {
     fn exclude_wit(&self, request: &mut wit::Request, paths: &KnownNames) -> Result<Vec<Skip>, FailureCause> {
         let indices = self.exports.exclude.as_ref().ok_or_else(|| not_served(self, Decision::Exclude))?;
         request.settings.clone_from(&self.config.settings_json);
-        let answer = self.call(|store, instance| indices.load(&mut *store, instance)?.call_decide(&mut *store, request))?;
+        let answer = self.call("exclude", |store, instance| indices.load(&mut *store, instance)?.call_decide(&mut *store, request))?;
         let skips = answer.map_err(FailureCause::PluginError)?;
         if let Some(unknown) = skips.iter().find(|skip| !paths.contains(&skip.path)) {
             return Err(FailureCause::InvalidOutput(format!("skips `{}`, which is not a file of the model", unknown.path)));

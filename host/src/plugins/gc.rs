@@ -104,7 +104,7 @@ impl Plugin {
     fn gc_wit(&self, request: &mut wit::Request, keys: &KnownNames) -> Result<Vec<String>, FailureCause> {
         let indices = self.exports.gc.as_ref().ok_or_else(|| not_served(self, Decision::Gc))?;
         request.settings.clone_from(&self.config.settings_json);
-        let answer = self.call(|store, instance| indices.load(&mut *store, instance)?.call_decide(&mut *store, request))?;
+        let answer = self.call("gc", |store, instance| indices.load(&mut *store, instance)?.call_decide(&mut *store, request))?;
         let evict = answer.map_err(FailureCause::PluginError)?;
         if let Some(unknown) = evict.iter().find(|key| !keys.contains(key)) {
             return Err(FailureCause::InvalidOutput(format!("evicts `{unknown}`, which is not a candidate")));

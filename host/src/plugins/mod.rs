@@ -186,7 +186,7 @@ impl Plugin {
     }
 
     fn validate_settings(&self) -> Result<(), PluginError> {
-        let answer = self.call(|store, instance| {
+        let answer = self.call("validate-settings", |store, instance| {
             let guest = self.exports.settings.load(&mut *store, instance)?;
             guest.call_validate_settings(&mut *store, &self.config.settings_json)
         });
@@ -236,11 +236,22 @@ impl Plugin {
         self.config.fail_modes.get(decision)
     }
 
+    /// One call, counted and timed under `label` (the decision, or
+    /// `validate-settings`).
     fn call<R>(
         &self,
+        label: &'static str,
         body: impl FnOnce(&mut wasmtime::Store<CallState>, &wasmtime::component::Instance) -> wasmtime::Result<R>,
     ) -> Result<R, FailureCause> {
-        self.runtime.call(&self.name, self.config.limits, &self.pre, body)
+        let started = Instant::now();
+        let outcome = self.runtime.call(&self.name, self.config.limits, &self.pre, body);
+        let metrics = crate::metrics::metrics();
+        metrics.plugin_calls.inc([&self.name, label]);
+        metrics.plugin_seconds.observe([&self.name, label], started.elapsed());
+        if let Err(cause) = &outcome {
+            metrics.plugin_failures.inc([&self.name, label, cause.label()]);
+        }
+        outcome
     }
 
     fn failure(&self, decision: Decision, cause: FailureCause) -> PluginFailure {
@@ -327,7 +338,7 @@ impl KnownNames {
 }
 
 /// How one plugin of a directory stands.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct PluginStatus {
     pub name: String,

@@ -1,0 +1,149 @@
+//! A client for the daemon's API, used by the CLI and the CSI shim.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::net::UnixStream;
+
+use super::{ApiError, ErrorBody, Health};
+
+/// What can go wrong reaching the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach modelcache at {}", socket.display())]
+    Connect {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("modelcache answered {status}: {error}")]
+    Api { status: StatusCode, error: ApiError },
+    #[error("talking to modelcache: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// The error's kind as the daemon reported it; unreachable is `unavailable`.
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        match self {
+            ClientError::Api { error, .. } => error.kind,
+            ClientError::Connect { .. } => crate::error::ErrorKind::Unavailable,
+            ClientError::Protocol(_) => crate::error::ErrorKind::Internal,
+        }
+    }
+}
+
+/// A client of the API on one socket. Each request uses its own connection.
+#[derive(Clone, Debug)]
+pub struct Client {
+    socket: PathBuf,
+}
+
+/// An answer: the status (200, or 202 while a pull goes on) and the body.
+#[derive(Debug)]
+pub struct Answer<T> {
+    pub status: StatusCode,
+    pub body: T,
+}
+
+impl Client {
+    pub fn new(socket: impl Into<PathBuf>) -> Client {
+        Client { socket: socket.into() }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// A client if a daemon answers on `socket`, else `None`.
+    pub async fn reach(socket: &Path) -> Option<Client> {
+        if !socket.exists() {
+            return None;
+        }
+        let client = Client::new(socket);
+        client.get::<Health>("/v1/health").await.ok().map(|_| client)
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        Ok(self.send::<(), T>(Method::GET, path, None).await?.body)
+    }
+
+    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<Answer<T>, ClientError> {
+        self.send(Method::POST, path, Some(body)).await
+    }
+
+    pub async fn put<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<Answer<T>, ClientError> {
+        self.send(Method::PUT, path, Some(body)).await
+    }
+
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        Ok(self.send::<(), T>(Method::DELETE, path, None).await?.body)
+    }
+
+    /// One request and its JSON answer.
+    ///
+    /// # Errors
+    /// The daemon is unreachable, answered with an error, or answered
+    /// something that is not the expected JSON.
+    pub async fn send<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<Answer<T>, ClientError> {
+        let stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| ClientError::Connect { socket: self.socket.clone(), source })?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|error| ClientError::Protocol(error.to_string()))?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let payload = match body {
+            Some(body) => Bytes::from(serde_json::to_vec(body).map_err(|error| ClientError::Protocol(error.to_string()))?),
+            None => Bytes::new(),
+        };
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "modelcache")
+            .header("content-type", "application/json")
+            .body(Full::new(payload))
+            .map_err(|error| ClientError::Protocol(error.to_string()))?;
+        let response = sender.send_request(request).await.map_err(|error| ClientError::Protocol(error.to_string()))?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|error| ClientError::Protocol(error.to_string()))?
+            .to_bytes();
+        if !status.is_success() {
+            let error = serde_json::from_slice::<ErrorBody>(&bytes).map(|body| body.error).unwrap_or_else(|_| ApiError {
+                kind: crate::error::ErrorKind::Internal,
+                message: String::from_utf8_lossy(&bytes).into_owned(),
+            });
+            return Err(ClientError::Api { status, error });
+        }
+        let body = serde_json::from_slice(&bytes)
+            .map_err(|error| ClientError::Protocol(format!("unexpected answer to {path}: {error}")))?;
+        Ok(Answer { status, body })
+    }
+}
+
+/// Percent-encodes a query value.
+pub fn encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|byte| match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (byte as char).to_string(),
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}

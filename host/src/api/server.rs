@@ -1,0 +1,361 @@
+//! The API's handlers, served by axum on unix sockets.
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use http::StatusCode;
+use serde::Deserialize;
+use tokio::net::UnixListener;
+
+use super::{
+    ApiError, ErrorBody, GcBody, Health, InspectBody, MountBody, PinBody, PrefetchBody, PrefetchStatus, VolumeSocket,
+    VolumeSocketBody, status_of,
+};
+use crate::engine::{Engine, EngineError, MountRequest};
+use crate::error::ErrorKind;
+use crate::gc::Trigger;
+use crate::plugins::exclude::ExcludeOptions;
+use crate::volumes::{MountId, VolumeId, VolumeState};
+
+/// What a socket may touch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Everything: the main socket.
+    Admin,
+    /// One volume's mounts, and health: a socket handed into a pod.
+    Volume(VolumeId),
+}
+
+/// The longest a request may ask to wait.
+const MAX_WAIT: Duration = Duration::from_secs(3600);
+
+#[derive(Clone)]
+struct AppState {
+    engine: Arc<Engine>,
+    scope: Scope,
+    sockets: Arc<VolumeSockets>,
+    started: Instant,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (status_of(self.kind), Json(ErrorBody { error: self })).into_response()
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(error: EngineError) -> ApiError {
+        ApiError { kind: error.kind(), message: crate::plugins::error_chain(&error) }
+    }
+}
+
+impl From<crate::volumes::VolumeError> for ApiError {
+    fn from(error: crate::volumes::VolumeError) -> ApiError {
+        ApiError { kind: error.kind(), message: error.to_string() }
+    }
+}
+
+fn denied(what: &str) -> ApiError {
+    ApiError { kind: ErrorKind::PermissionDenied, message: format!("this socket is bound to one volume and may not {what}") }
+}
+
+impl AppState {
+    fn admin(&self, what: &str) -> Result<(), ApiError> {
+        match &self.scope {
+            Scope::Admin => Ok(()),
+            Scope::Volume(_) => Err(denied(what)),
+        }
+    }
+
+    fn volume(&self, volume: &str) -> Result<VolumeId, ApiError> {
+        let volume = VolumeId::new(volume)?;
+        match &self.scope {
+            Scope::Volume(bound) if *bound != volume => Err(denied(&format!("touch volume {volume}"))),
+            _ => Ok(volume),
+        }
+    }
+}
+
+fn wait_for(seconds: f64) -> Duration {
+    if seconds.is_finite() && seconds > 0.0 { Duration::from_secs_f64(seconds).min(MAX_WAIT) } else { Duration::ZERO }
+}
+
+/// Sockets bound to single volumes, made on request.
+#[derive(Default)]
+pub struct VolumeSockets {
+    dir: PathBuf,
+    served: Mutex<HashMap<VolumeId, (PathBuf, tokio::task::AbortHandle)>>,
+}
+
+impl VolumeSockets {
+    pub fn new(dir: PathBuf) -> VolumeSockets {
+        VolumeSockets { dir, served: Mutex::new(HashMap::new()) }
+    }
+
+    fn served(&self) -> std::sync::MutexGuard<'_, HashMap<VolumeId, (PathBuf, tokio::task::AbortHandle)>> {
+        self.served.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Closes every volume socket and removes its file.
+    pub fn close_all(&self) {
+        for (_, (path, task)) in self.served().drain() {
+            task.abort();
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// The router for one socket.
+fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/volumes", get(list_volumes))
+        .route("/v1/volumes/{volume}/{mount_id}", get(volume_status).put(mount).delete(release))
+        .route("/v1/prefetch", post(prefetch))
+        .route("/v1/inspect", post(inspect))
+        .route("/v1/gc", post(collect))
+        .route("/v1/du", get(disk_usage))
+        .route("/v1/pins", get(list_pins).post(pin).delete(unpin))
+        .route("/v1/plugins", get(plugins))
+        .route("/v1/plugins/reload", post(reload_plugins))
+        .route("/v1/volume-sockets", post(open_volume_socket))
+        .route("/v1/volume-sockets/{volume}", delete(close_volume_socket))
+        .with_state(state)
+}
+
+/// Binds a unix socket at `path` with `mode`, replacing a stale socket file.
+///
+/// # Errors
+/// When the socket cannot be bound (another daemon serves it, or the
+/// directory is not writable).
+pub fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("{} is served by another process", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(listener)
+}
+
+/// Serves the main (admin) API on `listener` until `shutdown` resolves.
+///
+/// # Errors
+/// When serving fails.
+pub async fn serve(
+    listener: UnixListener,
+    engine: Arc<Engine>,
+    sockets: Arc<VolumeSockets>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let state = AppState { engine, scope: Scope::Admin, sockets, started: Instant::now() };
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+}
+
+async fn health(State(state): State<AppState>) -> Json<Health> {
+    let set = state.engine.plugins().current();
+    Json(Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        pid: std::process::id(),
+        active_mounts: state.engine.active_mounts(),
+        plugins_loaded: set.plugins().len(),
+        plugins_refused: set.statuses().iter().filter(|status| !status.loaded).count(),
+        uptime_seconds: state.started.elapsed().as_secs(),
+    })
+}
+
+async fn list_volumes(State(state): State<AppState>) -> Response {
+    let mut records = state.engine.list();
+    if let Scope::Volume(bound) = &state.scope {
+        records.retain(|record| record.volume == *bound);
+    }
+    Json(records).into_response()
+}
+
+async fn volume_status(
+    State(state): State<AppState>,
+    UrlPath((volume, mount_id)): UrlPath<(String, String)>,
+) -> Result<Response, ApiError> {
+    let volume = state.volume(&volume)?;
+    let record = state.engine.status(&volume, &MountId::new(&mount_id)?)?;
+    Ok(Json(record).into_response())
+}
+
+async fn mount(
+    State(state): State<AppState>,
+    UrlPath((volume, mount_id)): UrlPath<(String, String)>,
+    Json(body): Json<MountBody>,
+) -> Result<Response, ApiError> {
+    let volume = state.volume(&volume)?;
+    let mount_id = MountId::new(&mount_id)?;
+    let request = MountRequest {
+        volume: volume.clone(),
+        mount_id: mount_id.clone(),
+        reference: body.reference,
+        options: ExcludeOptions { exclude_weights: body.exclude_weights, patterns: body.patterns },
+    };
+    let mut handle = state.engine.start_mount(request)?;
+    match tokio::time::timeout(wait_for(body.wait_seconds), handle.wait()).await {
+        Ok(outcome) => Ok(Json(outcome?).into_response()),
+        Err(_) => {
+            // Still pulling: the mount goes on; ask again, or poll the status.
+            let record = state.engine.status(&volume, &mount_id)?;
+            let status = if record.state == VolumeState::Pulling { StatusCode::ACCEPTED } else { StatusCode::OK };
+            Ok((status, Json(record)).into_response())
+        }
+    }
+}
+
+async fn release(
+    State(state): State<AppState>,
+    UrlPath((volume, mount_id)): UrlPath<(String, String)>,
+) -> Result<Response, ApiError> {
+    let volume = state.volume(&volume)?;
+    let record = state.engine.unmount(&volume, &MountId::new(&mount_id)?).await?;
+    Ok(Json(record).into_response())
+}
+
+async fn prefetch(State(state): State<AppState>, Json(body): Json<PrefetchBody>) -> Result<Response, ApiError> {
+    state.admin("prefetch")?;
+    let engine = state.engine.clone();
+    let (reference, pin) = (body.reference.clone(), body.pin);
+    let options = ExcludeOptions { exclude_weights: body.exclude_weights, patterns: body.patterns };
+    // The pull belongs to no caller: it goes on if this request stops waiting.
+    let task = tokio::spawn(async move { engine.prefetch(&reference, &options, pin).await });
+    let pulling = || PrefetchStatus {
+        state: "pulling".into(),
+        reference: body.reference.clone(),
+        key: None,
+        bytes: None,
+        source: None,
+        pinned: body.pin,
+    };
+    match tokio::time::timeout(wait_for(body.wait_seconds), task).await {
+        Ok(Ok(Ok(done))) => Ok(Json(PrefetchStatus {
+            state: "ready".into(),
+            reference: body.reference.clone(),
+            key: Some(done.key.to_string()),
+            bytes: Some(done.bytes),
+            source: serde_json::to_value(done.source).ok().and_then(|value| value.as_str().map(str::to_owned)),
+            pinned: done.pinned,
+        })
+        .into_response()),
+        Ok(Ok(Err(error))) => Err(error.into()),
+        Ok(Err(join)) => Err(ApiError { kind: ErrorKind::Internal, message: format!("the prefetch task failed: {join}") }),
+        Err(_) => Ok((StatusCode::ACCEPTED, Json(pulling())).into_response()),
+    }
+}
+
+async fn inspect(State(state): State<AppState>, Json(body): Json<InspectBody>) -> Result<Response, ApiError> {
+    state.admin("inspect models")?;
+    Ok(Json(state.engine.inspect(&body.reference).await?).into_response())
+}
+
+async fn collect(State(state): State<AppState>, Json(body): Json<GcBody>) -> Result<Response, ApiError> {
+    state.admin("collect garbage")?;
+    Ok(Json(state.engine.gc(body.dry_run, Trigger::OnDemand).await?).into_response())
+}
+
+async fn disk_usage(State(state): State<AppState>) -> Result<Response, ApiError> {
+    state.admin("read disk usage")?;
+    let engine = state.engine.clone();
+    let report = tokio::task::spawn_blocking(move || engine.du())
+        .await
+        .map_err(|join| ApiError { kind: ErrorKind::Internal, message: join.to_string() })??;
+    Ok(Json(report).into_response())
+}
+
+async fn list_pins(State(state): State<AppState>) -> Result<Response, ApiError> {
+    state.admin("read pins")?;
+    Ok(Json(state.engine.pins()).into_response())
+}
+
+async fn pin(State(state): State<AppState>, Json(body): Json<PinBody>) -> Result<Response, ApiError> {
+    state.admin("pin")?;
+    Ok(Json(state.engine.pin(&body.target).await?).into_response())
+}
+
+#[derive(Deserialize)]
+struct TargetQuery {
+    target: String,
+}
+
+async fn unpin(State(state): State<AppState>, Query(query): Query<TargetQuery>) -> Result<Response, ApiError> {
+    state.admin("unpin")?;
+    let removed = state.engine.unpin(&query.target).await?;
+    Ok(Json(serde_json::json!({ "target": query.target, "removed": removed })).into_response())
+}
+
+async fn plugins(State(state): State<AppState>) -> Result<Response, ApiError> {
+    state.admin("read plugins")?;
+    Ok(Json(state.engine.plugins().current().statuses().to_vec()).into_response())
+}
+
+async fn reload_plugins(State(state): State<AppState>) -> Result<Response, ApiError> {
+    state.admin("reload plugins")?;
+    let engine = state.engine.clone();
+    let set = tokio::task::spawn_blocking(move || engine.plugins().reload())
+        .await
+        .map_err(|join| ApiError { kind: ErrorKind::Internal, message: join.to_string() })?;
+    Ok(Json(set.statuses().to_vec()).into_response())
+}
+
+async fn open_volume_socket(
+    State(state): State<AppState>,
+    Json(body): Json<VolumeSocketBody>,
+) -> Result<Response, ApiError> {
+    state.admin("make volume sockets")?;
+    let volume = VolumeId::new(&body.volume)?;
+    let sockets = state.sockets.clone();
+    if let Some((path, _)) = sockets.served().get(&volume) {
+        return Ok(Json(VolumeSocket { volume: volume.to_string(), path: path.clone() }).into_response());
+    }
+    let path = sockets.dir.join(format!("{volume}.sock"));
+    // A pod's user is unknown: whoever can reach the file (it is mounted into
+    // one pod) may use it, and it can only ever touch this volume.
+    let listener = bind(&path, 0o666).map_err(|error| ApiError {
+        kind: ErrorKind::Internal,
+        message: format!("cannot bind {}: {error}", path.display()),
+    })?;
+    let scoped = AppState { scope: Scope::Volume(volume.clone()), ..state.clone() };
+    let task = tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, router(scoped)).await {
+            tracing::error!("volume socket stopped: {error}");
+        }
+    });
+    sockets.served().insert(volume.clone(), (path.clone(), task.abort_handle()));
+    tracing::info!(volume = %volume, path = %path.display(), "volume socket open");
+    Ok(Json(VolumeSocket { volume: volume.to_string(), path }).into_response())
+}
+
+async fn close_volume_socket(
+    State(state): State<AppState>,
+    UrlPath(volume): UrlPath<String>,
+) -> Result<Response, ApiError> {
+    state.admin("close volume sockets")?;
+    let volume = VolumeId::new(&volume)?;
+    match state.sockets.served().remove(&volume) {
+        Some((path, task)) => {
+            task.abort();
+            let _ = std::fs::remove_file(&path);
+            Ok(Json(VolumeSocket { volume: volume.to_string(), path }).into_response())
+        }
+        None => Err(ApiError { kind: ErrorKind::NotFound, message: format!("no socket is bound to volume {volume}") }),
+    }
+}

@@ -1,0 +1,225 @@
+//! Where a command runs: through the daemon when one answers on the socket,
+//! else on the root directly (taking its lock).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use modelcache::api::client::{Client, encode};
+use modelcache::api::{GcBody, InspectBody, MountBody, PinBody, PrefetchBody, PrefetchStatus};
+use modelcache::engine::{Engine, EngineConfig, Inspection, MountRequest};
+use modelcache::gc::{DuReport, GcReport, Pin, Trigger};
+use modelcache::plugins::PluginStatus;
+use modelcache::plugins::exclude::ExcludeOptions;
+use modelcache::registry::RegistryConfig;
+use modelcache::volumes::{MountId, VolumeId, VolumeRecord, VolumeState, Volumes};
+
+/// Where the engine works; shared by the commands that reach it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RootArgs {
+    /// The daemon's API socket; used when a daemon answers there.
+    #[arg(long, env = "MODELCACHE_SOCKET", default_value = modelcache::daemon::config::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// The cache's root directory (without a daemon).
+    #[arg(long, env = "MODELCACHE_ROOT", default_value = modelcache::daemon::config::DEFAULT_ROOT)]
+    pub root: PathBuf,
+    /// The policy plugin directory (without a daemon).
+    #[arg(long = "plugins", env = "MODELCACHE_PLUGINS")]
+    pub plugin_dir: Option<PathBuf>,
+    /// Where volume trees go (without a daemon; default ROOT/volumes).
+    #[arg(long, env = "MODELCACHE_VOLUMES")]
+    pub volumes_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+/// How to reach registries.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RegistryArgs {
+    /// A registry (host[:port]) to reach over plain HTTP; repeatable.
+    #[arg(long = "insecure-registry", env = "MODELCACHE_INSECURE_REGISTRIES", value_delimiter = ',')]
+    pub insecure: Vec<String>,
+    /// The directory holding a docker config.json (default $DOCKER_CONFIG, then ~/.docker).
+    #[arg(long, env = "DOCKER_CONFIG")]
+    pub docker_config: Option<PathBuf>,
+}
+
+impl RegistryArgs {
+    pub fn config(&self) -> RegistryConfig {
+        RegistryConfig { insecure: self.insecure.clone(), docker_config: self.docker_config.clone(), ..RegistryConfig::default() }
+    }
+}
+
+/// The engine in this process, or the daemon's.
+pub enum Backend {
+    Local(Arc<Engine>),
+    Daemon(Client),
+}
+
+impl RootArgs {
+    /// The daemon if one answers on the socket, else the engine on the root.
+    pub async fn backend(&self) -> anyhow::Result<Backend> {
+        if let Some(client) = Client::reach(&self.socket).await {
+            tracing::debug!(socket = %self.socket.display(), "using the daemon");
+            return Ok(Backend::Daemon(client));
+        }
+        Ok(Backend::Local(self.open()?))
+    }
+
+    /// The engine on the root, in this process.
+    pub fn open(&self) -> anyhow::Result<Arc<Engine>> {
+        let mut config = EngineConfig::new(&self.root);
+        config.plugin_dir.clone_from(&self.plugin_dir);
+        config.volumes_dir.clone_from(&self.volumes_dir);
+        config.registry = self.registry.config();
+        Engine::open(config).with_context(|| format!("opening the cache at {}", self.root.display()))
+    }
+
+    /// The records, read directly: they are replaced atomically, so no lock is needed.
+    pub fn records(&self) -> Vec<VolumeRecord> {
+        let layout = modelcache::store::Layout::new(&self.root);
+        Volumes::new(layout.records(), layout.default_volumes()).list()
+    }
+}
+
+fn volume_path(volume: &VolumeId, mount_id: &MountId) -> String {
+    format!("/v1/volumes/{volume}/{mount_id}")
+}
+
+impl Backend {
+    /// Mounts and waits, reporting `(done, total)` while it pulls.
+    pub async fn mount(&self, request: MountRequest, mut progress: impl FnMut(u64, u64)) -> anyhow::Result<VolumeRecord> {
+        let record = match self {
+            Backend::Local(engine) => {
+                let mut handle = engine.start_mount(request.clone())?;
+                loop {
+                    tokio::select! {
+                        record = handle.wait() => break record?,
+                        () = tokio::time::sleep(Duration::from_millis(100)) => {
+                            if let Some((done, total)) = engine.progress(&request.volume, &request.mount_id) {
+                                progress(done, total);
+                            }
+                        }
+                    }
+                }
+            }
+            Backend::Daemon(client) => {
+                let path = volume_path(&request.volume, &request.mount_id);
+                let body = MountBody {
+                    reference: request.reference.clone(),
+                    exclude_weights: request.options.exclude_weights,
+                    patterns: request.options.patterns.clone(),
+                    wait_seconds: 0.0,
+                };
+                let mut record: VolumeRecord = client.put(&path, &body).await?.body;
+                while record.state == VolumeState::Pulling {
+                    progress(record.bytes_done, record.bytes_total);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    record = client.get(&path).await?;
+                }
+                if let (VolumeState::Failed, Some(error)) = (record.state, &record.error) {
+                    anyhow::bail!("{} ({})", error.message, error.kind);
+                }
+                record
+            }
+        };
+        Ok(record)
+    }
+
+    pub async fn unmount(&self, volume: &VolumeId, mount_id: &MountId) -> anyhow::Result<VolumeRecord> {
+        Ok(match self {
+            Backend::Local(engine) => engine.unmount(volume, mount_id).await?,
+            Backend::Daemon(client) => client.delete(&volume_path(volume, mount_id)).await?,
+        })
+    }
+
+    pub async fn status(&self, volume: &VolumeId, mount_id: &MountId) -> anyhow::Result<VolumeRecord> {
+        Ok(match self {
+            Backend::Local(engine) => engine.status(volume, mount_id)?,
+            Backend::Daemon(client) => client.get(&volume_path(volume, mount_id)).await?,
+        })
+    }
+
+    pub async fn inspect(&self, reference: &str) -> anyhow::Result<Inspection> {
+        Ok(match self {
+            Backend::Local(engine) => engine.inspect(reference).await?,
+            Backend::Daemon(client) => client.post("/v1/inspect", &InspectBody { reference: reference.into() }).await?.body,
+        })
+    }
+
+    pub async fn prefetch(&self, reference: &str, options: ExcludeOptions, pin: bool) -> anyhow::Result<PrefetchStatus> {
+        Ok(match self {
+            Backend::Local(engine) => {
+                let done = engine.prefetch(reference, &options, pin).await?;
+                PrefetchStatus {
+                    state: "ready".into(),
+                    reference: reference.into(),
+                    key: Some(done.key.to_string()),
+                    bytes: Some(done.bytes),
+                    source: serde_json::to_value(done.source)?.as_str().map(str::to_owned),
+                    pinned: done.pinned,
+                }
+            }
+            Backend::Daemon(client) => {
+                let body = PrefetchBody {
+                    reference: reference.into(),
+                    exclude_weights: options.exclude_weights,
+                    patterns: options.patterns,
+                    pin,
+                    wait_seconds: 3600.0,
+                };
+                client.post("/v1/prefetch", &body).await?.body
+            }
+        })
+    }
+
+    pub async fn gc(&self, dry_run: bool) -> anyhow::Result<GcReport> {
+        Ok(match self {
+            Backend::Local(engine) => engine.gc(dry_run, Trigger::OnDemand).await?,
+            Backend::Daemon(client) => client.post("/v1/gc", &GcBody { dry_run }).await?.body,
+        })
+    }
+
+    pub async fn du(&self) -> anyhow::Result<DuReport> {
+        Ok(match self {
+            Backend::Local(engine) => engine.du()?,
+            Backend::Daemon(client) => client.get("/v1/du").await?,
+        })
+    }
+
+    pub async fn pin(&self, target: &str) -> anyhow::Result<Pin> {
+        Ok(match self {
+            Backend::Local(engine) => engine.pin(target).await?,
+            Backend::Daemon(client) => client.post("/v1/pins", &PinBody { target: target.into() }).await?.body,
+        })
+    }
+
+    pub async fn unpin(&self, target: &str) -> anyhow::Result<bool> {
+        Ok(match self {
+            Backend::Local(engine) => engine.unpin(target).await?,
+            Backend::Daemon(client) => {
+                let answer: serde_json::Value = client.delete(&format!("/v1/pins?target={}", encode(target))).await?;
+                answer["removed"].as_bool().unwrap_or(false)
+            }
+        })
+    }
+
+    pub async fn pins(&self) -> anyhow::Result<Vec<Pin>> {
+        Ok(match self {
+            Backend::Local(engine) => engine.pins(),
+            Backend::Daemon(client) => client.get("/v1/pins").await?,
+        })
+    }
+
+    pub async fn plugins(&self, reload: bool) -> anyhow::Result<Vec<PluginStatus>> {
+        Ok(match self {
+            Backend::Local(engine) => {
+                let set = if reload { engine.plugins().reload() } else { engine.plugins().current() };
+                set.statuses().to_vec()
+            }
+            Backend::Daemon(client) if reload => client.post("/v1/plugins/reload", &()).await?.body,
+            Backend::Daemon(client) => client.get("/v1/plugins").await?,
+        })
+    }
+}

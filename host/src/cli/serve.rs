@@ -1,0 +1,47 @@
+//! `modelcache serve --config FILE`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use modelcache::daemon::{self, ServeConfig};
+
+use super::LogFormat;
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// The daemon's configuration (TOML; see docs/modelcache.toml). Without
+    /// one, every key takes its default.
+    #[arg(long, env = "MODELCACHE_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+pub fn run(args: ServeArgs, log_format: Option<LogFormat>) -> anyhow::Result<ExitCode> {
+    let config = match &args.config {
+        Some(path) => ServeConfig::load(path)?,
+        None => ServeConfig::parse("").map_err(|(key, reason)| anyhow::anyhow!("{key}: {reason}"))?,
+    };
+    let format = log_format.unwrap_or(match config.log_format {
+        daemon::LogFormat::Text => LogFormat::Text,
+        daemon::LogFormat::Json => LogFormat::Json,
+    });
+    super::init_logging(format, &config.log_level);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    let stopped = runtime.block_on(async {
+        let stop = async {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut terminate), Ok(mut interrupt)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+                return std::future::pending().await;
+            };
+            tokio::select! {
+                _ = terminate.recv() => tracing::info!("SIGTERM"),
+                _ = interrupt.recv() => tracing::info!("SIGINT"),
+            }
+        };
+        daemon::run(config, stop).await
+    })?;
+    // Blocking steps of cancelled pulls finish before the runtime goes.
+    drop(runtime);
+    tracing::debug!(cancelled = stopped.cancelled, "daemon exited");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,370 @@
+//! The daemon end to end: the real `modelcache serve` process, its API on a
+//! unix socket, the real loopback registry (and a mirror), metrics, hot
+//! reload, volume-bound sockets, SIGTERM mid-pull, and the CLI through it.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use modelcache::api::client::{Client, ClientError};
+use modelcache::api::{MountBody, VolumeSocket, VolumeSocketBody};
+use modelcache::error::ErrorKind;
+use modelcache::plugins::PluginStatus;
+use modelcache::volumes::{VolumeRecord, VolumeState};
+use support::{Daemon, PluginDir, Registry, bytes, digest_of, push, read_tree, write_tree};
+
+const MIB: usize = 1 << 20;
+
+fn start_registry() -> Option<Registry> {
+    let registry = Registry::start();
+    if registry.is_none() {
+        if std::env::var_os("MODELCACHE_TEST_STRICT").is_some_and(|value| value == "1") {
+            panic!("cannot skip under MODELCACHE_TEST_STRICT=1: docker-registry is not installed");
+        }
+        eprintln!("SKIPPED: docker-registry is not installed (apt-get install docker-registry)");
+    }
+    registry
+}
+
+fn publish(registry: &Registry, name: &str, files: &[(&str, Vec<u8>)]) -> (String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    write_tree(dir.path(), files);
+    let reference = registry.reference(name);
+    push(registry, dir.path(), &reference);
+    (reference, dir)
+}
+
+fn mount_body(reference: &str, wait_seconds: f64) -> MountBody {
+    MountBody { reference: reference.into(), wait_seconds, ..MountBody::default() }
+}
+
+async fn mount(client: &Client, volume: &str, reference: &str) -> Result<VolumeRecord, ClientError> {
+    Ok(client.put::<_, VolumeRecord>(&format!("/v1/volumes/{volume}/default"), &mount_body(reference, 120.0)).await?.body)
+}
+
+fn model(seed: u64) -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("model.safetensors", bytes(seed, 4 * MIB)),
+        ("config.json", format!("{{\"seed\": {seed}}}").into_bytes()),
+        ("tokenizer/vocab.txt", bytes(seed + 1, 8192)),
+        ("README.md", b"# model\n".to_vec()),
+    ]
+}
+
+/// 32 concurrent mount requests for one model through the API download each
+/// blob once; the metrics say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_mounts_through_the_api() {
+    let Some(registry) = start_registry() else { return };
+    let files = model(1);
+    let (reference, source) = publish(&registry, "models/api:v1", &files);
+    let plugins = PluginDir::reference();
+    let daemon = Daemon::start(&format!(
+        "plugin-dir = {:?}\n[registries]\ninsecure = [\"{}\"]\n",
+        plugins.path(),
+        registry.host()
+    ));
+    let client = daemon.client();
+
+    let tasks: Vec<_> = (0..32)
+        .map(|index| {
+            let (client, reference) = (client.clone(), reference.clone());
+            tokio::spawn(async move { mount(&client, &format!("pod-{index}"), &reference).await })
+        })
+        .collect();
+    let expected = read_tree(source.path());
+    for task in tasks {
+        let record = task.await.unwrap().expect("every mount succeeds");
+        assert_eq!(record.state, VolumeState::Ready);
+        assert_eq!(read_tree(&record.path), expected);
+    }
+    let gets = registry.blob_gets();
+    for (_, content) in &files {
+        assert_eq!(gets.get(&digest_of(content)), Some(&1));
+    }
+    let records: Vec<VolumeRecord> = client.get("/v1/volumes").await.unwrap();
+    assert_eq!(records.len(), 32);
+
+    let metrics = daemon.metrics();
+    let value = |name: &str| metrics.get(name).copied().unwrap_or_else(|| panic!("no {name} in {metrics:?}"));
+    assert_eq!(value("modelcache_pulls_started_total"), 1.0);
+    assert_eq!(value("modelcache_pulls_succeeded_total"), 1.0);
+    assert_eq!(
+        value("modelcache_cache_misses_total") + value("modelcache_coalesced_waiters_total") + value("modelcache_cache_hits_total"),
+        32.0
+    );
+    assert_eq!(value("modelcache_cache_misses_total"), 1.0);
+    let model_bytes: usize = files.iter().map(|(_, content)| content.len()).sum();
+    assert_eq!(value("modelcache_downloaded_bytes_total"), model_bytes as f64);
+    assert_eq!(value("modelcache_linked_files_total{method=\"hardlink\"}"), (32 * files.len()) as f64);
+    assert_eq!(value("modelcache_plugin_calls_total{plugin=\"exclude-patterns\",decision=\"exclude\"}"), 32.0);
+    assert_eq!(value("modelcache_plugin_call_seconds_count{plugin=\"exclude-patterns\",decision=\"exclude\"}"), 32.0);
+    assert!(value("modelcache_store_bytes") >= model_bytes as f64);
+    assert_eq!(value("modelcache_reserved_bytes"), 0.0);
+
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&daemon.socket).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "the main socket is private by default");
+}
+
+/// A socket bound to one volume refuses anything about another volume and
+/// anything about the cache as a whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_sockets_are_bound_to_their_volume() {
+    let Some(registry) = start_registry() else { return };
+    let (reference, _source) = publish(&registry, "models/bound:v1", &model(2));
+    let daemon = Daemon::start(&format!("[registries]\ninsecure = [\"{}\"]\n", registry.host()));
+    let admin = daemon.client();
+    mount(&admin, "pod-b", &reference).await.unwrap();
+    let socket: VolumeSocket =
+        admin.post("/v1/volume-sockets", &VolumeSocketBody { volume: "pod-a".into() }).await.unwrap().body;
+    let bound = Client::new(&socket.path);
+
+    assert_eq!(mount(&bound, "pod-a", &reference).await.unwrap().state, VolumeState::Ready);
+    let _: VolumeRecord = bound.get("/v1/volumes/pod-a/default").await.unwrap();
+    let listed: Vec<VolumeRecord> = bound.get("/v1/volumes").await.unwrap();
+    assert_eq!(listed.iter().map(|record| record.volume.as_str()).collect::<Vec<_>>(), ["pod-a"]);
+
+    let refused = |result: Result<(), ClientError>| match result {
+        Err(ClientError::Api { status, error }) => {
+            assert_eq!(status.as_u16(), 403);
+            assert_eq!(error.kind, ErrorKind::PermissionDenied);
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    refused(bound.get::<VolumeRecord>("/v1/volumes/pod-b/default").await.map(drop));
+    refused(mount(&bound, "pod-b", &reference).await.map(drop));
+    refused(bound.delete::<VolumeRecord>("/v1/volumes/pod-b/default").await.map(drop));
+    refused(bound.post::<_, serde_json::Value>("/v1/gc", &serde_json::json!({})).await.map(drop));
+    refused(bound.get::<serde_json::Value>("/v1/plugins").await.map(drop));
+    refused(bound.post::<_, serde_json::Value>("/v1/volume-sockets", &VolumeSocketBody { volume: "pod-b".into() }).await.map(drop));
+    refused(bound.get::<serde_json::Value>("/v1/du").await.map(drop));
+    let _: serde_json::Value = bound.get("/v1/health").await.unwrap();
+
+    // pod-b is untouched; pod-a can be released through its own socket.
+    let b: VolumeRecord = admin.get("/v1/volumes/pod-b/default").await.unwrap();
+    assert_eq!(b.state, VolumeState::Ready);
+    let released: VolumeRecord = bound.delete("/v1/volumes/pod-a/default").await.unwrap();
+    assert_eq!(released.state, VolumeState::Released);
+}
+
+async fn plugin_status(client: &Client, name: &str) -> PluginStatus {
+    let statuses: Vec<PluginStatus> = client.get("/v1/plugins").await.unwrap();
+    statuses.into_iter().find(|status| status.name == name).expect("the plugin is listed")
+}
+
+async fn wait_until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < Duration::from_secs(60), "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The plugin directory is watched: a changed plugin is swapped in; a
+/// broken one leaves the last good version serving, with the error shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_reload_when_their_directory_changes() {
+    let plugins = PluginDir::reference();
+    let daemon = Daemon::start(&format!("plugin-dir = {:?}\n", plugins.path()));
+    let client = daemon.client();
+    let first = plugin_status(&client, "exclude-patterns").await;
+    assert!(first.loaded);
+
+    plugins.configure("exclude-patterns", "decisions = [\"exclude\"]\n");
+    plugins.add("hostile-policy", "exclude-patterns");
+    wait_until("the new version serves", || async {
+        let status = plugin_status(&client, "exclude-patterns").await;
+        status.loaded && status.sha256 != first.sha256 && status.error.is_none()
+    })
+    .await;
+    let second = plugin_status(&client, "exclude-patterns").await;
+
+    std::fs::write(plugins.path().join("exclude-patterns.wasm"), b"not wasm at all").unwrap();
+    wait_until("the broken version is reported", || async { plugin_status(&client, "exclude-patterns").await.error.is_some() })
+        .await;
+    let broken = plugin_status(&client, "exclude-patterns").await;
+    assert!(broken.loaded, "the last good version keeps serving");
+    assert_eq!(broken.sha256, second.sha256);
+    assert!(broken.error.unwrap().contains("not a WebAssembly component"));
+    assert!(plugin_status(&client, "quota-watermark").await.loaded);
+}
+
+/// SIGTERM mid-pull cancels cleanly: no temporaries, the record says
+/// cancelled, and the next start needs no repair; asking again succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_pull_leaves_a_clean_store() {
+    let Some(registry) = start_registry() else { return };
+    let files = vec![("big.safetensors", bytes(3, 256 * MIB)), ("config.json", b"{}".to_vec())];
+    let (reference, source) = publish(&registry, "models/shutdown:v1", &files);
+    let mut daemon = Daemon::start(&format!("[registries]\ninsecure = [\"{}\"]\n[shutdown]\ntimeout = \"0s\"\n", registry.host()));
+    let client = daemon.client();
+    let answer = client.put::<_, VolumeRecord>("/v1/volumes/pod/default", &mount_body(&reference, 0.0)).await.unwrap();
+    assert_eq!(answer.status.as_u16(), 202);
+    wait_until("the pull is under way", || async {
+        let record: VolumeRecord = client.get("/v1/volumes/pod/default").await.unwrap();
+        record.bytes_done > 0
+    })
+    .await;
+    let status = daemon.terminate();
+    assert!(status.success(), "a clean exit: {status}");
+    assert!(!daemon.socket.exists(), "the socket is removed");
+    assert!(std::fs::read_dir(daemon.root.join("tmp")).unwrap().next().is_none(), "no temporaries left");
+    let record: VolumeRecord =
+        serde_json::from_slice(&std::fs::read(daemon.root.join("records/pod/default.json")).unwrap()).unwrap();
+    assert_eq!(record.state, VolumeState::Failed);
+    assert_eq!(record.error.unwrap().kind, ErrorKind::Cancelled);
+
+    daemon.spawn();
+    let opened = daemon.log_text();
+    let line = opened.lines().rev().find(|line| line.contains("engine open")).expect("the start is logged");
+    assert!(
+        line.contains("temporaries=0") && line.contains("incomplete_entries=0") && line.contains("failed_records=0"),
+        "the second start needs no repair: {line}"
+    );
+    let record = mount(&daemon.client(), "pod", &reference).await.unwrap();
+    assert_eq!(read_tree(&record.path), read_tree(source.path()));
+}
+
+fn delete_blob(registry: &Registry, repository: &str, digest: &str) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(registry.host()).unwrap();
+    write!(stream, "DELETE /v2/{repository}/blobs/{digest} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", registry.host()).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+}
+
+/// A mirror serves what it holds; the origin sees only what it lacks; with
+/// the mirror down the origin serves everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrors_serve_before_the_origin() {
+    let Some(origin) = start_registry() else { return };
+    let Some(mirror) = Registry::start() else { return };
+    let files = model(4);
+    let dir = tempfile::tempdir().unwrap();
+    write_tree(dir.path(), &files);
+    push(&origin, dir.path(), &origin.reference("models/mirrored:v1"));
+    push(&mirror, dir.path(), &mirror.reference("models/mirrored:v1"));
+    let missing = digest_of(&files[0].1);
+    delete_blob(&mirror, "models/mirrored", &missing);
+    let (other, _other_source) = publish(&origin, "models/origin-only:v1", &model(5));
+    let origin_manifests = origin.requests_for("/manifests/");
+
+    let daemon = Daemon::start(&format!(
+        "[registries]\ninsecure = [\"{origin}\"]\n[registries.mirrors.\"{origin}\"]\nendpoints = [\"http://{mirror}\"]\n",
+        origin = origin.host(),
+        mirror = mirror.host(),
+    ));
+    let client = daemon.client();
+    let record = mount(&client, "pod", &origin.reference("models/mirrored:v1")).await.unwrap();
+    assert_eq!(read_tree(&record.path), read_tree(dir.path()));
+    assert_eq!(origin.requests_for("/manifests/"), origin_manifests, "the mirror resolved the tag and served the manifest");
+    let at_origin = origin.blob_gets();
+    let at_mirror = mirror.blob_gets();
+    for (path, content) in &files {
+        let digest = digest_of(content);
+        if digest == missing {
+            assert_eq!(at_origin.get(&digest), Some(&1), "{path}: the origin serves what the mirror lacks");
+        } else {
+            assert_eq!(at_origin.get(&digest), None, "{path}: the origin is not asked");
+            assert_eq!(at_mirror.get(&digest), Some(&1), "{path}: the mirror serves it");
+        }
+    }
+
+    drop(mirror);
+    let record = mount(&client, "pod-2", &other).await.unwrap();
+    assert_eq!(record.state, VolumeState::Ready);
+    let cached: Vec<String> = files.iter().map(|(_, content)| digest_of(content)).collect();
+    for (path, content) in model(5) {
+        let digest = digest_of(&content);
+        if !cached.contains(&digest) {
+            assert_eq!(origin.blob_gets().get(&digest), Some(&1), "{path}: with the mirror down, the origin serves");
+        }
+    }
+}
+
+fn cli(daemon: &Daemon, args: &[&str]) -> std::process::Output {
+    let mut child = support::modelcache()
+        .args(args)
+        .arg("--socket")
+        .arg(&daemon.socket)
+        // A root the daemon does not use: the commands must not fall back to it.
+        .arg("--root")
+        .arg(daemon.dir.path().join("not-the-root"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(started.elapsed() < Duration::from_secs(120), "{args:?} hung");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// The CLI talks to the daemon when one serves the socket.
+#[test]
+fn the_cli_goes_through_the_daemon() {
+    let Some(registry) = start_registry() else { return };
+    let files = model(6);
+    let (reference, source) = publish(&registry, "models/cli:v1", &files);
+    let plugins = PluginDir::reference();
+    let daemon = Daemon::start(&format!(
+        "plugin-dir = {:?}\n[registries]\ninsecure = [\"{}\"]\n",
+        plugins.path(),
+        registry.host()
+    ));
+    let run = |args: &[&str]| {
+        let output = cli(&daemon, args);
+        assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let prefetched: serde_json::Value = serde_json::from_str(&run(&["prefetch", &reference, "--pin", "--json"])).unwrap();
+    assert_eq!(prefetched["state"], "ready");
+    assert_eq!(prefetched["pinned"], true);
+    assert!(run(&["pin"]).contains(&reference));
+
+    let record: VolumeRecord = serde_json::from_str(&run(&["mount", &reference, "--volume", "cli", "--json"])).unwrap();
+    assert!(record.reused_from_cache, "prefetched before");
+    assert!(record.path.starts_with(&daemon.root));
+    assert_eq!(read_tree(&record.path), read_tree(source.path()));
+    let listed: Vec<VolumeRecord> = serde_json::from_str(&run(&["ls", "--json"])).unwrap();
+    assert_eq!(listed.len(), 1);
+    let status: VolumeRecord = serde_json::from_str(&run(&["status", "--volume", "cli", "--json"])).unwrap();
+    assert_eq!(status.state, VolumeState::Ready);
+    let plugins_listed: Vec<PluginStatus> = serde_json::from_str(&run(&["plugins", "ls", "--json"])).unwrap();
+    assert_eq!(plugins_listed.len(), 3);
+    let report: serde_json::Value = serde_json::from_str(&run(&["gc", "--dry-run", "--json"])).unwrap();
+    assert_eq!(report["dry-run"], true);
+    assert_eq!(report["candidates"], 0, "pinned and referenced: nothing to offer");
+    let inspected: serde_json::Value = serde_json::from_str(&run(&["inspect", &reference, "--json"])).unwrap();
+    assert_eq!(inspected["layers"].as_array().unwrap().len(), files.len());
+    run(&["unmount", "--volume", "cli"]);
+    run(&["unpin", &reference]);
+    assert!(!daemon.dir.path().join("not-the-root").exists(), "nothing ran on the local root");
+
+    let output = cli(&daemon, &["mount", "registry.invalid:1/none:v1", "--volume", "bad"]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("unavailable"), "{}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// A bad configuration fails at start, naming the key and the reason.
+#[test]
+fn bad_config_names_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "[gc]\ninterval = \"whenever\"\n").unwrap();
+    let output = support::modelcache().args(["serve", "--config"]).arg(&config).output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("gc.interval") && stderr.contains("whenever"), "{stderr}");
+    std::fs::write(&config, "[api]\nsockett = \"/tmp/x\"\n").unwrap();
+    let output = support::modelcache().args(["serve", "--config"]).arg(&config).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("sockett"), "{stderr}");
+}
