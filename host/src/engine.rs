@@ -627,12 +627,20 @@ impl Engine {
         if self.store.has_entry(key) {
             return Ok(Built { fetched_bytes: 0 });
         }
-        let metrics = crate::metrics::metrics();
-        metrics.pulls_started.inc();
         let built = self.clone().pull_entry(reference, model, selection, key, progress).await;
+        // A pull is a build that had to fetch (or failed trying); a new
+        // selection of stored blobs is not one.
+        let metrics = crate::metrics::metrics();
         match &built {
-            Ok(_) => metrics.pulls_succeeded.inc(),
-            Err(error) => metrics.pulls_failed.inc([error.kind().as_str()]),
+            Ok(built) if built.fetched_bytes == 0 => {}
+            Ok(_) => {
+                metrics.pulls_started.inc();
+                metrics.pulls_succeeded.inc();
+            }
+            Err(error) => {
+                metrics.pulls_started.inc();
+                metrics.pulls_failed.inc([error.kind().as_str()]);
+            }
         }
         built
     }
