@@ -344,9 +344,13 @@ fn the_cli_goes_through_the_daemon() {
     assert_eq!(report["candidates"], 0, "pinned and referenced: nothing to offer");
     let inspected: serde_json::Value = serde_json::from_str(&run(&["inspect", &reference, "--json"])).unwrap();
     assert_eq!(inspected["layers"].as_array().unwrap().len(), files.len());
+    let health = support::modelcache().arg("health").arg("--socket").arg(&daemon.socket).output().unwrap();
+    assert!(health.status.success() && String::from_utf8_lossy(&health.stdout).starts_with("ok"));
     run(&["unmount", "--volume", "cli"]);
     run(&["unpin", &reference]);
     assert!(!daemon.dir.path().join("not-the-root").exists(), "nothing ran on the local root");
+    let unhealthy = support::modelcache().arg("health").arg("--socket").arg(daemon.dir.path().join("no.sock")).output().unwrap();
+    assert!(!unhealthy.status.success());
 
     let output = cli(&daemon, &["mount", "registry.invalid:1/none:v1", "--volume", "bad"]);
     assert!(!output.status.success());

@@ -40,9 +40,32 @@ pub fn target_dir() -> PathBuf {
     exe.ancestors().nth(3).expect("target dir above the test binary").to_owned()
 }
 
+/// The `modelcache` binary under test: this package's, or (for the CSI
+/// shim's tests) built beside them.
+pub fn modelcache_binary() -> PathBuf {
+    if let Some(path) = option_env!("CARGO_BIN_EXE_modelcache") {
+        return PathBuf::from(path);
+    }
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let status = Command::new(cargo)
+                .args(["build", "-p", "modelcache", "--bin", "modelcache"])
+                .env("CARGO_TARGET_DIR", target_dir())
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .expect("running cargo to build modelcache");
+            assert!(status.success(), "building modelcache failed");
+            let profile_dir = std::env::current_exe().unwrap().ancestors().nth(2).unwrap().to_owned();
+            profile_dir.join("modelcache")
+        })
+        .clone()
+}
+
 /// The `modelcache` binary under test.
 pub fn modelcache() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_modelcache"));
+    let mut command = Command::new(modelcache_binary());
     command.env("MODELCACHE_LOG", "info").env_remove("MODELCACHE_LOG_FORMAT");
     command
 }
@@ -136,6 +159,11 @@ pub fn registry_binary() -> Option<PathBuf> {
 impl Registry {
     /// Starts a registry; `None` when the binary is missing (the caller skips).
     pub fn start() -> Option<Registry> {
+        Registry::start_on(0)
+    }
+
+    /// Starts a registry on a given loopback port (0: any).
+    pub fn start_on(port: u16) -> Option<Registry> {
         use std::io::BufRead;
         let binary = registry_binary()?;
         let storage = tempfile::tempdir().expect("registry storage");
@@ -151,7 +179,7 @@ impl Registry {
         let mut child = Command::new(binary)
             .arg("serve")
             .arg(&config)
-            .env("REGISTRY_HTTP_ADDR", "127.0.0.1:0")
+            .env("REGISTRY_HTTP_ADDR", format!("127.0.0.1:{port}"))
             .env("REGISTRY_LOG_LEVEL", "info")
             .env("REGISTRY_HTTP_SECRET", "modelcache-tests")
             .stdout(std::process::Stdio::piped())

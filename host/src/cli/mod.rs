@@ -33,6 +33,8 @@ enum LogFormat {
 enum Command {
     /// Run the daemon: the API on a unix socket, metrics, GC, plugin reloads.
     Serve(serve::ServeArgs),
+    /// Exit 0 when a daemon answers on the socket (for probes), else 1.
+    Health(serve::HealthArgs),
     /// Mount a model into a volume (pulling it into the cache if needed).
     Mount(volumes::MountArgs),
     /// Release a volume: remove its tree and let GC collect its model.
@@ -81,6 +83,7 @@ pub fn main() -> ExitCode {
 fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve(_) => unreachable!("served above"),
+        Command::Health(args) => serve::health(args),
         Command::Mount(args) => volumes::mount(args),
         Command::Unmount(args) => volumes::unmount(args),
         Command::Status(args) => volumes::status(args),

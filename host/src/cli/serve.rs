@@ -45,3 +45,26 @@ pub fn run(args: ServeArgs, log_format: Option<LogFormat>) -> anyhow::Result<Exi
     tracing::debug!(cancelled = stopped.cancelled, "daemon exited");
     Ok(ExitCode::SUCCESS)
 }
+
+#[derive(Debug, clap::Args)]
+pub struct HealthArgs {
+    /// The daemon's API socket.
+    #[arg(long, env = "MODELCACHE_SOCKET", default_value = modelcache::daemon::config::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+}
+
+pub fn health(args: HealthArgs) -> anyhow::Result<ExitCode> {
+    let health = super::volumes::block_on(async {
+        modelcache::api::client::Client::new(&args.socket).get::<modelcache::api::Health>("/v1/health").await
+    })?;
+    match health {
+        Ok(health) => {
+            println!("{} (pid {}, {} mounts under way, {} plugins loaded)", health.status, health.pid, health.active_mounts, health.plugins_loaded);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(error) => {
+            eprintln!("unhealthy: {error}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! `modelcache-csi`: the CSI node plugin kubelet talks to.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use modelcache_csi::{ShimConfig, serve};
+use tracing_subscriber::EnvFilter;
+
+/// The modelcache CSI node shim.
+#[derive(Debug, Parser)]
+#[command(name = "modelcache-csi", version, about)]
+struct Args {
+    /// The CSI endpoint kubelet calls (a unix socket path; `unix://` is accepted).
+    #[arg(long, env = "CSI_ENDPOINT", default_value = "/csi/csi.sock")]
+    endpoint: String,
+    /// The modelcache daemon's API socket.
+    #[arg(long, env = "MODELCACHE_SOCKET", default_value = modelcache::daemon::config::DEFAULT_SOCKET)]
+    daemon_socket: PathBuf,
+    /// This node's id (the Kubernetes node name).
+    #[arg(long, env = "NODE_NAME")]
+    node_id: String,
+    /// Where the shim remembers what it published.
+    #[arg(long, env = "MODELCACHE_CSI_STATE", default_value = "/var/lib/modelcache-csi")]
+    state_dir: PathBuf,
+    /// Seconds a publish waits for the model before answering ABORTED while
+    /// the pull goes on (kubelet allows a call about 120 s).
+    #[arg(long, default_value_t = 100)]
+    publish_timeout: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = EnvFilter::try_from_env("MODELCACHE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false).init();
+    let config = ShimConfig {
+        endpoint: PathBuf::from(args.endpoint.trim_start_matches("unix://")),
+        daemon_socket: args.daemon_socket,
+        node_id: args.node_id,
+        state_dir: args.state_dir,
+        publish_timeout: Duration::from_secs(args.publish_timeout),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let stop = async {
+            use tokio::signal::unix::{SignalKind, signal};
+            if let (Ok(mut terminate), Ok(mut interrupt)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+                tokio::select! {
+                    _ = terminate.recv() => {}
+                    _ = interrupt.recv() => {}
+                }
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        serve(config, stop).await
+    })
+}

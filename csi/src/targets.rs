@@ -1,0 +1,76 @@
+//! What the shim published at each target path, kept on disk: written when
+//! a publish starts (so an unpublish during the pull releases the right
+//! record), removed when the unpublish is done, and read after a restart.
+
+use std::path::{Path, PathBuf};
+
+use modelcache::plugins::exclude::ExcludeOptions;
+use modelcache::volumes::{MountId, VolumeId};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+/// One publish.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Published {
+    pub target: PathBuf,
+    pub csi_volume_id: String,
+    pub volume: VolumeId,
+    pub mount_id: MountId,
+    pub reference: String,
+    pub options: ExcludeOptions,
+    pub readonly: bool,
+}
+
+impl Published {
+    /// Whether `other` asks for the same thing (so publishing it again is a no-op).
+    pub fn same_request(&self, other: &Published) -> bool {
+        self.csi_volume_id == other.csi_volume_id
+            && self.reference == other.reference
+            && self.options == other.options
+            && self.readonly == other.readonly
+    }
+}
+
+/// The state directory.
+#[derive(Clone, Debug)]
+pub struct Targets {
+    dir: PathBuf,
+}
+
+impl Targets {
+    pub fn new(dir: PathBuf) -> Targets {
+        Targets { dir }
+    }
+
+    fn path(&self, target: &Path) -> PathBuf {
+        self.dir.join(format!("{}.json", hex::encode(Sha256::digest(target.as_os_str().as_encoded_bytes()))))
+    }
+
+    pub fn load(&self, target: &Path) -> Option<Published> {
+        let bytes = std::fs::read(self.path(target)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Writes atomically (temporary, fsync, rename).
+    ///
+    /// # Errors
+    /// On I/O failure.
+    pub fn save(&self, published: &Published) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let mut file = tempfile::NamedTempFile::new_in(&self.dir)?;
+        serde_json::to_writer_pretty(&mut file, published)?;
+        file.as_file().sync_all()?;
+        file.persist(self.path(&published.target)).map_err(|error| error.error)?;
+        Ok(())
+    }
+
+    /// # Errors
+    /// On I/O failure other than the file being absent.
+    pub fn remove(&self, target: &Path) -> std::io::Result<()> {
+        match std::fs::remove_file(self.path(target)) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error),
+            _ => Ok(()),
+        }
+    }
+}

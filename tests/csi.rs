@@ -1,0 +1,356 @@
+//! The CSI node shim as kubelet sees it: a real gRPC client on its unix
+//! socket, the real `modelcache-csi` and `modelcache serve` processes, the
+//! real loopback registry, and real bind mounts (as root; skipped otherwise).
+//! Reproduces what csi-sanity checks of a node-only plugin and what kubelet
+//! relies on.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bpfman_csi::v1::controller_client::ControllerClient;
+use bpfman_csi::v1::identity_client::IdentityClient;
+use bpfman_csi::v1::node_client::NodeClient;
+use bpfman_csi::v1::volume_capability::access_mode::Mode;
+use bpfman_csi::v1::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+use bpfman_csi::v1::*;
+use modelcache::volumes::{VolumeRecord, VolumeState};
+use support::{Daemon, Registry, bytes, digest_of, push, read_tree, write_tree};
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::{Code, Request};
+
+const MIB: usize = 1 << 20;
+
+/// A `modelcache-csi` process; killed when dropped.
+struct Shim {
+    child: std::process::Child,
+    endpoint: PathBuf,
+}
+
+impl Shim {
+    fn start(dir: &Path, daemon_socket: &Path, publish_timeout: u64) -> Shim {
+        let endpoint = dir.join("csi/csi.sock");
+        let _ = std::fs::remove_file(&endpoint);
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_modelcache-csi"))
+            .arg("--endpoint")
+            .arg(format!("unix://{}", endpoint.display()))
+            .arg("--daemon-socket")
+            .arg(daemon_socket)
+            .args(["--node-id", "node-1", "--publish-timeout", &publish_timeout.to_string()])
+            .arg("--state-dir")
+            .arg(dir.join("csi-state"))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting modelcache-csi");
+        let started = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&endpoint).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(30), "the shim never answered");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Shim { child, endpoint }
+    }
+
+    async fn channel(&self) -> Channel {
+        let path = self.endpoint.clone();
+        Endpoint::try_from("http://[::]:50051")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_: Uri| tokio::net::UnixStream::connect(path.clone())))
+            .await
+            .expect("connecting to the shim")
+    }
+}
+
+impl Drop for Shim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn mount_capability() -> VolumeCapability {
+    VolumeCapability {
+        access_mode: Some(AccessMode { mode: Mode::MultiNodeReaderOnly as i32 }),
+        access_type: Some(AccessType::Mount(MountVolume::default())),
+    }
+}
+
+fn publish_request(volume: &str, target: &Path, context: &[(&str, &str)]) -> NodePublishVolumeRequest {
+    NodePublishVolumeRequest {
+        volume_id: volume.into(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(mount_capability()),
+        readonly: true,
+        volume_context: context.iter().map(|(key, value)| (key.to_string(), value.to_string())).collect(),
+        ..NodePublishVolumeRequest::default()
+    }
+}
+
+fn unpublish_request(volume: &str, target: &Path) -> NodeUnpublishVolumeRequest {
+    NodeUnpublishVolumeRequest { volume_id: volume.into(), target_path: target.display().to_string() }
+}
+
+fn mounts_at(target: &Path) -> Vec<modelcache_csi::mounts::MountEntry> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    modelcache_csi::mounts::parse_mountinfo(&text).into_iter().filter(|entry| entry.mount_point == target).collect()
+}
+
+fn start_registry() -> Option<Registry> {
+    let registry = Registry::start();
+    if registry.is_none() {
+        if std::env::var_os("MODELCACHE_TEST_STRICT").is_some_and(|value| value == "1") {
+            panic!("cannot skip under MODELCACHE_TEST_STRICT=1: docker-registry is not installed");
+        }
+        eprintln!("SKIPPED: docker-registry is not installed (apt-get install docker-registry)");
+    }
+    registry
+}
+
+fn publish(registry: &Registry, name: &str, files: &[(&str, Vec<u8>)]) -> (String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    write_tree(dir.path(), files);
+    let reference = registry.reference(name);
+    push(registry, dir.path(), &reference);
+    (reference, dir)
+}
+
+fn model(seed: u64) -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("model.safetensors", bytes(seed, MIB)),
+        ("config.json", format!("{{\"seed\": {seed}}}").into_bytes()),
+        ("README.md", b"# model\n".to_vec()),
+    ]
+}
+
+/// Identity and node information calls answer as csi-sanity expects of a
+/// node-only plugin; what it does not do is UNIMPLEMENTED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_and_node_information() {
+    let daemon = Daemon::start("");
+    let shim = Shim::start(daemon.dir.path(), &daemon.socket, 100);
+    let channel = shim.channel().await;
+    let mut identity = IdentityClient::new(channel.clone());
+    let info = identity.get_plugin_info(GetPluginInfoRequest {}).await.unwrap().into_inner();
+    let valid_name = info.name.len() <= 63
+        && info.name.starts_with(|c: char| c.is_ascii_alphabetic())
+        && info.name.ends_with(|c: char| c.is_ascii_alphabetic())
+        && info.name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    assert!(valid_name, "{}", info.name);
+    assert!(!info.vendor_version.is_empty());
+    let capabilities = identity.get_plugin_capabilities(GetPluginCapabilitiesRequest {}).await.unwrap().into_inner();
+    assert!(capabilities.capabilities.is_empty(), "no controller service");
+    assert_eq!(identity.probe(ProbeRequest {}).await.unwrap().into_inner().ready, Some(true));
+
+    let mut node = NodeClient::new(channel.clone());
+    node.node_get_capabilities(NodeGetCapabilitiesRequest {}).await.unwrap();
+    assert_eq!(node.node_get_info(NodeGetInfoRequest {}).await.unwrap().into_inner().node_id, "node-1");
+    let unimplemented = |code: Code| assert_eq!(code, Code::Unimplemented);
+    unimplemented(node.node_stage_volume(NodeStageVolumeRequest::default()).await.unwrap_err().code());
+    unimplemented(node.node_unstage_volume(NodeUnstageVolumeRequest::default()).await.unwrap_err().code());
+    unimplemented(node.node_get_volume_stats(NodeGetVolumeStatsRequest::default()).await.unwrap_err().code());
+    unimplemented(node.node_expand_volume(NodeExpandVolumeRequest::default()).await.unwrap_err().code());
+    let mut controller = ControllerClient::new(channel);
+    unimplemented(controller.create_volume(CreateVolumeRequest::default()).await.unwrap_err().code());
+    unimplemented(controller.controller_get_capabilities(ControllerGetCapabilitiesRequest::default()).await.unwrap_err().code());
+
+    drop(daemon);
+    assert_eq!(identity.probe(ProbeRequest {}).await.unwrap().into_inner().ready, Some(false), "not ready without the daemon");
+}
+
+/// Malformed publishes are INVALID_ARGUMENT before anything is looked up;
+/// an unknown manifest is NOT_FOUND with nothing mounted; an unreachable
+/// registry is UNAVAILABLE and a later retry succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_errors_are_typed() {
+    let Some(registry) = start_registry() else { return };
+    let later_port = support::free_port();
+    let daemon = Daemon::start(&format!(
+        "[registries]\ninsecure = [\"{}\", \"127.0.0.1:{later_port}\"]\n",
+        registry.host()
+    ));
+    let shim = Shim::start(daemon.dir.path(), &daemon.socket, 100);
+    let mut node = NodeClient::new(shim.channel().await);
+    let target = daemon.dir.path().join("pods/p1/volumes/model/mount");
+    let reference = registry.reference("models/known:v1");
+    let good = [("modelcache.io/reference", reference.as_str())];
+
+    let code = |result: Result<tonic::Response<NodePublishVolumeResponse>, tonic::Status>| result.unwrap_err().code();
+    let mut no_volume = publish_request("", &target, &good);
+    no_volume.volume_context.clear();
+    assert_eq!(code(node.node_publish_volume(no_volume).await), Code::InvalidArgument);
+    let mut no_target = publish_request("v", &target, &good);
+    no_target.target_path.clear();
+    assert_eq!(code(node.node_publish_volume(no_target).await), Code::InvalidArgument);
+    let mut no_capability = publish_request("v", &target, &good);
+    no_capability.volume_capability = None;
+    assert_eq!(code(node.node_publish_volume(no_capability).await), Code::InvalidArgument);
+    let mut block = publish_request("v", &target, &good);
+    block.volume_capability.as_mut().unwrap().access_type = Some(AccessType::Block(BlockVolume {}));
+    let status = node.node_publish_volume(block).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("block access is not supported"));
+    assert_eq!(code(node.node_publish_volume(publish_request("v", &target, &[])).await), Code::InvalidArgument);
+    assert_eq!(
+        code(node.node_publish_volume(publish_request("v", &target, &[("modelcache.io/reference", "Not A Ref")])).await),
+        Code::InvalidArgument
+    );
+
+    let status = node
+        .node_publish_volume(publish_request("v", &target, &[("modelcache.io/reference", &registry.reference("models/absent:v1"))]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(mounts_at(&target).is_empty(), "nothing left mounted");
+    node.node_unpublish_volume(unpublish_request("v", &target)).await.unwrap();
+
+    let later = format!("127.0.0.1:{later_port}/models/later:v1");
+    let status =
+        node.node_publish_volume(publish_request("later", &target, &[("modelcache.io/reference", &later)])).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    skip_unless!(support::is_root(), "the retry after UNAVAILABLE bind-mounts, which needs root");
+    let Some(late_registry) = Registry::start_on(later_port) else { return };
+    let (_, source) = publish(&late_registry, "models/later:v1", &model(1));
+    node.node_publish_volume(publish_request("later", &target, &[("modelcache.io/reference", &later)])).await.unwrap();
+    assert_eq!(read_tree(&target), read_tree(source.path()));
+    node.node_unpublish_volume(unpublish_request("later", &target)).await.unwrap();
+}
+
+/// An ephemeral publish mounts the model read-only and byte-exact; again is
+/// a no-op; another reference or readonly flag is ALREADY_EXISTS; concurrent
+/// publishes never mount twice; unpublish undoes it all and is idempotent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn publish_and_unpublish() {
+    skip_unless!(support::is_root(), "bind mounts need root");
+    let Some(registry) = start_registry() else { return };
+    let (reference, source) = publish(&registry, "models/pod:v1", &model(2));
+    let (other, _other) = publish(&registry, "models/other:v1", &model(3));
+    let daemon = Daemon::start(&format!("[registries]\ninsecure = [\"{}\"]\n", registry.host()));
+    let shim = Shim::start(daemon.dir.path(), &daemon.socket, 100);
+    let mut node = NodeClient::new(shim.channel().await);
+    let target = daemon.dir.path().join("pods/p2/volumes/kubernetes.io~csi/model/mount");
+    let context = [("modelcache.io/reference", reference.as_str()), ("csi.storage.k8s.io/ephemeral", "true")];
+    let volume = "csi-4d2a7c9e";
+
+    node.node_publish_volume(publish_request(volume, &target, &context)).await.unwrap();
+    let mounted = mounts_at(&target);
+    assert_eq!(mounted.len(), 1);
+    assert!(mounted[0].read_only);
+    assert_eq!(read_tree(&target), read_tree(source.path()));
+    let error = std::fs::write(target.join("config.json"), b"overwritten").unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(rustix::io::Errno::ROFS.raw_os_error()), "{error}");
+    let error = std::fs::write(target.join("new-file"), b"x").unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(rustix::io::Errno::ROFS.raw_os_error()), "{error}");
+
+    node.node_publish_volume(publish_request(volume, &target, &context)).await.unwrap();
+    assert_eq!(mounts_at(&target).len(), 1, "publishing again mounts nothing more");
+    let status = node
+        .node_publish_volume(publish_request(volume, &target, &[("modelcache.io/reference", &other)]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists);
+    let mut writable = publish_request(volume, &target, &context);
+    writable.readonly = false;
+    assert_eq!(node.node_publish_volume(writable).await.unwrap_err().code(), Code::AlreadyExists);
+
+    let second = daemon.dir.path().join("pods/p3/volumes/kubernetes.io~csi/model/mount");
+    let (mut first_client, mut second_client) = (node.clone(), node.clone());
+    let (a, b) = tokio::join!(
+        first_client.node_publish_volume(publish_request("csi-concurrent", &second, &context)),
+        second_client.node_publish_volume(publish_request("csi-concurrent", &second, &context))
+    );
+    a.unwrap();
+    b.unwrap();
+    assert_eq!(mounts_at(&second).len(), 1, "never a double mount");
+
+    let client = daemon.client();
+    let records: Vec<VolumeRecord> = client.get("/v1/volumes").await.unwrap();
+    let record = records.iter().find(|record| record.volume.as_str() == volume).unwrap().clone();
+    assert_eq!(record.state, VolumeState::Ready);
+    node.node_unpublish_volume(unpublish_request(volume, &target)).await.unwrap();
+    assert!(mounts_at(&target).is_empty());
+    assert!(!target.exists(), "the target is removed");
+    let released: VolumeRecord = client.get(&format!("/v1/volumes/{volume}/{}", record.mount_id)).await.unwrap();
+    assert_eq!(released.state, VolumeState::Released);
+    node.node_unpublish_volume(unpublish_request(volume, &target)).await.unwrap();
+    node.node_unpublish_volume(unpublish_request("csi-never", &daemon.dir.path().join("pods/never/mount"))).await.unwrap();
+    node.node_unpublish_volume(unpublish_request("csi-concurrent", &second)).await.unwrap();
+    assert!(mounts_at(&second).is_empty());
+}
+
+/// A slow pull and a short deadline: a retryable code first while the pull
+/// goes on, then OK on retry, with one download. An unpublish during a pull
+/// releases it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_pulls_are_retried_and_released() {
+    skip_unless!(support::is_root(), "bind mounts need root");
+    let Some(registry) = start_registry() else { return };
+    let files = vec![("big.safetensors", bytes(4, 192 * MIB)), ("config.json", b"{}".to_vec())];
+    let (reference, source) = publish(&registry, "models/slow:v1", &files);
+    let (abandoned, _abandoned_source) =
+        publish(&registry, "models/abandoned:v1", &[("huge.safetensors", bytes(5, 192 * MIB))]);
+    let daemon = Daemon::start(&format!("[registries]\ninsecure = [\"{}\"]\n", registry.host()));
+    let shim = Shim::start(daemon.dir.path(), &daemon.socket, 100);
+    let mut node = NodeClient::new(shim.channel().await);
+    let target = daemon.dir.path().join("pods/slow/mount");
+    let context = [("modelcache.io/reference", reference.as_str())];
+
+    let mut hurried = Request::new(publish_request("csi-slow", &target, &context));
+    hurried.set_timeout(Duration::from_millis(800));
+    let status = node.node_publish_volume(hurried).await.unwrap_err();
+    assert!(matches!(status.code(), Code::Aborted | Code::Unavailable | Code::DeadlineExceeded), "{status:?}");
+    assert!(mounts_at(&target).is_empty());
+    let mut patient = Request::new(publish_request("csi-slow", &target, &context));
+    patient.set_timeout(Duration::from_secs(110));
+    node.node_publish_volume(patient).await.unwrap();
+    assert_eq!(read_tree(&target), read_tree(source.path()));
+    assert_eq!(registry.blob_gets().get(&digest_of(&files[0].1)), Some(&1), "one download");
+    node.node_unpublish_volume(unpublish_request("csi-slow", &target)).await.unwrap();
+
+    let gone = daemon.dir.path().join("pods/gone/mount");
+    let mut hurried = Request::new(publish_request("csi-gone", &gone, &[("modelcache.io/reference", &abandoned)]));
+    hurried.set_timeout(Duration::from_millis(800));
+    assert!(node.node_publish_volume(hurried).await.is_err());
+    node.node_unpublish_volume(unpublish_request("csi-gone", &gone)).await.unwrap();
+    let records: Vec<VolumeRecord> = daemon.client().get("/v1/volumes").await.unwrap();
+    let record = records.iter().find(|record| record.volume.as_str() == "csi-gone").unwrap();
+    assert_eq!(record.state, VolumeState::Released, "the pull was released");
+    let health: modelcache::api::Health = daemon.client().get("/v1/health").await.unwrap();
+    assert_eq!(health.active_mounts, 0);
+}
+
+/// After a shim restart an existing mount is recognised and unpublishes;
+/// large volume contexts, long target paths and odd static PV handles work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_large_requests_and_static_volumes() {
+    skip_unless!(support::is_root(), "bind mounts need root");
+    let Some(registry) = start_registry() else { return };
+    let (reference, source) = publish(&registry, "models/static:v1", &model(6));
+    let daemon = Daemon::start(&format!("[registries]\ninsecure = [\"{}\"]\n", registry.host()));
+    let shim = Shim::start(daemon.dir.path(), &daemon.socket, 100);
+    let mut node = NodeClient::new(shim.channel().await);
+
+    let long_target = daemon.dir.path().join(format!("pods/{}/volumes/kubernetes.io~csi/model/mount", "p".repeat(160)));
+    assert!(long_target.display().to_string().len() > 128);
+    let padding = "x".repeat(4096);
+    let big_context = [("modelcache.io/reference", reference.as_str()), ("csi.storage.k8s.io/pod.name", padding.as_str())];
+    node.node_publish_volume(publish_request("csi-big", &long_target, &big_context)).await.unwrap();
+    assert_eq!(read_tree(&long_target), read_tree(source.path()));
+
+    // A pre-provisioned PV: any volume handle, the same publish path.
+    let pv_target = daemon.dir.path().join("pods/pv/volumes/kubernetes.io~csi/pv-model/mount");
+    let pv_context = [("modelcache.io/reference", reference.as_str()), ("modelcache.io/mount-id", "llm")];
+    node.node_publish_volume(publish_request("models/llama weights", &pv_target, &pv_context)).await.unwrap();
+    assert_eq!(read_tree(&pv_target), read_tree(source.path()));
+
+    drop(shim);
+    let shim = Shim::start(daemon.dir.path(), &daemon.socket, 100);
+    let mut node = NodeClient::new(shim.channel().await);
+    node.node_publish_volume(publish_request("csi-big", &long_target, &big_context)).await.unwrap();
+    assert_eq!(mounts_at(&long_target).len(), 1, "recognised, not mounted again");
+    for (volume, target) in [("csi-big", &long_target), ("models/llama weights", &pv_target)] {
+        node.node_unpublish_volume(unpublish_request(volume, target)).await.unwrap();
+        assert!(mounts_at(target).is_empty() && !target.exists());
+    }
+    let records: Vec<VolumeRecord> = daemon.client().get("/v1/volumes").await.unwrap();
+    assert!(records.iter().all(|record| record.state == VolumeState::Released), "{records:?}");
+}
