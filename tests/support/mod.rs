@@ -7,7 +7,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 /// The crates under `plugins/` and `tests/` built as components for the tests.
-const PLUGIN_CRATES: &[&str] = &["exclude-patterns", "quota-watermark", "gc-lru-watermark", "hostile-policy"];
+const PLUGIN_CRATES: &[&str] = &["exclude-patterns", "quota-watermark", "gc-lru-watermark", "max-pull", "hostile-policy"];
 
 /// Skips the calling test with a printed reason, unless
 /// `MODELCACHE_TEST_STRICT=1` (set by CI) turns the skip into a failure.

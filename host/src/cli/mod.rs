@@ -4,6 +4,7 @@
 mod backend;
 mod cache;
 mod plugins;
+mod scaffold;
 mod serve;
 mod volumes;
 

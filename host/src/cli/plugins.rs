@@ -7,12 +7,15 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
+use modelcache::plugins::cases::{self, Case, Verdict};
 use modelcache::plugins::exclude::ExcludeInput;
 use modelcache::plugins::gc::GcInput;
 use modelcache::plugins::quota::QuotaInput;
 use modelcache::plugins::{
-    CompiledCache, Decision, Plugin, PluginConfig, PluginHost, PluginStatus, Runtime, RuntimeOptions, error_chain,
+    CompiledCache, CompiledPlugin, Decision, Plugin, PluginConfig, PluginHost, PluginStatus, Runtime, RuntimeOptions,
+    error_chain,
 };
+use serde_json::Value;
 
 use super::backend::RootArgs;
 use super::volumes::block_on;
@@ -55,6 +58,40 @@ pub enum PluginsCommand {
         #[command(flatten)]
         cache: CacheArgs,
     },
+    /// Run fixture cases (a case file, or a directory of them) through the
+    /// real runtime; a line per case, a diff on mismatch, non-zero exit on
+    /// any failure. The case format is in docs/policies.md.
+    Test {
+        /// The plugin's `.wasm` file; its `NAME.toml` beside it gives the
+        /// defaults a case does not set.
+        plugin: PathBuf,
+        /// Case files (`.json`) or directories of them.
+        #[arg(required = true)]
+        cases: Vec<PathBuf>,
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
+    /// Time one decision: per-call median and p99 (fresh instance, input
+    /// lowered, call, answer checked — what the engine pays per decision).
+    Bench {
+        plugin: PathBuf,
+        /// A case file (its decision, settings and input are used), or a bare
+        /// input with `--decision`.
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long, value_parser = parse_decision)]
+        decision: Option<Decision>,
+        /// Settings to use instead of those in `NAME.toml` or the case.
+        #[arg(long)]
+        settings: Option<PathBuf>,
+        /// How long to keep calling, in seconds (at least 10 calls are made).
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
+    /// Write a ready-to-build policy project with one passing case.
+    New(super::scaffold::NewArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -94,6 +131,11 @@ pub fn run(command: PluginsCommand) -> anyhow::Result<ExitCode> {
         PluginsCommand::Run { plugin, decision, input, settings, cache } => {
             run_one(&plugin, decision, &input, settings.as_deref(), &cache)
         }
+        PluginsCommand::Test { plugin, cases, cache } => test(&plugin, &cases, &cache),
+        PluginsCommand::Bench { plugin, input, decision, settings, seconds, cache } => {
+            bench(&plugin, &input, decision, settings.as_deref(), seconds, &cache)
+        }
+        PluginsCommand::New(args) => super::scaffold::new(&args),
     }
 }
 
@@ -137,43 +179,182 @@ fn run_one(
     settings: Option<&Path>,
     cache: &CacheArgs,
 ) -> anyhow::Result<ExitCode> {
-    let config_path = wasm.with_extension("toml");
-    let mut config = PluginConfig::load(&config_path)
-        .map_err(|reason| anyhow::anyhow!("{}: {reason}", config_path.display()))?;
+    let mut config = plugin_config(wasm)?;
     if let Some(settings) = settings {
         config.settings_json = read_settings(settings)?;
     }
     let input_text = read_input(input)?;
+    let input: Value =
+        serde_json::from_str(&input_text).with_context(|| format!("{}: not JSON", input.display()))?;
     let plugin = Plugin::load(&runtime()?, cache.cache().as_ref(), wasm, config)
         .map_err(|error| anyhow::anyhow!(error_chain(&error)))?;
-    if !plugin.serves(decision) {
-        bail!("plugin `{}` does not serve the {decision} decision (it serves: {:?})", plugin.name(), plugin.decisions());
-    }
-    let parse_error = || format!("{}: not a valid {decision} input", input.display());
-    let answer = match decision {
-        Decision::Exclude => {
-            let input: ExcludeInput = serde_json::from_str(&input_text).with_context(parse_error)?;
-            plugin.exclude(&input).map(|skips| serde_json::json!({ "skips": skips }))
-        }
-        Decision::Quota => {
-            let input: QuotaInput = serde_json::from_str(&input_text).with_context(parse_error)?;
-            plugin.quota(&input).map(|verdict| serde_json::to_value(verdict).expect("verdicts serialize"))
-        }
-        Decision::Gc => {
-            let input: GcInput = serde_json::from_str(&input_text).with_context(parse_error)?;
-            plugin.gc(&input).map(|evict| serde_json::json!({ "evict": evict }))
-        }
-    };
-    match answer {
+    match cases::call(&plugin, decision, input) {
         Ok(answer) => {
             println!("{}", serde_json::to_string_pretty(&answer)?);
             Ok(ExitCode::SUCCESS)
         }
-        Err(cause) => {
-            eprintln!("error: {decision} plugin `{}` failed: {cause}", plugin.name());
+        Err(error) => {
+            eprintln!("error: {decision} plugin `{}` failed: {}", plugin.name(), error_chain(&error));
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+/// The plugin's `NAME.toml` beside its `.wasm`, defaults when absent.
+fn plugin_config(wasm: &Path) -> anyhow::Result<PluginConfig> {
+    let path = wasm.with_extension("toml");
+    PluginConfig::load(&path).map_err(|reason| anyhow::anyhow!("{}: {reason}", path.display()))
+}
+
+fn compile(runtime: &Runtime, wasm: &Path, cache: &CacheArgs) -> anyhow::Result<CompiledPlugin> {
+    CompiledPlugin::load(runtime, cache.cache().as_ref(), wasm).map_err(|error| anyhow::anyhow!(error_chain(&error)))
+}
+
+fn test(wasm: &Path, paths: &[PathBuf], cache: &CacheArgs) -> anyhow::Result<ExitCode> {
+    let mut all = Vec::new();
+    for path in paths {
+        all.extend(cases::load(path)?);
+    }
+    let base = plugin_config(wasm)?;
+    let runtime = runtime()?;
+    let compiled = compile(&runtime, wasm, cache)?;
+    println!(
+        "{}: {} case{} (sha256 {}, loaded in {})",
+        wasm.display(),
+        all.len(),
+        if all.len() == 1 { "" } else { "s" },
+        &compiled.sha256[..12],
+        load_summary(&compiled),
+    );
+    let mut failed = 0;
+    for case in &all {
+        let outcome = case.run(&runtime, &compiled, &base);
+        let elapsed = format!("{:.1} ms", outcome.elapsed.as_secs_f64() * 1e3);
+        if matches!(outcome.verdict, Verdict::Pass) {
+            println!("PASS  {}  ({elapsed})", case.name);
+            continue;
+        }
+        failed += 1;
+        println!("FAIL  {}  ({elapsed})  {}", case.name, case.file.display());
+        for line in explain(&outcome.verdict).lines() {
+            println!("      {line}");
+        }
+    }
+    println!("{} passed, {failed} failed", all.len() - failed);
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn load_summary(compiled: &CompiledPlugin) -> String {
+    let how = match compiled.cache {
+        Some(modelcache::plugins::cache::CacheOutcome::Hit) => "from the compiled cache",
+        Some(modelcache::plugins::cache::CacheOutcome::Miss) => "compiled, now cached",
+        None => "compiled, not cached",
+    };
+    format!("{:.0} ms, {how}", compiled.elapsed.as_secs_f64() * 1e3)
+}
+
+/// Why a case failed, for people: a unified diff of the answers, or what was
+/// expected against what happened.
+fn explain(verdict: &Verdict) -> String {
+    match verdict {
+        Verdict::Pass => String::new(),
+        Verdict::WrongAnswer { expected, actual } => {
+            let expected = pretty(expected);
+            let actual = pretty(actual);
+            similar::TextDiff::from_lines(&expected, &actual)
+                .unified_diff()
+                .context_radius(3)
+                .header("expected", "actual")
+                .to_string()
+        }
+        Verdict::UnexpectedAnswer { expected, actual } => {
+            format!("expected a failure with cause `{}`, but the call answered:\n{}", expected.cause, pretty(actual))
+        }
+        Verdict::UnexpectedFailure { expected, actual } => format!("expected {expected}\nbut: {actual}"),
+    }
+}
+
+fn pretty(value: &Value) -> String {
+    serde_json::to_string_pretty(value).expect("JSON values serialize") + "\n"
+}
+
+fn bench(
+    wasm: &Path,
+    input: &Path,
+    decision: Option<Decision>,
+    settings: Option<&Path>,
+    seconds: f64,
+    cache: &CacheArgs,
+) -> anyhow::Result<ExitCode> {
+    let mut config = plugin_config(wasm)?;
+    let text = read_input(input)?;
+    let value: Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", input.display()))?;
+    // A case file carries its decision and settings; a bare input needs --decision.
+    let is_case_file = value.is_array() || (value.get("decision").is_some() && value.get("input").is_some());
+    let (decision, value) = if is_case_file {
+        // The first case of the file.
+        let case: Vec<Case> = cases::load(input)?;
+        let case = case.into_iter().next().context("the case file holds no case")?;
+        config = case.config(&config);
+        (decision.unwrap_or(case.decision), case.input().clone())
+    } else {
+        (decision.context("--decision is required when --input is not a case file")?, value)
+    };
+    if let Some(settings) = settings {
+        config.settings_json = read_settings(settings)?;
+    }
+    let runtime = runtime()?;
+    let compiled = compile(&runtime, wasm, cache)?;
+    let plugin = Plugin::new(&runtime, &compiled, config).map_err(|error| anyhow::anyhow!(error_chain(&error)))?;
+    let mut call = decision_call(&plugin, decision, value)?;
+    // One call first: a failing decision is reported, not timed.
+    call().map_err(|cause| anyhow::anyhow!("{decision} plugin `{}` failed: {cause}", plugin.name()))?;
+    let budget = std::time::Duration::from_secs_f64(seconds.max(0.0));
+    let started = std::time::Instant::now();
+    let mut samples = Vec::new();
+    while samples.len() < 10 || (started.elapsed() < budget && samples.len() < 1_000_000) {
+        let call_started = std::time::Instant::now();
+        call().map_err(|cause| anyhow::anyhow!("{decision} plugin `{}` failed: {cause}", plugin.name()))?;
+        samples.push(call_started.elapsed());
+    }
+    samples.sort();
+    let at = |quantile: f64| samples[((samples.len() - 1) as f64 * quantile).round() as usize];
+    println!("plugin     {} (sha256 {})", wasm.display(), &compiled.sha256[..12]);
+    println!("load       {}", load_summary(&compiled));
+    println!("allocator  {:?}", runtime.allocation());
+    println!("decision   {decision}");
+    println!("calls      {}", samples.len());
+    println!("median     {}", micros(at(0.5)));
+    println!("p99        {}", micros(at(0.99)));
+    println!("min        {}", micros(samples[0]));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn micros(duration: std::time::Duration) -> String {
+    let micros = duration.as_secs_f64() * 1e6;
+    if micros >= 10_000.0 { format!("{:.1} ms", micros / 1e3) } else { format!("{micros:.1} µs") }
+}
+
+type DecisionCall<'a> = Box<dyn FnMut() -> Result<(), modelcache::plugins::FailureCause> + 'a>;
+
+/// One decision on a parsed input, as the engine makes it (the typed input
+/// lowered afresh each call), without re-parsing JSON per call.
+fn decision_call(plugin: &Plugin, decision: Decision, input: Value) -> anyhow::Result<DecisionCall<'_>> {
+    let shape = || format!("not a valid {decision} input");
+    Ok(match decision {
+        Decision::Exclude => {
+            let input: ExcludeInput = serde_json::from_value(input).with_context(shape)?;
+            Box::new(move || plugin.exclude(&input).map(drop))
+        }
+        Decision::Quota => {
+            let input: QuotaInput = serde_json::from_value(input).with_context(shape)?;
+            Box::new(move || plugin.quota(&input).map(drop))
+        }
+        Decision::Gc => {
+            let input: GcInput = serde_json::from_value(input).with_context(shape)?;
+            Box::new(move || plugin.gc(&input).map(drop))
+        }
+    })
 }
 
 fn read_input(path: &Path) -> anyhow::Result<String> {

@@ -15,6 +15,7 @@
 
 pub mod bindings;
 pub mod cache;
+pub mod cases;
 pub mod config;
 pub mod error;
 pub mod exclude;
@@ -108,6 +109,66 @@ impl fmt::Debug for Plugin {
     }
 }
 
+/// A plugin's component, compiled (or taken from the cache) and checked as
+/// far as the `.wasm` file alone decides: what it imports, the policy version
+/// it was built against and the decisions it exports. Not yet configured.
+#[derive(Clone)]
+pub struct CompiledPlugin {
+    pub name: String,
+    pub path: PathBuf,
+    /// The sha256 of the `.wasm` file.
+    pub sha256: String,
+    component: Component,
+    /// The `modelcache:policy` version the component was built against.
+    pub policy_version: String,
+    /// The decisions the component exports.
+    pub exported: Vec<Decision>,
+    /// Whether the compiled form came from the cache.
+    pub cache: Option<cache::CacheOutcome>,
+    /// How long reading and compiling (or deserializing) took.
+    pub elapsed: std::time::Duration,
+}
+
+impl CompiledPlugin {
+    /// Reads and compiles `NAME.wasm`, through `cache` when there is one.
+    ///
+    /// # Errors
+    /// The file cannot be read, is not a component this host can compile,
+    /// imports what the runtime does not grant, or does not speak a
+    /// compatible `modelcache:policy`.
+    pub fn load(runtime: &Runtime, cache: Option<&CompiledCache>, wasm_path: &Path) -> Result<CompiledPlugin, PluginError> {
+        let name = plugin_name(wasm_path);
+        let started = Instant::now();
+        let wasm = std::fs::read(wasm_path).map_err(|source| PluginError::Read {
+            plugin: name.clone(),
+            path: wasm_path.to_owned(),
+            source,
+        })?;
+        let sha256 = hex::encode(Sha256::digest(&wasm));
+        let compiled = match cache {
+            Some(cache) => cache.load_or_compile(runtime.engine(), &wasm, &sha256).map(|(component, outcome)| (component, Some(outcome))),
+            None => Component::new(runtime.engine(), &wasm).map(|component| (component, None)),
+        };
+        let (component, outcome) = compiled.map_err(|error| PluginError::Compile { plugin: name.clone(), source: error.into() })?;
+        let elapsed = started.elapsed();
+        tracing::debug!(plugin = %name, elapsed_ms = elapsed.as_millis() as u64, cache = ?outcome, "component ready");
+        if let Some(import) = runtime.forbidden_import(&component) {
+            return Err(PluginError::ForbiddenImport { plugin: name, hint: import_hint(&import), import });
+        }
+        let (policy_version, exported) = exported_decisions(&name, &runtime.export_names(&component))?;
+        Ok(CompiledPlugin {
+            name,
+            path: wasm_path.to_owned(),
+            sha256,
+            component,
+            policy_version,
+            exported,
+            cache: outcome,
+            elapsed,
+        })
+    }
+}
+
 impl Plugin {
     /// Loads `NAME.wasm` with the configuration `config`.
     ///
@@ -119,25 +180,16 @@ impl Plugin {
         wasm_path: &Path,
         config: PluginConfig,
     ) -> Result<Plugin, PluginError> {
-        let name = plugin_name(wasm_path);
-        let wasm = std::fs::read(wasm_path).map_err(|source| PluginError::Read {
-            plugin: name.clone(),
-            path: wasm_path.to_owned(),
-            source,
-        })?;
-        let sha256 = hex::encode(Sha256::digest(&wasm));
-        let started = Instant::now();
-        let compiled = match cache {
-            Some(cache) => cache.load_or_compile(runtime.engine(), &wasm, &sha256).map(|(component, _)| component),
-            None => Component::new(runtime.engine(), &wasm),
-        };
-        let component = compiled.map_err(|error| PluginError::Compile { plugin: name.clone(), source: error.into() })?;
-        tracing::debug!(plugin = %name, elapsed_ms = started.elapsed().as_millis() as u64, "component ready");
+        Plugin::new(runtime, &CompiledPlugin::load(runtime, cache, wasm_path)?, config)
+    }
 
-        if let Some(import) = runtime.forbidden_import(&component) {
-            return Err(PluginError::ForbiddenImport { plugin: name, hint: import_hint(&import), import });
-        }
-        let (policy_version, exported) = exported_decisions(&name, &runtime.export_names(&component))?;
+    /// The plugin `compiled` under `config`: its imports, version and exports
+    /// checked, its settings validated.
+    ///
+    /// # Errors
+    /// A [`PluginError`] naming the plugin and why it was refused.
+    pub fn new(runtime: &Arc<Runtime>, compiled: &CompiledPlugin, config: PluginConfig) -> Result<Plugin, PluginError> {
+        let CompiledPlugin { name, path, sha256, component, policy_version, exported, .. } = compiled.clone();
         let served = match &config.decisions {
             Some(wanted) => {
                 if let Some(&missing) = wanted.iter().find(|decision| !exported.contains(decision)) {
@@ -173,7 +225,7 @@ impl Plugin {
         };
         let plugin = Plugin {
             name,
-            path: wasm_path.to_owned(),
+            path,
             sha256,
             policy_version,
             config,

@@ -171,7 +171,11 @@ fn classify(error: &wasmtime::Error, limiter: &MemoryLimiter, limits: Limits) ->
     match error.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => FailureCause::Timeout(limits.timeout),
         _ if limiter.exceeded => FailureCause::OutOfMemory(limits.memory_bytes),
-        Some(trap) => FailureCause::Trap(format!("{trap}: {}", root_message(error))),
+        Some(trap) => {
+            // The guest's own words when it left any; wasmtime repeats the trap otherwise.
+            let root = root_message(error);
+            FailureCause::Trap(if root == trap.to_string() { root } else { format!("{trap}: {root}") })
+        }
         None => FailureCause::Instantiate(format!("{error:#}")),
     }
 }
@@ -213,7 +217,7 @@ fn pooling_config() -> PoolingAllocationConfig {
         .total_memories(128)
         .total_tables(256)
         .total_stacks(64)
-        .max_core_instances_per_component(20)
+        .max_core_instances_per_component(64)
         .max_memories_per_component(4)
         .max_tables_per_component(8)
         .max_memory_size(MAX_MEMORY_BYTES as usize)

@@ -1,0 +1,33 @@
+//! {{name}}: a modelcache quota policy. Admits a pull only while it takes at
+//! most half of the bytes still free (after the pulls already admitted).
+
+wit_bindgen::generate!({ world: "quota-policy", path: "wit" });
+
+use exports::modelcache::policy::quota::{self, Request, Verdict};
+use exports::modelcache::policy::settings;
+
+struct Policy;
+
+impl settings::Guest for Policy {
+    fn validate_settings(settings: String) -> Result<(), String> {
+        match serde_json::from_str::<serde_json::Value>(&settings) {
+            Ok(serde_json::Value::Object(_)) => Ok(()),
+            _ => Err("settings must be a JSON object".to_owned()),
+        }
+    }
+}
+
+impl quota::Guest for Policy {
+    fn decide(request: Request) -> Result<Verdict, String> {
+        let free = request.filesystem.free_bytes.saturating_sub(request.reserved_bytes);
+        if request.incoming_bytes <= free / 2 {
+            return Ok(Verdict::Admit);
+        }
+        Ok(Verdict::Deny(format!(
+            "{} would take {} of the {} bytes free; this node admits at most half",
+            request.reference, request.incoming_bytes, free
+        )))
+    }
+}
+
+export!(Policy);
