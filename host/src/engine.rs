@@ -296,7 +296,10 @@ pub struct Inspection {
 pub struct Engine {
     config: EngineConfig,
     store: Arc<Store>,
-    registry: Registry,
+    registry: Arc<Registry>,
+    /// Tag resolutions under way, by reference: a herd of pods asking for
+    /// one tag at once costs the registry one request, not one each.
+    resolutions: Flights<String, Digest, EngineError>,
     plugins: PluginHost,
     volumes: Volumes,
     entries: Flights<EntryKey, Built, EngineError>,
@@ -341,7 +344,8 @@ impl Engine {
             downloads: Semaphore::new(config.download_concurrency.max(1)),
             config,
             store,
-            registry,
+            registry: Arc::new(registry),
+            resolutions: Flights::default(),
             plugins,
             volumes,
             entries: Flights::default(),
@@ -432,7 +436,7 @@ impl Engine {
             request.options.clone(),
             self.volumes.tree(&request.volume, &request.mount_id),
         );
-        self.volumes.put(&mut record)?;
+        self.put_record(&mut record)?;
         let id = self.next_mount.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (sender, result) = watch::channel(None);
         let engine = self.clone();
@@ -471,7 +475,7 @@ impl Engine {
                 record.state = VolumeState::Ready;
                 record.error = None;
                 record.ready_at = Some(time::OffsetDateTime::now_utc());
-                self.volumes.put(&mut record)?;
+                self.put_record(&mut record)?;
                 tracing::info!(volume = %record.volume, mount_id = %record.mount_id, reference = %record.reference,
                     reused = record.reused_from_cache, coalesced = record.coalesced, link = ?record.link_method, "volume ready");
                 Ok(record)
@@ -479,7 +483,7 @@ impl Engine {
             Err(error) => {
                 record.state = VolumeState::Failed;
                 record.error = Some(RecordError { kind: error.kind(), message: crate::plugins::error_chain(&error) });
-                if let Err(write_error) = self.volumes.put(&mut record) {
+                if let Err(write_error) = self.put_record(&mut record) {
                     tracing::error!(volume = %record.volume, "cannot record the failure: {write_error}");
                 }
                 tracing::warn!(volume = %record.volume, mount_id = %record.mount_id, reference = %record.reference,
@@ -499,14 +503,14 @@ impl Engine {
         progress.bytes_total.store(record.bytes_total, std::sync::atomic::Ordering::Relaxed);
         // From here the record holds the entry too, and keeps holding it
         // once ready.
-        self.volumes.put(record)?;
+        self.put_record(record)?;
 
         let (lease, source) = self
             .ensure_entry(&resolved, |flight| {
                 *progress.flight.lock().unwrap_or_else(|poison| poison.into_inner()) = Some(flight.clone());
             }, |_| {
                 record.bytes_done = progress.snapshot().0;
-                self.volumes.put(record)
+                off_the_runtime(|| self.volumes.put_progress(record))
             })
             .await?;
         record.reused_from_cache = source == Source::Cached;
@@ -524,7 +528,7 @@ impl Engine {
         }
         record.link_method = report.method();
         record.link = Some(report);
-        self.store.record_use(&resolved.key, resolved.reference.as_str())?;
+        off_the_runtime(|| self.store.record_use(&resolved.key, resolved.reference.as_str()))?;
         drop(lease);
         Ok(())
     }
@@ -534,7 +538,7 @@ impl Engine {
     /// the moment they are known.
     async fn resolve_request(&self, reference: &str, options: &ExcludeOptions) -> Result<Resolved, EngineError> {
         let reference = ModelRef::parse(reference)?;
-        let digest = self.registry.resolve(&reference).await?;
+        let digest = self.resolve(&reference).await?;
         let manifest_hold = self.store.hold(None, std::slice::from_ref(&digest));
         let model = Arc::new(self.model(&reference, &digest).await?);
         let decision = self.exclude(&reference, &model, options).await?;
@@ -816,7 +820,7 @@ impl Engine {
                 record.error = Some(RecordError { kind: ErrorKind::Cancelled, message: "released while pulling".into() });
             }
             record.state = VolumeState::Released;
-            self.volumes.put(&mut record)?;
+            self.put_record(&mut record)?;
             tracing::info!(volume = %volume, mount_id = %mount_id, "volume released");
         }
         Ok(record)
@@ -848,7 +852,7 @@ impl Engine {
                         kind: ErrorKind::Cancelled,
                         message: "modelcache shut down before the mount finished; ask again".into(),
                     });
-                    if let Err(error) = self.volumes.put(&mut record) {
+                    if let Err(error) = self.put_record(&mut record) {
                         tracing::error!(volume = %volume, "cannot record the cancellation: {error}");
                     }
                 }
@@ -917,6 +921,28 @@ impl Engine {
 }
 
 impl Engine {
+    /// The digest `reference` names now, one registry request for all the
+    /// callers asking about the same reference at once. A caller that joins
+    /// gets the answer to a request sent at most one round trip before its
+    /// own arrival: the digest it would have got itself, unless the tag
+    /// moved within that round trip. Finished resolutions are not reused.
+    async fn resolve(&self, reference: &ModelRef) -> Result<Digest, EngineError> {
+        if let Some(digest) = reference.digest() {
+            return Ok(digest);
+        }
+        let registry = self.registry.clone();
+        let owned = reference.clone();
+        let mut ticket = self.resolutions.join(reference.to_string(), move |_| async move {
+            registry.resolve(&owned).await.map_err(EngineError::from)
+        });
+        ticket.wait().await.map_err(EngineError::Shared)
+    }
+
+    /// Writes a volume record durably, off the async workers.
+    fn put_record(&self, record: &mut VolumeRecord) -> Result<(), VolumeError> {
+        off_the_runtime(|| self.volumes.put(record))
+    }
+
     /// Sets the function called at each eviction.
     pub fn on_evict(&self, observer: EvictionObserver) {
         *self.on_evict.lock().unwrap_or_else(|poison| poison.into_inner()) = Some(observer);
@@ -1095,6 +1121,18 @@ impl Engine {
             return Ok(digest);
         }
         Ok(self.registry.resolve(&ModelRef::parse(target)?).await?)
+    }
+}
+
+/// Runs blocking file work (a record's write and fsyncs) from async code
+/// without stalling the tasks queued on the same worker: with 64 mounts
+/// finishing together, their fsyncs ran one after another on the two
+/// workers, and the network tasks waited behind them (B3 in
+/// docs/benchmarks.md). Outside a multi-threaded runtime it just runs.
+fn off_the_runtime<R>(work: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|handle| handle.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
     }
 }
 

@@ -9,6 +9,9 @@
 
 use std::fs;
 use std::io;
+use std::ffi::OsStr;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -143,29 +146,83 @@ impl Linker {
     /// linked, symlinks recreated as they are. Directories that exist are
     /// merged into; files must not exist.
     ///
+    /// Works through directory descriptors (`linkat`, `statat` relative to
+    /// the open directories), as `cp -al` does: a warm mount links every file
+    /// of a model, and resolving each long store path afresh cost more than
+    /// the link itself.
+    ///
     /// # Errors
     /// The first file or directory that could not be made.
     pub fn link_tree(&mut self, from: &Path, to: &Path) -> Result<(), LinkError> {
-        let error = |action, source, a: &Path, b: &Path| LinkError { action, from: a.to_owned(), to: b.to_owned(), source };
-        create_dir(to).map_err(|source| error("create directory", source, from, to))?;
-        let entries = fs::read_dir(from).map_err(|source| error("read directory", source, from, to))?;
+        let error = |action, source| LinkError { action, from: from.to_owned(), to: to.to_owned(), source };
+        create_dir(to).map_err(|source| error("create directory", source))?;
+        let source = open_dir(from).map_err(|source| error("open directory", source))?;
+        let target = open_dir(to).map_err(|source| error("open directory", source))?;
+        self.link_dir(&source, from, &target, to)
+    }
+
+    fn link_dir(&mut self, source: &OwnedFd, from: &Path, target: &OwnedFd, to: &Path) -> Result<(), LinkError> {
+        use rustix::fs::{AtFlags, FileType};
+        let paths = |name: &OsStr| (from.join(name), to.join(name));
+        let error = |action, name: &OsStr, source: io::Error| {
+            let (from, to) = paths(name);
+            LinkError { action, from, to, source }
+        };
+        let entries = rustix::fs::Dir::read_from(source).map_err(|errno| error("read directory", OsStr::new(""), errno.into()))?;
         for entry in entries {
-            let entry = entry.map_err(|source| error("read directory", source, from, to))?;
-            let source_path = entry.path();
-            let target = to.join(entry.file_name());
-            let file_type = entry.file_type().map_err(|source| error("inspect", source, &source_path, &target))?;
-            if file_type.is_dir() {
-                self.link_tree(&source_path, &target)?;
-            } else if file_type.is_symlink() {
-                let destination = fs::read_link(&source_path).map_err(|source| error("read symlink", source, &source_path, &target))?;
-                std::os::unix::fs::symlink(&destination, &target)
-                    .map_err(|source| error("create symlink", source, &source_path, &target))?;
-            } else {
-                self.link_file(&source_path, &target)?;
+            let entry = entry.map_err(|errno| error("read directory", OsStr::new(""), errno.into()))?;
+            let name = entry.file_name();
+            if name == c"." || name == c".." {
+                continue;
+            }
+            let name_os = OsStr::from_bytes(name.to_bytes());
+            let file_type = match entry.file_type() {
+                // Some filesystems leave the type out of directory entries.
+                FileType::Unknown => rustix::fs::statat(source, name, AtFlags::SYMLINK_NOFOLLOW)
+                    .map(|stat| FileType::from_raw_mode(stat.st_mode))
+                    .map_err(|errno| error("inspect", name_os, errno.into()))?,
+                known => known,
+            };
+            match file_type {
+                FileType::Directory => {
+                    let (source_path, target_path) = paths(name_os);
+                    self.link_tree(&source_path, &target_path)?;
+                }
+                FileType::Symlink => {
+                    let destination = rustix::fs::readlinkat(source, name, Vec::new())
+                        .map_err(|errno| error("read symlink", name_os, errno.into()))?;
+                    rustix::fs::symlinkat(destination.as_c_str(), target, name)
+                        .map_err(|errno| error("create symlink", name_os, errno.into()))?;
+                }
+                _ if self.start == LinkMethod::Hardlink => {
+                    match rustix::fs::linkat(source, name, target, name, AtFlags::empty()) {
+                        Ok(()) => {
+                            let size = rustix::fs::statat(source, name, AtFlags::SYMLINK_NOFOLLOW)
+                                .map(|stat| stat.st_size as u64)
+                                .unwrap_or(0);
+                            self.report.count(LinkMethod::Hardlink, size);
+                        }
+                        // The path-based walk of the fallbacks decides what is next.
+                        Err(errno) if falls_back(&errno.into()) => {
+                            let (source_path, target_path) = paths(name_os);
+                            self.link_file(&source_path, &target_path)?;
+                        }
+                        Err(errno) => return Err(error("hardlink", name_os, errno.into())),
+                    }
+                }
+                _ => {
+                    let (source_path, target_path) = paths(name_os);
+                    self.link_file(&source_path, &target_path)?;
+                }
             }
         }
         Ok(())
     }
+}
+
+fn open_dir(path: &Path) -> io::Result<OwnedFd> {
+    use rustix::fs::{Mode, OFlags};
+    Ok(rustix::fs::open(path, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?)
 }
 
 fn create_dir(path: &Path) -> io::Result<()> {

@@ -42,8 +42,11 @@ use crate::plugins::quota::Filesystem;
 
 /// Bytes buffered by a blob writer before each `write(2)`.
 const WRITE_BUFFER: usize = 1 << 20;
-/// Chunks in flight between the network task and a blob writer.
-const CHANNEL_CHUNKS: usize = 64;
+/// Chunks in flight between the network task and a blob writer: enough to
+/// keep both busy. Each chunk may pin a whole read buffer of the HTTP client,
+/// so more of them cost memory, not speed (64 held ~30 MiB more at peak
+/// during a 1 GiB pull than 8 do; docs/benchmarks.md, B6).
+const CHANNEL_CHUNKS: usize = 8;
 
 /// Where everything lives under the root.
 #[derive(Clone, Debug)]
@@ -1059,6 +1062,18 @@ fn sync_tree(dir: &Path) -> Result<(), StoreError> {
 
 /// Writes JSON atomically: temporary beside it, fsync, rename, fsync the directory.
 pub(crate) fn write_json(path: &Path, value: &impl Serialize) -> Result<(), StoreError> {
+    write_json_atomically(path, value, true)
+}
+
+/// Writes JSON atomically but without waiting for the disk: readers see the
+/// old or the new document, never a torn one, and after a crash either may
+/// be there. For snapshots that are rewritten soon anyway (a pull's progress),
+/// where an fsync per second per waiting volume slowed the pull itself.
+pub(crate) fn write_json_volatile(path: &Path, value: &impl Serialize) -> Result<(), StoreError> {
+    write_json_atomically(path, value, false)
+}
+
+fn write_json_atomically(path: &Path, value: &impl Serialize, durable: bool) -> Result<(), StoreError> {
     let dir = path.parent().expect("a JSON file lives in a directory");
     let mut temp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir).map_err(io_error("create a temporary in", dir))?;
     serde_json::to_writer_pretty(&mut temp, value).map_err(|error| StoreError::Io {
@@ -1066,6 +1081,9 @@ pub(crate) fn write_json(path: &Path, value: &impl Serialize) -> Result<(), Stor
         path: path.to_owned(),
         source: error.into(),
     })?;
+    if !durable {
+        return temp.persist(path).map(drop).map_err(|error| StoreError::Io { action: "write", path: path.to_owned(), source: error.error });
+    }
     temp.as_file().sync_all().map_err(io_error("fsync", temp.path()))?;
     temp.persist(path).map_err(|error| StoreError::Io { action: "write", path: path.to_owned(), source: error.error })?;
     sync_dir(dir)

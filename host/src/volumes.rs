@@ -22,7 +22,7 @@ use crate::error::ErrorKind;
 use crate::link::{LinkMethod, LinkReport};
 use crate::modelpack::SelectionKey;
 use crate::plugins::exclude::{ExcludeOptions, Skip};
-use crate::store::{EntryKey, StoreError, read_json, write_json};
+use crate::store::{EntryKey, StoreError, read_json, write_json, write_json_volatile};
 
 const MAX_ID: usize = 128;
 
@@ -284,16 +284,31 @@ impl Volumes {
         Ok(Some(read_json(&path)?))
     }
 
-    /// Writes a record (atomically), stamping `updated_at`.
+    /// Writes a record (atomically and durably), stamping `updated_at`.
     ///
     /// # Errors
     /// On I/O failure.
     pub fn put(&self, record: &mut VolumeRecord) -> Result<(), VolumeError> {
+        self.write(record, true)
+    }
+
+    /// Writes a pulling record's progress: atomically, not durably (a crash
+    /// loses at most a progress figure; the states are written by [`put`]).
+    ///
+    /// [`put`]: Volumes::put
+    ///
+    /// # Errors
+    /// On I/O failure.
+    pub fn put_progress(&self, record: &mut VolumeRecord) -> Result<(), VolumeError> {
+        self.write(record, false)
+    }
+
+    fn write(&self, record: &mut VolumeRecord, durable: bool) -> Result<(), VolumeError> {
         record.updated_at = time::OffsetDateTime::now_utc();
         let path = self.record_path(&record.volume, &record.mount_id);
         let dir = path.parent().expect("records live in a volume directory");
         fs::create_dir_all(dir).map_err(|source| StoreError::Io { action: "create", path: dir.to_owned(), source })?;
-        write_json(&path, record)?;
+        if durable { write_json(&path, record)? } else { write_json_volatile(&path, record)? }
         self.index(record);
         Ok(())
     }

@@ -106,17 +106,19 @@ impl Backend {
             }
             Backend::Daemon(client) => {
                 let path = volume_path(&request.volume, &request.mount_id);
+                // Each PUT waits up to a progress tick and answers the moment
+                // the mount ends; asking again joins the mount under way (as
+                // kubelet's retries do), so no time is lost to polling.
                 let body = MountBody {
                     reference: request.reference.clone(),
                     exclude_weights: request.options.exclude_weights,
                     patterns: request.options.patterns.clone(),
-                    wait_seconds: 0.0,
+                    wait_seconds: 0.25,
                 };
                 let mut record: VolumeRecord = client.put(&path, &body).await?.body;
                 while record.state == VolumeState::Pulling {
                     progress(record.bytes_done, record.bytes_total);
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    record = client.get(&path).await?;
+                    record = client.put(&path, &body).await?.body;
                 }
                 if let (VolumeState::Failed, Some(error)) = (record.state, &record.error) {
                     anyhow::bail!("{} ({})", error.message, error.kind);

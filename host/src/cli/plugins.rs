@@ -87,6 +87,12 @@ pub enum PluginsCommand {
         /// How long to keep calling, in seconds (at least 10 calls are made).
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
+        /// The per-call deadline instead of the one in `NAME.toml` or the case.
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+        /// The memory cap instead of the one in `NAME.toml` or the case.
+        #[arg(long)]
+        memory_mib: Option<u64>,
         #[command(flatten)]
         cache: CacheArgs,
     },
@@ -132,8 +138,9 @@ pub fn run(command: PluginsCommand) -> anyhow::Result<ExitCode> {
             run_one(&plugin, decision, &input, settings.as_deref(), &cache)
         }
         PluginsCommand::Test { plugin, cases, cache } => test(&plugin, &cases, &cache),
-        PluginsCommand::Bench { plugin, input, decision, settings, seconds, cache } => {
-            bench(&plugin, &input, decision, settings.as_deref(), seconds, &cache)
+        PluginsCommand::Bench { plugin, input, decision, settings, seconds, timeout_ms, memory_mib, cache } => {
+            let limits = (timeout_ms, memory_mib);
+            bench(&plugin, &input, decision, settings.as_deref(), limits, seconds, &cache)
         }
         PluginsCommand::New(args) => super::scaffold::new(&args),
     }
@@ -283,6 +290,7 @@ fn bench(
     input: &Path,
     decision: Option<Decision>,
     settings: Option<&Path>,
+    (timeout_ms, memory_mib): (Option<u64>, Option<u64>),
     seconds: f64,
     cache: &CacheArgs,
 ) -> anyhow::Result<ExitCode> {
@@ -302,6 +310,12 @@ fn bench(
     };
     if let Some(settings) = settings {
         config.settings_json = read_settings(settings)?;
+    }
+    if let Some(timeout_ms) = timeout_ms {
+        config.limits.timeout = std::time::Duration::from_millis(timeout_ms);
+    }
+    if let Some(memory_mib) = memory_mib {
+        config.limits.memory_bytes = memory_mib << 20;
     }
     let runtime = runtime()?;
     let compiled = compile(&runtime, wasm, cache)?;

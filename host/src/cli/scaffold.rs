@@ -48,25 +48,29 @@ fn files(lang: Lang, decision: Decision) -> Vec<File> {
             File { path: $path, text: include_str!(concat!("../../templates/", $source)) }
         };
     }
-    // Every JavaScript policy exports the same `settings` object.
-    macro_rules! js {
-        ($source:literal) => {
+    // Every starter accepts any settings object the same way: that part is
+    // appended to each decision's source.
+    macro_rules! source {
+        ($path:literal, $lang:literal, $decision:literal, $settings:literal) => {
             File {
-                path: "policy.js",
-                text: concat!(include_str!(concat!("../../templates/js/", $source)), include_str!("../../templates/js/settings.js")),
+                path: $path,
+                text: concat!(
+                    include_str!(concat!("../../templates/", $lang, "/", $decision)),
+                    include_str!(concat!("../../templates/", $lang, "/", $settings)),
+                ),
             }
         };
     }
     let mut files = match (lang, decision) {
-        (Lang::Rust, Decision::Exclude) => vec![template!("src/lib.rs", "rust/exclude.rs")],
-        (Lang::Rust, Decision::Quota) => vec![template!("src/lib.rs", "rust/quota.rs")],
-        (Lang::Rust, Decision::Gc) => vec![template!("src/lib.rs", "rust/gc.rs")],
-        (Lang::Python, Decision::Exclude) => vec![template!("app.py", "python/exclude.py")],
-        (Lang::Python, Decision::Quota) => vec![template!("app.py", "python/quota.py")],
-        (Lang::Python, Decision::Gc) => vec![template!("app.py", "python/gc.py")],
-        (Lang::Js, Decision::Exclude) => vec![js!("exclude.js")],
-        (Lang::Js, Decision::Quota) => vec![js!("quota.js")],
-        (Lang::Js, Decision::Gc) => vec![js!("gc.js")],
+        (Lang::Rust, Decision::Exclude) => vec![source!("src/lib.rs", "rust", "exclude.rs", "settings.rs")],
+        (Lang::Rust, Decision::Quota) => vec![source!("src/lib.rs", "rust", "quota.rs", "settings.rs")],
+        (Lang::Rust, Decision::Gc) => vec![source!("src/lib.rs", "rust", "gc.rs", "settings.rs")],
+        (Lang::Python, Decision::Exclude) => vec![source!("app.py", "python", "exclude.py", "settings.py")],
+        (Lang::Python, Decision::Quota) => vec![source!("app.py", "python", "quota.py", "settings.py")],
+        (Lang::Python, Decision::Gc) => vec![source!("app.py", "python", "gc.py", "settings.py")],
+        (Lang::Js, Decision::Exclude) => vec![source!("policy.js", "js", "exclude.js", "settings.js")],
+        (Lang::Js, Decision::Quota) => vec![source!("policy.js", "js", "quota.js", "settings.js")],
+        (Lang::Js, Decision::Gc) => vec![source!("policy.js", "js", "gc.js", "settings.js")],
     };
     files.push(match lang {
         Lang::Rust => template!("Cargo.toml", "rust/Cargo.toml"),

@@ -8,16 +8,6 @@ from wit_world import exports
 from wit_world.exports.exclude import Request, Skip
 
 
-class Settings(exports.Settings):
-    def validate_settings(self, settings: str) -> None:
-        try:
-            parsed = json.loads(settings)
-        except ValueError:
-            parsed = None
-        if not isinstance(parsed, dict):
-            raise Err("settings must be a JSON object")
-
-
 class Exclude(exports.Exclude):
     def decide(self, request: Request) -> list[Skip]:
         return [Skip(path=file.path, reason="documentation") for file in request.files if file.path.endswith(".md")]

@@ -10,16 +10,6 @@ from wit_world.exports.gc import Request
 WEEK = 7 * 24 * 60 * 60
 
 
-class Settings(exports.Settings):
-    def validate_settings(self, settings: str) -> None:
-        try:
-            parsed = json.loads(settings)
-        except ValueError:
-            parsed = None
-        if not isinstance(parsed, dict):
-            raise Err("settings must be a JSON object")
-
-
 class Gc(exports.Gc):
     def decide(self, request: Request) -> list[str]:
         idle = [c for c in request.candidates if request.now - c.last_used_at > WEEK]

@@ -8,16 +8,6 @@ from wit_world import exports
 from wit_world.exports.quota import Request, Verdict, Verdict_Admit, Verdict_Deny
 
 
-class Settings(exports.Settings):
-    def validate_settings(self, settings: str) -> None:
-        try:
-            parsed = json.loads(settings)
-        except ValueError:
-            parsed = None
-        if not isinstance(parsed, dict):
-            raise Err("settings must be a JSON object")
-
-
 class Quota(exports.Quota):
     def decide(self, request: Request) -> Verdict:
         free = max(request.filesystem.free_bytes - request.reserved_bytes, 0)

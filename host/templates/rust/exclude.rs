@@ -8,15 +8,6 @@ use exports::modelcache::policy::settings;
 
 struct Policy;
 
-impl settings::Guest for Policy {
-    fn validate_settings(settings: String) -> Result<(), String> {
-        match serde_json::from_str::<serde_json::Value>(&settings) {
-            Ok(serde_json::Value::Object(_)) => Ok(()),
-            _ => Err("settings must be a JSON object".to_owned()),
-        }
-    }
-}
-
 impl exclude::Guest for Policy {
     fn decide(request: Request) -> Result<Vec<Skip>, String> {
         Ok(request
@@ -27,5 +18,3 @@ impl exclude::Guest for Policy {
             .collect())
     }
 }
-
-export!(Policy);

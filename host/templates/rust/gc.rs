@@ -10,15 +10,6 @@ const WEEK: u64 = 7 * 24 * 60 * 60;
 
 struct Policy;
 
-impl settings::Guest for Policy {
-    fn validate_settings(settings: String) -> Result<(), String> {
-        match serde_json::from_str::<serde_json::Value>(&settings) {
-            Ok(serde_json::Value::Object(_)) => Ok(()),
-            _ => Err("settings must be a JSON object".to_owned()),
-        }
-    }
-}
-
 impl gc::Guest for Policy {
     fn decide(request: Request) -> Result<Vec<String>, String> {
         let mut idle: Vec<_> = request
@@ -30,5 +21,3 @@ impl gc::Guest for Policy {
         Ok(idle.into_iter().map(|candidate| candidate.key).collect())
     }
 }
-
-export!(Policy);

@@ -8,15 +8,6 @@ use exports::modelcache::policy::settings;
 
 struct Policy;
 
-impl settings::Guest for Policy {
-    fn validate_settings(settings: String) -> Result<(), String> {
-        match serde_json::from_str::<serde_json::Value>(&settings) {
-            Ok(serde_json::Value::Object(_)) => Ok(()),
-            _ => Err("settings must be a JSON object".to_owned()),
-        }
-    }
-}
-
 impl quota::Guest for Policy {
     fn decide(request: Request) -> Result<Verdict, String> {
         let free = request.filesystem.free_bytes.saturating_sub(request.reserved_bytes);
@@ -29,5 +20,3 @@ impl quota::Guest for Policy {
         )))
     }
 }
-
-export!(Policy);
