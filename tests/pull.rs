@@ -132,6 +132,34 @@ async fn concurrent_mounts_share_one_download() {
     assert!(tmp_is_empty(root.path()));
 }
 
+/// Mounts of one tag asking at the same moment share one tag resolution;
+/// a mount after they finished resolves afresh (tags move).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_herd_asking_for_one_tag_resolves_it_once() {
+    let Some(registry) = start_registry() else { return };
+    let (reference, _source) = publish(&registry, "models/herd:v1", &small_model(7));
+    // Every resolution takes 300 ms, so the 16 mounts surely overlap it.
+    let proxy = support::FlakyProxy::slow_heads(registry.port(), std::time::Duration::from_millis(300));
+    let through_proxy = reference.replace(&registry.host(), &proxy.host());
+    let root = tempfile::tempdir().unwrap();
+    let engine = engine_with(root.path(), &proxy.host(), None, None);
+    let heads = || proxy.requests.lock().unwrap().iter().filter(|(line, _)| line.starts_with("HEAD ") && line.contains("/manifests/v1")).count();
+
+    let tasks: Vec<_> = (0..16)
+        .map(|index| {
+            let (engine, reference) = (engine.clone(), through_proxy.clone());
+            tokio::spawn(async move { engine.mount(request(&format!("herd-{index}"), &reference)).await })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap().expect("every mount succeeds").state, VolumeState::Ready);
+    }
+    assert_eq!(heads(), 1, "one resolution for the herd");
+
+    engine.mount(request("late", &through_proxy)).await.unwrap();
+    assert_eq!(heads(), 2, "a finished resolution is not reused");
+}
+
 /// The first caller cancelled mid-download while three others wait: the
 /// three succeed, and the blob is still fetched only once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

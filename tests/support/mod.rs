@@ -331,7 +331,8 @@ pub fn read_tree(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
 }
 
 /// A TCP proxy in front of a registry that cuts the first blob response
-/// after `cut_after` bytes, and remembers every request line and its Range.
+/// after `cut_after` bytes, or holds every HEAD for a while, and remembers
+/// every request line and its Range.
 pub struct FlakyProxy {
     pub port: u16,
     pub requests: std::sync::Arc<std::sync::Mutex<Vec<(String, Option<String>)>>>,
@@ -339,6 +340,15 @@ pub struct FlakyProxy {
 
 impl FlakyProxy {
     pub fn start(upstream: u16, cut_after: usize) -> FlakyProxy {
+        FlakyProxy::with(upstream, cut_after, std::time::Duration::ZERO)
+    }
+
+    /// Cuts nothing; answers every HEAD (a tag resolution) `delay` late.
+    pub fn slow_heads(upstream: u16, delay: std::time::Duration) -> FlakyProxy {
+        FlakyProxy::with(upstream, usize::MAX, delay)
+    }
+
+    fn with(upstream: u16, cut_after: usize, head_delay: std::time::Duration) -> FlakyProxy {
         use std::io::{Read, Write};
         use std::net::{Shutdown, TcpListener, TcpStream};
         use std::sync::atomic::{AtomicBool, Ordering};
@@ -379,6 +389,9 @@ impl FlakyProxy {
                     // One request per connection keeps the proxy simple.
                     rewritten.push_str("Connection: close\r\n\r\n");
                     let is_blob = request_line.starts_with("GET ") && request_line.contains("/blobs/");
+                    if request_line.starts_with("HEAD ") {
+                        std::thread::sleep(head_delay);
+                    }
                     seen.lock().unwrap().push((request_line, range));
                     let Ok(mut upstream) = TcpStream::connect(("127.0.0.1", upstream)) else { return };
                     upstream.write_all(rewritten.as_bytes()).unwrap();
