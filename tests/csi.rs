@@ -16,7 +16,7 @@ use bpfman_csi::v1::volume_capability::access_mode::Mode;
 use bpfman_csi::v1::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use bpfman_csi::v1::*;
 use modelcache::volumes::{VolumeRecord, VolumeState};
-use support::{Daemon, Registry, bytes, digest_of, push, read_tree, write_tree};
+use support::{Daemon, Registry, bytes, digest_of, publish, read_tree, start_registry};
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Code, Request};
 
@@ -93,25 +93,6 @@ fn unpublish_request(volume: &str, target: &Path) -> NodeUnpublishVolumeRequest 
 fn mounts_at(target: &Path) -> Vec<modelcache_csi::mounts::MountEntry> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     modelcache_csi::mounts::parse_mountinfo(&text).into_iter().filter(|entry| entry.mount_point == target).collect()
-}
-
-fn start_registry() -> Option<Registry> {
-    let registry = Registry::start();
-    if registry.is_none() {
-        if std::env::var_os("MODELCACHE_TEST_STRICT").is_some_and(|value| value == "1") {
-            panic!("cannot skip under MODELCACHE_TEST_STRICT=1: docker-registry is not installed");
-        }
-        eprintln!("SKIPPED: docker-registry is not installed (apt-get install docker-registry)");
-    }
-    registry
-}
-
-fn publish(registry: &Registry, name: &str, files: &[(&str, Vec<u8>)]) -> (String, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    write_tree(dir.path(), files);
-    let reference = registry.reference(name);
-    push(registry, dir.path(), &reference);
-    (reference, dir)
 }
 
 fn model(seed: u64) -> Vec<(&'static str, Vec<u8>)> {

@@ -11,28 +11,9 @@ use modelcache::api::{MountBody, VolumeSocket, VolumeSocketBody};
 use modelcache::error::ErrorKind;
 use modelcache::plugins::PluginStatus;
 use modelcache::volumes::{VolumeRecord, VolumeState};
-use support::{Daemon, PluginDir, Registry, bytes, digest_of, push, read_tree, write_tree};
+use support::{Daemon, PluginDir, Registry, bytes, digest_of, publish, push, read_tree, start_registry, write_tree};
 
 const MIB: usize = 1 << 20;
-
-fn start_registry() -> Option<Registry> {
-    let registry = Registry::start();
-    if registry.is_none() {
-        if std::env::var_os("MODELCACHE_TEST_STRICT").is_some_and(|value| value == "1") {
-            panic!("cannot skip under MODELCACHE_TEST_STRICT=1: docker-registry is not installed");
-        }
-        eprintln!("SKIPPED: docker-registry is not installed (apt-get install docker-registry)");
-    }
-    registry
-}
-
-fn publish(registry: &Registry, name: &str, files: &[(&str, Vec<u8>)]) -> (String, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    write_tree(dir.path(), files);
-    let reference = registry.reference(name);
-    push(registry, dir.path(), &reference);
-    (reference, dir)
-}
 
 fn mount_body(reference: &str, wait_seconds: f64) -> MountBody {
     MountBody { reference: reference.into(), wait_seconds, ..MountBody::default() }
@@ -191,6 +172,25 @@ async fn plugins_reload_when_their_directory_changes() {
     assert_eq!(broken.sha256, second.sha256);
     assert!(broken.error.unwrap().contains("not a WebAssembly component"));
     assert!(plugin_status(&client, "quota-watermark").await.loaded);
+}
+
+/// A status request may wait for a mount under way (a long poll): it is
+/// answered when the mount ends, with the finished record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_long_polls_until_the_mount_ends() {
+    let Some(registry) = start_registry() else { return };
+    let files = vec![("big.safetensors", bytes(4, 128 * MIB)), ("config.json", b"{}".to_vec())];
+    let (reference, source) = publish(&registry, "models/watched:v1", &files);
+    let daemon = Daemon::start(&format!("[registries]\ninsecure = [\"{}\"]\n", registry.host()));
+    let client = daemon.client();
+    let answer = client.put::<_, VolumeRecord>("/v1/volumes/pod/default", &mount_body(&reference, 0.0)).await.unwrap();
+    assert_eq!(answer.status.as_u16(), 202);
+    let at_once: VolumeRecord = client.get("/v1/volumes/pod/default").await.unwrap();
+    assert_eq!(at_once.state, VolumeState::Pulling, "without a wait the status answers at once");
+
+    let record: VolumeRecord = client.get("/v1/volumes/pod/default?wait-seconds=120").await.unwrap();
+    assert_eq!(record.state, VolumeState::Ready);
+    assert_eq!(read_tree(&record.path), read_tree(source.path()));
 }
 
 /// SIGTERM mid-pull cancels cleanly: no temporaries, the record says

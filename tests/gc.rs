@@ -16,21 +16,10 @@ use modelcache::plugins::exclude::ExcludeOptions;
 use modelcache::registry::RegistryConfig;
 use modelcache::store::EntryKey;
 use modelcache::volumes::{MountId, VolumeId, VolumeState};
-use support::{PluginDir, Registry, bytes, push, read_tree, write_tree};
+use support::{PluginDir, Registry, bytes, push, read_tree, start_registry, write_tree};
 
 const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
-
-fn start_registry() -> Option<Registry> {
-    let registry = Registry::start();
-    if registry.is_none() {
-        if std::env::var_os("MODELCACHE_TEST_STRICT").is_some_and(|value| value == "1") {
-            panic!("cannot skip under MODELCACHE_TEST_STRICT=1: docker-registry is not installed");
-        }
-        eprintln!("SKIPPED: docker-registry is not installed (apt-get install docker-registry)");
-    }
-    registry
-}
 
 fn engine(root: &Path, registry: &Registry, plugins: Option<&Path>) -> Arc<Engine> {
     let mut config = EngineConfig::new(root);

@@ -16,20 +16,9 @@ use modelcache::link::LinkMethod;
 use modelcache::plugins::exclude::ExcludeOptions;
 use modelcache::registry::{ModelRef, Registry as Client, RegistryConfig};
 use modelcache::volumes::{MountId, VolumeId, VolumeRecord, VolumeState};
-use support::{PluginDir, Registry, bytes, digest_of, push, read_tree, write_tree};
+use support::{PluginDir, Registry, bytes, digest_of, publish, read_tree, start_registry};
 
 const MIB: usize = 1 << 20;
-
-fn start_registry() -> Option<Registry> {
-    let registry = Registry::start();
-    if registry.is_none() {
-        if std::env::var_os("MODELCACHE_TEST_STRICT").is_some_and(|value| value == "1") {
-            panic!("cannot skip under MODELCACHE_TEST_STRICT=1: docker-registry is not installed");
-        }
-        eprintln!("SKIPPED: docker-registry is not installed (apt-get install docker-registry)");
-    }
-    registry
-}
 
 fn engine_with(root: &Path, insecure: &str, plugins: Option<&Path>, volumes: Option<&Path>) -> Arc<Engine> {
     let mut config = EngineConfig::new(root);
@@ -73,14 +62,6 @@ fn small_model(seed: u64) -> Vec<(&'static str, Vec<u8>)> {
 }
 
 /// Pushes `files` as `repository:tag`; returns the reference and the tree.
-fn publish(registry: &Registry, name: &str, files: &[(&str, Vec<u8>)]) -> (String, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    write_tree(dir.path(), files);
-    let reference = registry.reference(name);
-    push(registry, dir.path(), &reference);
-    (reference, dir)
-}
-
 fn tmp_is_empty(root: &Path) -> bool {
     std::fs::read_dir(root.join("tmp")).unwrap().next().is_none()
 }

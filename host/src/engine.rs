@@ -458,6 +458,14 @@ impl Engine {
     }
 
     /// Bytes done and to do of a mount under way.
+    /// The mount of `volume`/`mount_id` under way, to wait for; `None` when
+    /// none is running.
+    pub fn running(&self, volume: &VolumeId, mount_id: &MountId) -> Option<MountHandle> {
+        let active = self.active();
+        let running = active.get(&(volume.clone(), mount_id.clone()))?;
+        Some(MountHandle { result: running.result.clone() })
+    }
+
     pub fn progress(&self, volume: &VolumeId, mount_id: &MountId) -> Option<(u64, u64)> {
         let active = self.active();
         let running = active.get(&(volume.clone(), mount_id.clone()))?;

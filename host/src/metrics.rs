@@ -114,21 +114,28 @@ pub struct Metrics {
 /// The process's metrics.
 pub fn metrics() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
-    METRICS.get_or_init(|| Metrics {
-        pulls_started: Counter::default(),
-        pulls_succeeded: Counter::default(),
-        pulls_failed: CounterVec::new(["kind"]),
-        downloaded_bytes: Counter::default(),
-        cache_hits: Counter::default(),
-        cache_misses: Counter::default(),
-        coalesced_waiters: Counter::default(),
-        linked_files: CounterVec::new(["method"]),
-        gc_runs: CounterVec::new(["trigger"]),
-        gc_freed_bytes: Counter::default(),
-        plugin_calls: CounterVec::new(["plugin", "decision"]),
-        plugin_failures: CounterVec::new(["plugin", "decision", "cause"]),
-        plugin_seconds: HistogramVec::new(["plugin", "decision"]),
-    })
+    METRICS.get_or_init(Metrics::new)
+}
+
+impl Metrics {
+    /// Every metric at zero, with its label names.
+    fn new() -> Metrics {
+        Metrics {
+            pulls_started: Counter::default(),
+            pulls_succeeded: Counter::default(),
+            pulls_failed: CounterVec::new(["kind"]),
+            downloaded_bytes: Counter::default(),
+            cache_hits: Counter::default(),
+            cache_misses: Counter::default(),
+            coalesced_waiters: Counter::default(),
+            linked_files: CounterVec::new(["method"]),
+            gc_runs: CounterVec::new(["trigger"]),
+            gc_freed_bytes: Counter::default(),
+            plugin_calls: CounterVec::new(["plugin", "decision"]),
+            plugin_failures: CounterVec::new(["plugin", "decision", "cause"]),
+            plugin_seconds: HistogramVec::new(["plugin", "decision"]),
+        }
+    }
 }
 
 /// Values the renderer asks for at scrape time.
@@ -202,21 +209,7 @@ mod tests {
     /// Counters, labelled counters and histograms render in the text format.
     #[test]
     fn renders_the_text_format() {
-        let metrics = Metrics {
-            pulls_started: Counter::default(),
-            pulls_succeeded: Counter::default(),
-            pulls_failed: CounterVec::new(["kind"]),
-            downloaded_bytes: Counter::default(),
-            cache_hits: Counter::default(),
-            cache_misses: Counter::default(),
-            coalesced_waiters: Counter::default(),
-            linked_files: CounterVec::new(["method"]),
-            gc_runs: CounterVec::new(["trigger"]),
-            gc_freed_bytes: Counter::default(),
-            plugin_calls: CounterVec::new(["plugin", "decision"]),
-            plugin_failures: CounterVec::new(["plugin", "decision", "cause"]),
-            plugin_seconds: HistogramVec::new(["plugin", "decision"]),
-        };
+        let metrics = Metrics::new();
         metrics.downloaded_bytes.add(42);
         metrics.linked_files.add(["hardlink"], 3);
         metrics.plugin_calls.inc(["quota-\"x\"", "quota"]);

@@ -15,14 +15,37 @@ const PLUGIN_CRATES: &[&str] = &["exclude-patterns", "quota-watermark", "gc-lru-
 macro_rules! skip_unless {
     ($condition:expr, $($reason:tt)+) => {
         if !$condition {
-            let reason = format!($($reason)+);
-            if std::env::var_os("MODELCACHE_TEST_STRICT").is_some_and(|value| value == "1") {
-                panic!("cannot skip under MODELCACHE_TEST_STRICT=1: {reason}");
-            }
-            eprintln!("SKIPPED: {reason}");
+            $crate::support::skipping(&format!($($reason)+));
             return;
         }
     };
+}
+
+/// Says why a test skips, or fails it under `MODELCACHE_TEST_STRICT=1`.
+pub fn skipping(reason: &str) {
+    if std::env::var_os("MODELCACHE_TEST_STRICT").is_some_and(|value| value == "1") {
+        panic!("cannot skip under MODELCACHE_TEST_STRICT=1: {reason}");
+    }
+    eprintln!("SKIPPED: {reason}");
+}
+
+/// A loopback registry, or `None` (the test then skips, saying why).
+pub fn start_registry() -> Option<Registry> {
+    let registry = Registry::start();
+    if registry.is_none() {
+        skipping("docker-registry is not installed (apt-get install docker-registry)");
+    }
+    registry
+}
+
+/// Pushes `files` as the model `name` (`repository:tag`); its reference, and
+/// the directory it was packed from (kept alive for comparisons).
+pub fn publish(registry: &Registry, name: &str, files: &[(&str, Vec<u8>)]) -> (String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    write_tree(dir.path(), files);
+    let reference = registry.reference(name);
+    push(registry, dir.path(), &reference);
+    (reference, dir)
 }
 
 /// Whether the tests run as root (bind mounts, tmpfs).

@@ -188,12 +188,25 @@ async fn list_volumes(State(state): State<AppState>) -> Response {
     Json(records).into_response()
 }
 
+#[derive(Deserialize)]
+struct WaitQuery {
+    #[serde(rename = "wait-seconds", default)]
+    wait_seconds: f64,
+}
+
 async fn volume_status(
     State(state): State<AppState>,
     UrlPath((volume, mount_id)): UrlPath<(String, String)>,
+    Query(query): Query<WaitQuery>,
 ) -> Result<Response, ApiError> {
     let volume = state.volume(&volume)?;
-    let record = state.engine.status(&volume, &MountId::new(&mount_id)?)?;
+    let mount_id = MountId::new(&mount_id)?;
+    // A watcher's long poll: answered the moment the mount ends. Its outcome
+    // is in the record either way.
+    if let Some(mut running) = state.engine.running(&volume, &mount_id) {
+        let _ = tokio::time::timeout(wait_for(query.wait_seconds), running.wait()).await;
+    }
+    let record = state.engine.status(&volume, &mount_id)?;
     Ok(Json(record).into_response())
 }
 

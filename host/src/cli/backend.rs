@@ -83,6 +83,9 @@ impl RootArgs {
     }
 }
 
+/// How often a waiting CLI reports progress, in seconds.
+const PROGRESS_TICK: f64 = 0.25;
+
 fn volume_path(volume: &VolumeId, mount_id: &MountId) -> String {
     format!("/v1/volumes/{volume}/{mount_id}")
 }
@@ -106,19 +109,19 @@ impl Backend {
             }
             Backend::Daemon(client) => {
                 let path = volume_path(&request.volume, &request.mount_id);
-                // Each PUT waits up to a progress tick and answers the moment
-                // the mount ends; asking again joins the mount under way (as
-                // kubelet's retries do), so no time is lost to polling.
                 let body = MountBody {
                     reference: request.reference.clone(),
                     exclude_weights: request.options.exclude_weights,
                     patterns: request.options.patterns.clone(),
-                    wait_seconds: 0.25,
+                    wait_seconds: PROGRESS_TICK,
                 };
                 let mut record: VolumeRecord = client.put(&path, &body).await?.body;
+                // Long polls, each answered the moment the mount ends, so
+                // no time is lost between the end and the next look.
+                let watch = format!("{path}?wait-seconds={PROGRESS_TICK}");
                 while record.state == VolumeState::Pulling {
                     progress(record.bytes_done, record.bytes_total);
-                    record = client.put(&path, &body).await?.body;
+                    record = client.get(&watch).await?;
                 }
                 if let (VolumeState::Failed, Some(error)) = (record.state, &record.error) {
                     anyhow::bail!("{} ({})", error.message, error.kind);
