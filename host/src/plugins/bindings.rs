@@ -4,10 +4,15 @@
 //! each decision interface gets one set of Rust types. A plugin that serves
 //! fewer decisions is driven through the per-interface `GuestIndices`, which
 //! look up only the exports a plugin has.
+//!
+//! The inputs borrow (`&str`, slices): a request is lowered straight from the
+//! engine's own data, so no string of a 100,000-candidate gc input is copied
+//! on the host before the canonical ABI copies it into the guest.
 
 wasmtime::component::bindgen!({
     path: "../wit",
     world: "modelcache:policy/full-policy",
+    ownership: Borrowing { duplicate_if_necessary: false },
 });
 
 pub use self::exports::modelcache::policy::{exclude, gc, quota, settings};

@@ -90,31 +90,53 @@ pub enum ExcludeError {
     Unserved,
 }
 
-/// Moves the input into the WIT types (no string is copied).
-fn into_wit(input: ExcludeInput) -> wit::Request {
-    wit::Request {
-        artifact: wit::Artifact {
-            reference: input.artifact.reference,
-            manifest_digest: input.artifact.manifest_digest,
+/// What a request borrows from an input: the WIT records point into it, so
+/// no string is copied on the host.
+struct Lowered<'a> {
+    annotations: Vec<types::Annotation<'a>>,
+    files: Vec<wit::ModelFile<'a>>,
+    patterns: Vec<&'a str>,
+    input: &'a ExcludeInput,
+    /// The input's paths, to check the answer against.
+    paths: KnownNames,
+}
+
+impl<'a> Lowered<'a> {
+    fn new(input: &'a ExcludeInput) -> Lowered<'a> {
+        Lowered {
             annotations: input
                 .artifact
                 .annotations
-                .into_iter()
+                .iter()
                 .map(|(key, value)| types::Annotation { key, value })
                 .collect(),
-        },
-        files: input
-            .files
-            .into_iter()
-            .map(|file| wit::ModelFile {
-                path: file.path,
-                size: file.size,
-                media_type: file.media_type,
-                layer_digest: file.layer_digest,
-            })
-            .collect(),
-        options: wit::Options { exclude_weights: input.options.exclude_weights, patterns: input.options.patterns },
-        settings: String::new(),
+            files: input
+                .files
+                .iter()
+                .map(|file| wit::ModelFile {
+                    path: &file.path,
+                    size: file.size,
+                    media_type: &file.media_type,
+                    layer_digest: &file.layer_digest,
+                })
+                .collect(),
+            patterns: input.options.patterns.iter().map(String::as_str).collect(),
+            input,
+            paths: KnownNames::new(input.files.iter().map(|file| file.path.as_str())),
+        }
+    }
+
+    fn request<'r>(&'r self, settings: &'r str) -> wit::Request<'r> {
+        wit::Request {
+            artifact: wit::Artifact {
+                reference: &self.input.artifact.reference,
+                manifest_digest: &self.input.artifact.manifest_digest,
+                annotations: &self.annotations,
+            },
+            files: &self.files,
+            options: wit::Options { exclude_weights: self.input.options.exclude_weights, patterns: &self.patterns },
+            settings,
+        }
     }
 }
 
@@ -124,16 +146,15 @@ impl Plugin {
     /// # Errors
     /// Why the call failed; the caller applies the fail mode.
     pub fn exclude(&self, input: &ExcludeInput) -> Result<Vec<Skip>, FailureCause> {
-        let paths = KnownNames::new(input.files.iter().map(|file| file.path.as_str()));
-        self.exclude_wit(&mut into_wit(input.clone()), &paths)
+        self.exclude_lowered(&Lowered::new(input))
     }
 
-    fn exclude_wit(&self, request: &mut wit::Request, paths: &KnownNames) -> Result<Vec<Skip>, FailureCause> {
+    fn exclude_lowered(&self, lowered: &Lowered<'_>) -> Result<Vec<Skip>, FailureCause> {
         let indices = self.exports.exclude.as_ref().ok_or_else(|| not_served(self, Decision::Exclude))?;
-        request.settings.clone_from(&self.config.settings_json);
+        let request = lowered.request(&self.config.settings_json);
         let answer = self.call("exclude", |store, instance| indices.load(&mut *store, instance)?.call_decide(&mut *store, request))?;
         let skips = answer.map_err(FailureCause::PluginError)?;
-        if let Some(unknown) = skips.iter().find(|skip| !paths.contains(&skip.path)) {
+        if let Some(unknown) = skips.iter().find(|skip| !lowered.paths.contains(&skip.path)) {
             return Err(FailureCause::InvalidOutput(format!("skips `{}`, which is not a file of the model", unknown.path)));
         }
         Ok(skips
@@ -158,12 +179,11 @@ impl PluginSet {
         if plugins.peek().is_none() {
             return if input.options.is_empty() { Ok(ExcludeDecision::default()) } else { Err(ExcludeError::Unserved) };
         }
-        let paths = KnownNames::new(input.files.iter().map(|file| file.path.as_str()));
-        let mut request = into_wit(input);
+        let lowered = Lowered::new(&input);
         let mut decision = ExcludeDecision::default();
         let mut skipped = HashSet::new();
         for plugin in plugins {
-            match plugin.exclude_wit(&mut request, &paths) {
+            match plugin.exclude_lowered(&lowered) {
                 Ok(skips) => {
                     for skip in skips {
                         if skipped.insert(skip.path.clone()) {

@@ -66,28 +66,52 @@ impl GcDecision {
     }
 }
 
-/// Moves the input into the WIT types: with 100,000 candidates, copying
-/// their strings would cost more than the plugin's own work.
-fn into_wit(input: GcInput) -> wit::Request {
-    wit::Request {
-        filesystem: input.filesystem.into(),
-        cache_bytes: input.cache_bytes,
-        now: input.now,
-        candidates: input
+/// Every candidate's references in one list, for the WIT records to borrow.
+fn all_references(input: &GcInput) -> Vec<&str> {
+    input.candidates.iter().flat_map(|candidate| candidate.references.iter().map(String::as_str)).collect()
+}
+
+/// What a request borrows from an input: the WIT records point into it, so
+/// no string of 100,000 candidates is copied on the host.
+struct Lowered<'a> {
+    input: &'a GcInput,
+    candidates: Vec<wit::Candidate<'a>>,
+    /// The candidates' keys, to check the answer against.
+    keys: KnownNames,
+}
+
+impl<'a> Lowered<'a> {
+    /// `references` is `all_references(input)`.
+    fn new(input: &'a GcInput, mut references: &'a [&'a str]) -> Lowered<'a> {
+        let candidates = input
             .candidates
-            .into_iter()
-            .map(|candidate| wit::Candidate {
-                key: candidate.key,
-                manifest_digest: candidate.manifest_digest,
-                references: candidate.references,
-                bytes_on_disk: candidate.bytes_on_disk,
-                exclusive_bytes: candidate.exclusive_bytes,
-                created_at: candidate.created_at,
-                last_used_at: candidate.last_used_at,
-                use_count: candidate.use_count,
+            .iter()
+            .map(|candidate| {
+                let (own, rest) = references.split_at(candidate.references.len());
+                references = rest;
+                wit::Candidate {
+                    key: &candidate.key,
+                    manifest_digest: &candidate.manifest_digest,
+                    references: own,
+                    bytes_on_disk: candidate.bytes_on_disk,
+                    exclusive_bytes: candidate.exclusive_bytes,
+                    created_at: candidate.created_at,
+                    last_used_at: candidate.last_used_at,
+                    use_count: candidate.use_count,
+                }
             })
-            .collect(),
-        settings: String::new(),
+            .collect();
+        Lowered { input, candidates, keys: KnownNames::new(input.candidates.iter().map(|candidate| candidate.key.as_str())) }
+    }
+
+    fn request<'r>(&'r self, settings: &'r str) -> wit::Request<'r> {
+        wit::Request {
+            filesystem: self.input.filesystem.into(),
+            cache_bytes: self.input.cache_bytes,
+            now: self.input.now,
+            candidates: &self.candidates,
+            settings,
+        }
     }
 }
 
@@ -97,16 +121,15 @@ impl Plugin {
     /// # Errors
     /// Why the call failed; the caller applies the fail mode.
     pub fn gc(&self, input: &GcInput) -> Result<Vec<String>, FailureCause> {
-        let keys = KnownNames::new(input.candidates.iter().map(|candidate| candidate.key.as_str()));
-        self.gc_wit(&mut into_wit(input.clone()), &keys)
+        self.gc_lowered(&Lowered::new(input, &all_references(input)))
     }
 
-    fn gc_wit(&self, request: &mut wit::Request, keys: &KnownNames) -> Result<Vec<String>, FailureCause> {
+    fn gc_lowered(&self, lowered: &Lowered<'_>) -> Result<Vec<String>, FailureCause> {
         let indices = self.exports.gc.as_ref().ok_or_else(|| not_served(self, Decision::Gc))?;
-        request.settings.clone_from(&self.config.settings_json);
+        let request = lowered.request(&self.config.settings_json);
         let answer = self.call("gc", |store, instance| indices.load(&mut *store, instance)?.call_decide(&mut *store, request))?;
         let evict = answer.map_err(FailureCause::PluginError)?;
-        if let Some(unknown) = evict.iter().find(|key| !keys.contains(key)) {
+        if let Some(unknown) = evict.iter().find(|key| !lowered.keys.contains(key)) {
             return Err(FailureCause::InvalidOutput(format!("evicts `{unknown}`, which is not a candidate")));
         }
         Ok(evict)
@@ -120,12 +143,12 @@ impl PluginSet {
         if plugins.peek().is_none() || input.candidates.is_empty() {
             return GcDecision::default();
         }
-        let keys = KnownNames::new(input.candidates.iter().map(|candidate| candidate.key.as_str()));
-        let mut request = into_wit(input);
+        let references = all_references(&input);
+        let lowered = Lowered::new(&input, &references);
         let mut decision = GcDecision::default();
         let mut chosen = HashSet::new();
         for plugin in plugins {
-            match plugin.gc_wit(&mut request, &keys) {
+            match plugin.gc_lowered(&lowered) {
                 Ok(evict) => {
                     for key in evict {
                         if chosen.insert(key.clone()) {

@@ -64,15 +64,15 @@ pub struct QuotaDecision {
     pub failures: Vec<PluginFailure>,
 }
 
-fn to_wit(input: &QuotaInput) -> wit::Request {
+fn to_wit<'a>(input: &'a QuotaInput, settings: &'a str) -> wit::Request<'a> {
     wit::Request {
-        reference: input.reference.clone(),
-        manifest_digest: input.manifest_digest.clone(),
+        reference: &input.reference,
+        manifest_digest: &input.manifest_digest,
         incoming_bytes: input.incoming_bytes,
         cache_bytes: input.cache_bytes,
         reserved_bytes: input.reserved_bytes,
         filesystem: input.filesystem.into(),
-        settings: String::new(),
+        settings,
     }
 }
 
@@ -82,12 +82,8 @@ impl Plugin {
     /// # Errors
     /// Why the call failed; the caller applies the fail mode.
     pub fn quota(&self, input: &QuotaInput) -> Result<QuotaVerdict, FailureCause> {
-        self.quota_wit(&mut to_wit(input))
-    }
-
-    fn quota_wit(&self, request: &mut wit::Request) -> Result<QuotaVerdict, FailureCause> {
         let indices = self.exports.quota.as_ref().ok_or_else(|| not_served(self, Decision::Quota))?;
-        request.settings.clone_from(&self.config.settings_json);
+        let request = to_wit(input, &self.config.settings_json);
         let answer = self.call("quota", |store, instance| indices.load(&mut *store, instance)?.call_decide(&mut *store, request))?;
         Ok(match answer.map_err(FailureCause::PluginError)? {
             wit::Verdict::Admit => QuotaVerdict::Admit,
@@ -125,10 +121,9 @@ impl PluginSet {
         if plugins.peek().is_none() {
             return QuotaDecision { verdict: builtin(input), failures: Vec::new() };
         }
-        let mut request = to_wit(input);
         let mut failures = Vec::new();
         for plugin in plugins {
-            match plugin.quota_wit(&mut request) {
+            match plugin.quota(input) {
                 Ok(QuotaVerdict::Admit) => {}
                 Ok(deny) => return QuotaDecision { verdict: deny, failures },
                 Err(cause) => {

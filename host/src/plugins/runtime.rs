@@ -13,7 +13,7 @@
 //! name. A component importing anything else (filesystem, sockets, http) is
 //! refused at load, before it could be linked.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -81,6 +81,7 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<CallState>,
     allocation: Allocation,
+    ticker: Arc<Ticker>,
 }
 
 impl Runtime {
@@ -104,8 +105,9 @@ impl Runtime {
         tracing::info!(allocation = ?allocation, "plugin runtime ready");
         let mut linker = Linker::new(&engine);
         add_granted_wasi(&mut linker)?;
-        spawn_ticker(&engine);
-        Ok(Arc::new(Runtime { engine, linker, allocation }))
+        let weak = engine.weak();
+        let ticker = Ticker::start(move || weak.upgrade().map(|engine| engine.increment_epoch()).is_some());
+        Ok(Arc::new(Runtime { engine, linker, allocation, ticker }))
     }
 
     pub fn engine(&self) -> &Engine {
@@ -155,6 +157,7 @@ impl Runtime {
             table: ResourceTable::new(),
             limiter: MemoryLimiter { cap: limits.memory_bytes as usize, total: 0, exceeded: false },
         };
+        let _ticking = self.ticker.busy();
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
         store.set_epoch_deadline(limits.timeout.as_nanos().div_ceil(TICK.as_nanos()) as u64);
@@ -234,20 +237,62 @@ fn pooling_config() -> PoolingAllocationConfig {
     pooling
 }
 
-fn spawn_ticker(engine: &Engine) {
-    let weak = engine.weak();
-    std::thread::Builder::new()
-        .name("plugin-epoch".into())
-        .spawn(move || {
-            // A dedicated OS thread: a guest that never yields must not be able
-            // to starve the clock that interrupts it.
-            while let Some(engine) = weak.upgrade() {
-                engine.increment_epoch();
-                drop(engine);
-                std::thread::sleep(TICK);
-            }
-        })
-        .expect("spawning the epoch thread");
+/// Advances the epoch every [`TICK`] while calls run, and sleeps otherwise:
+/// an idle daemon on every node should not wake 200 times a second.
+struct Ticker {
+    /// Calls under way.
+    calls: Mutex<usize>,
+    wake: Condvar,
+}
+
+/// One call under way; the ticker runs while any is alive.
+struct Busy<'a>(&'a Ticker);
+
+impl Ticker {
+    /// Starts the ticker's thread; it ends once `tick` returns false (the
+    /// engine is gone), noticed within a second even when idle.
+    fn start(tick: impl Fn() -> bool + Send + 'static) -> Arc<Ticker> {
+        let ticker = Arc::new(Ticker { calls: Mutex::new(0), wake: Condvar::new() });
+        let shared = ticker.clone();
+        std::thread::Builder::new()
+            .name("plugin-epoch".into())
+            .spawn(move || {
+                // A dedicated OS thread: a guest that never yields must not be
+                // able to starve the clock that interrupts it.
+                loop {
+                    let calls = shared.lock();
+                    let (calls, idle) = shared
+                        .wake
+                        .wait_timeout_while(calls, Duration::from_secs(1), |calls| *calls == 0)
+                        .unwrap_or_else(|poison| poison.into_inner());
+                    drop(calls);
+                    if !tick() {
+                        return;
+                    }
+                    if !idle.timed_out() {
+                        std::thread::sleep(TICK);
+                    }
+                }
+            })
+            .expect("spawning the epoch thread");
+        ticker
+    }
+
+    fn lock(&self) -> MutexGuard<'_, usize> {
+        self.calls.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    fn busy(&self) -> Busy<'_> {
+        *self.lock() += 1;
+        self.wake.notify_one();
+        Busy(self)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        *self.0.lock() -= 1;
+    }
 }
 
 /// What one call's store holds.
@@ -409,5 +454,47 @@ impl tokio::io::AsyncWrite for LogPipe {
 
     fn poll_shutdown(self: std::pin::Pin<&mut Self>, _cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
         std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// The epoch moves while a call runs and stands still between calls, and
+    /// the thread ends with the engine.
+    #[test]
+    fn the_ticker_ticks_only_while_calls_run() {
+        let ticks = Arc::new(AtomicUsize::new(0));
+        let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let ticker = {
+            let (ticks, alive) = (ticks.clone(), alive.clone());
+            Ticker::start(move || {
+                ticks.fetch_add(1, Ordering::SeqCst);
+                alive.load(Ordering::SeqCst)
+            })
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(ticks.load(Ordering::SeqCst), 0, "ticked while idle");
+
+        let busy = ticker.busy();
+        std::thread::sleep(Duration::from_millis(100));
+        drop(busy);
+        let during = ticks.load(Ordering::SeqCst);
+        assert!(during >= 5, "only {during} ticks in 100 ms of a call");
+
+        std::thread::sleep(Duration::from_millis(20));
+        let settled = ticks.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(ticks.load(Ordering::SeqCst), settled, "kept ticking after the call");
+
+        alive.store(false, Ordering::SeqCst);
+        let _busy = ticker.busy();
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while Arc::strong_count(&ticker) > 1 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(Arc::strong_count(&ticker), 1, "the thread outlived its engine");
     }
 }
