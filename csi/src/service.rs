@@ -235,7 +235,7 @@ impl Identity for Shim {
 
     /// Ready when the daemon answers.
     async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
-        let ready = Client::reach(&self.config.daemon_socket).await.is_some();
+        let ready = Client::new(&self.config.daemon_socket).healthy().await;
         Ok(Response::new(ProbeResponse { ready: Some(ready) }))
     }
 }

@@ -300,6 +300,10 @@ pub struct Engine {
     /// Tag resolutions under way, by reference: a herd of pods asking for
     /// one tag at once costs the registry one request, not one each.
     resolutions: Flights<String, Digest, EngineError>,
+    /// Manifests already parsed, by digest. What a digest names never
+    /// changes, and parsing the manifest of a 1,000-file model is a good part
+    /// of a warm mount. Used only while the store still has the manifest.
+    models: Mutex<HashMap<Digest, Arc<Model>>>,
     plugins: PluginHost,
     volumes: Volumes,
     entries: Flights<EntryKey, Built, EngineError>,
@@ -346,6 +350,7 @@ impl Engine {
             store,
             registry: Arc::new(registry),
             resolutions: Flights::default(),
+            models: Mutex::new(HashMap::new()),
             plugins,
             volumes,
             entries: Flights::default(),
@@ -436,7 +441,7 @@ impl Engine {
             request.options.clone(),
             self.volumes.tree(&request.volume, &request.mount_id),
         );
-        self.put_record(&mut record)?;
+        off_the_runtime(|| self.volumes.put_pulling(&mut record))?;
         let id = self.next_mount.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (sender, result) = watch::channel(None);
         let engine = self.clone();
@@ -511,14 +516,14 @@ impl Engine {
         progress.bytes_total.store(record.bytes_total, std::sync::atomic::Ordering::Relaxed);
         // From here the record holds the entry too, and keeps holding it
         // once ready.
-        self.put_record(record)?;
+        off_the_runtime(|| self.volumes.put_pulling(record))?;
 
         let (lease, source) = self
             .ensure_entry(&resolved, |flight| {
                 *progress.flight.lock().unwrap_or_else(|poison| poison.into_inner()) = Some(flight.clone());
             }, |_| {
                 record.bytes_done = progress.snapshot().0;
-                off_the_runtime(|| self.volumes.put_progress(record))
+                off_the_runtime(|| self.volumes.put_pulling(record))
             })
             .await?;
         record.reused_from_cache = source == Source::Cached;
@@ -548,7 +553,7 @@ impl Engine {
         let reference = ModelRef::parse(reference)?;
         let digest = self.resolve(&reference).await?;
         let manifest_hold = self.store.hold(None, std::slice::from_ref(&digest));
-        let model = Arc::new(self.model(&reference, &digest).await?);
+        let model = self.model(&reference, &digest).await?;
         let decision = self.exclude(&reference, &model, options).await?;
         let selection = model.select(decision.skips.iter().map(|skip| skip.path.as_str()));
         let key = EntryKey::new(digest, selection.key().clone());
@@ -770,14 +775,33 @@ impl Engine {
 
     /// The manifest of `digest`: from the store, or fetched by digest, checked
     /// to be a model, then stored.
-    async fn model(&self, reference: &ModelRef, digest: &Digest) -> Result<Model, EngineError> {
+    async fn model(&self, reference: &ModelRef, digest: &Digest) -> Result<Arc<Model>, EngineError> {
+        let parsed = || self.models.lock().unwrap_or_else(|poison| poison.into_inner());
         if self.store.has_blob(digest) {
-            return Ok(Model::parse(digest, &self.store.read_blob(digest)?)?);
+            if let Some(model) = parsed().get(digest) {
+                return Ok(model.clone());
+            }
+            let model = Arc::new(Model::parse(digest, &self.store.read_blob(digest)?)?);
+            self.remember_model(&model);
+            return Ok(model);
         }
         let bytes = self.registry.fetch_manifest(reference, digest).await?;
-        let model = Model::parse(digest, &bytes)?;
+        let model = Arc::new(Model::parse(digest, &bytes)?);
         self.store.put_blob(digest, &bytes)?;
+        self.remember_model(&model);
         Ok(model)
+    }
+
+    fn remember_model(&self, model: &Arc<Model>) {
+        /// Enough for the models one node serves; past it any one is dropped.
+        const KEPT: usize = 64;
+        let mut parsed = self.models.lock().unwrap_or_else(|poison| poison.into_inner());
+        if parsed.len() >= KEPT
+            && let Some(dropped) = parsed.keys().next().cloned()
+        {
+            parsed.remove(&dropped);
+        }
+        parsed.insert(model.digest.clone(), model.clone());
     }
 
     async fn exclude(&self, reference: &ModelRef, model: &Model, options: &ExcludeOptions) -> Result<ExcludeDecision, EngineError> {

@@ -529,7 +529,9 @@ impl Store {
         // Keep the list short: the most recent references are what matter.
         let excess = usage.references.len().saturating_sub(16);
         usage.references.drain(..excess);
-        write_json(&self.layout.entry(key).join("usage.json"), &usage)?;
+        // Not waited for: a crash loses at most a use, which only ages the
+        // entry a little for GC's least-recently-used order.
+        write_json_volatile(&self.layout.entry(key).join("usage.json"), &usage)?;
         Ok(usage)
     }
 
@@ -1075,12 +1077,15 @@ pub(crate) fn write_json_volatile(path: &Path, value: &impl Serialize) -> Result
 
 fn write_json_atomically(path: &Path, value: &impl Serialize, durable: bool) -> Result<(), StoreError> {
     let dir = path.parent().expect("a JSON file lives in a directory");
-    let mut temp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir).map_err(io_error("create a temporary in", dir))?;
-    serde_json::to_writer_pretty(&mut temp, value).map_err(|error| StoreError::Io {
+    // Serialized first and written whole: straight into the file, serde_json
+    // makes one write(2) per token (hundreds for a volume record).
+    let json = serde_json::to_vec_pretty(value).map_err(|error| StoreError::Io {
         action: "serialize",
         path: path.to_owned(),
         source: error.into(),
     })?;
+    let mut temp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir).map_err(io_error("create a temporary in", dir))?;
+    temp.write_all(&json).map_err(io_error("write", temp.path()))?;
     if !durable {
         return temp.persist(path).map(drop).map_err(|error| StoreError::Io { action: "write", path: path.to_owned(), source: error.error });
     }

@@ -292,14 +292,18 @@ impl Volumes {
         self.write(record, true)
     }
 
-    /// Writes a pulling record's progress: atomically, not durably (a crash
-    /// loses at most a progress figure; the states are written by [`put`]).
+    /// Writes the record of a mount under way (`pulling`: its progress, its
+    /// digest): atomically, so readers see it at once, but not durably. A
+    /// crash loses at most that, and recovery fails whatever `pulling` record
+    /// it finds anyway; `ready` and `failed` are written by [`put`]. Two
+    /// fsyncs fewer per record are most of what a warm mount waits for disks.
     ///
     /// [`put`]: Volumes::put
     ///
     /// # Errors
     /// On I/O failure.
-    pub fn put_progress(&self, record: &mut VolumeRecord) -> Result<(), VolumeError> {
+    pub fn put_pulling(&self, record: &mut VolumeRecord) -> Result<(), VolumeError> {
+        debug_assert_eq!(record.state, VolumeState::Pulling);
         self.write(record, false)
     }
 

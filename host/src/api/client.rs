@@ -60,13 +60,17 @@ impl Client {
         &self.socket
     }
 
-    /// A client if a daemon answers on `socket`, else `None`.
+    /// A client if a daemon listens on `socket`, else `None` (no socket, or
+    /// one left behind by a daemon that is gone). A connection is enough to
+    /// tell: a health request first would add a round trip to every command.
     pub async fn reach(socket: &Path) -> Option<Client> {
-        if !socket.exists() {
-            return None;
-        }
-        let client = Client::new(socket);
-        client.get::<Health>("/v1/health").await.ok().map(|_| client)
+        UnixStream::connect(socket).await.ok().map(|_| Client::new(socket))
+    }
+
+    /// Whether the daemon answers a health request (a connection alone is
+    /// accepted by the kernel even when the daemon is stuck).
+    pub async fn healthy(&self) -> bool {
+        self.get::<Health>("/v1/health").await.is_ok()
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
