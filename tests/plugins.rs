@@ -411,6 +411,26 @@ fn cli_lists_plugins() {
     assert!(line("from-the-future").contains("refused") && line("from-the-future").contains("1.0.0"));
 }
 
+/// A reader that stops early (`modelcache plugins ls | head -0`) ends the
+/// command quietly: no panic, success.
+#[test]
+fn cli_output_into_a_closed_pipe() {
+    let dir = PluginDir::reference();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let output = support::modelcache()
+        .args(["plugins", "ls", "--dir"])
+        .arg(dir.path())
+        .arg("--cache-dir")
+        .arg(support::component_cache())
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success() && !stderr.contains("panicked"), "{:?}: {stderr}", output.status);
+}
+
 /// `plugins run` prints the JSON answer; a failing call prints its cause and
 /// exits non-zero; the plugin's own output reaches the logs under its name.
 #[test]

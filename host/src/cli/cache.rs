@@ -37,7 +37,7 @@ pub struct PinArgs {
 pub fn gc(args: GcArgs) -> anyhow::Result<ExitCode> {
     let report = block_on(async { args.root.backend().await?.gc(args.dry_run).await })??;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);
     }
     let verb = if report.dry_run { "would evict" } else { "evicted" };
@@ -46,7 +46,7 @@ pub fn gc(args: GcArgs) -> anyhow::Result<ExitCode> {
             .last_used_at
             .and_then(|at| at.format(&time::format_description::well_known::Rfc3339).ok())
             .unwrap_or_else(|| "never".into());
-        println!(
+        outln!(
             "{verb} {} ({} exclusive of {}; chosen by {}; last used {last_used}; {})",
             eviction.key,
             HumanBytes(eviction.exclusive_bytes),
@@ -56,12 +56,12 @@ pub fn gc(args: GcArgs) -> anyhow::Result<ExitCode> {
         );
     }
     for (digest, bytes) in &report.blobs {
-        println!("{} unneeded blob {} ({})", if report.dry_run { "would remove" } else { "removed" }, digest.short(), HumanBytes(*bytes));
+        outln!("{} unneeded blob {} ({})", if report.dry_run { "would remove" } else { "removed" }, digest.short(), HumanBytes(*bytes));
     }
     for failure in &report.failures {
-        println!("plugin failure: {failure}");
+        outln!("plugin failure: {failure}");
     }
-    println!(
+    outln!(
         "{} of {} candidates; {} {}",
         report.evicted.len(),
         report.candidates,
@@ -74,16 +74,16 @@ pub fn gc(args: GcArgs) -> anyhow::Result<ExitCode> {
 pub fn du(args: DuArgs) -> anyhow::Result<ExitCode> {
     let report = block_on(async { args.root.backend().await?.du().await })??;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{:<88} {:>10} {:>10} {:>10}  REFERENCED BY", "ENTRY", "ON DISK", "EXCLUSIVE", "SHARED");
+    outln!("{:<88} {:>10} {:>10} {:>10}  REFERENCED BY", "ENTRY", "ON DISK", "EXCLUSIVE", "SHARED");
     for entry in &report.entries {
         let mut holders = entry.referenced_by.join(", ");
         if entry.pinned {
             holders = if holders.is_empty() { "pinned".into() } else { format!("{holders} (pinned)") };
         }
-        println!(
+        outln!(
             "{:<88} {:>10} {:>10} {:>10}  {}",
             entry.key.to_string(),
             HumanBytes(entry.bytes_on_disk).to_string(),
@@ -93,7 +93,7 @@ pub fn du(args: DuArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let totals = report.totals;
-    println!(
+    outln!(
         "entries {} + unreferenced blobs {} + volume copies {} + metadata {} = {} ({} bytes, each inode once)",
         HumanBytes(totals.entries),
         HumanBytes(totals.unreferenced),
@@ -111,11 +111,11 @@ pub fn pin(args: PinArgs) -> anyhow::Result<ExitCode> {
         match &args.target {
             Some(target) => {
                 let pin = backend.pin(target).await?;
-                println!("pinned {} ({})", pin.digest, pin.reference);
+                outln!("pinned {} ({})", pin.digest, pin.reference);
             }
             None => {
                 for pin in backend.pins().await? {
-                    println!("{} {}", pin.digest, pin.reference);
+                    outln!("{} {}", pin.digest, pin.reference);
                 }
             }
         }
@@ -129,9 +129,9 @@ pub fn unpin(args: PinArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("name what to unpin: a reference or a sha256: digest");
     };
     if block_on(async { args.root.backend().await?.unpin(&target).await })?? {
-        println!("unpinned {target}");
+        outln!("unpinned {target}");
     } else {
-        println!("{target} was not pinned");
+        outln!("{target} was not pinned");
     }
     Ok(ExitCode::SUCCESS)
 }

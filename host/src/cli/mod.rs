@@ -1,6 +1,20 @@
 //! Command-line interface: argument parsing, logging, and one module per
 //! command group. Errors end here as `anyhow` with their causes printed.
 
+/// `println!` for a command's output. A reader that stops early
+/// (`modelcache ls | head`) ends the command quietly instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(error) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if error.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            panic!("writing to stdout: {error}");
+        }
+    }};
+}
+
 mod backend;
 mod cache;
 mod plugins;

@@ -160,14 +160,14 @@ fn list(dir: &Path, json: bool, cache: &CacheArgs) -> anyhow::Result<ExitCode> {
 
 fn print_statuses(statuses: &[PluginStatus], json: bool) -> anyhow::Result<ExitCode> {
     if json {
-        println!("{}", serde_json::to_string_pretty(statuses)?);
+        outln!("{}", serde_json::to_string_pretty(statuses)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{:<24} {:<8} {:<18} {:<14} DETAIL", "NAME", "STATE", "DECISIONS", "SHA256");
+    outln!("{:<24} {:<8} {:<18} {:<14} DETAIL", "NAME", "STATE", "DECISIONS", "SHA256");
     for status in statuses {
         let decisions: Vec<&str> = status.decisions.iter().map(|decision| decision.as_str()).collect();
         let sha = status.sha256.as_deref().map(|sha| &sha[..12]).unwrap_or("-");
-        println!(
+        outln!(
             "{:<24} {:<8} {:<18} {:<14} {}",
             status.name,
             if status.loaded { "loaded" } else { "refused" },
@@ -197,7 +197,7 @@ fn run_one(
         .map_err(|error| anyhow::anyhow!(error_chain(&error)))?;
     match cases::call(&plugin, decision, input) {
         Ok(answer) => {
-            println!("{}", serde_json::to_string_pretty(&answer)?);
+            outln!("{}", serde_json::to_string_pretty(&answer)?);
             Ok(ExitCode::SUCCESS)
         }
         Err(error) => {
@@ -225,7 +225,7 @@ fn test(wasm: &Path, paths: &[PathBuf], cache: &CacheArgs) -> anyhow::Result<Exi
     let base = plugin_config(wasm)?;
     let runtime = runtime()?;
     let compiled = compile(&runtime, wasm, cache)?;
-    println!(
+    outln!(
         "{}: {} case{} (sha256 {}, loaded in {})",
         wasm.display(),
         all.len(),
@@ -238,16 +238,16 @@ fn test(wasm: &Path, paths: &[PathBuf], cache: &CacheArgs) -> anyhow::Result<Exi
         let outcome = case.run(&runtime, &compiled, &base);
         let elapsed = format!("{:.1} ms", outcome.elapsed.as_secs_f64() * 1e3);
         if matches!(outcome.verdict, Verdict::Pass) {
-            println!("PASS  {}  ({elapsed})", case.name);
+            outln!("PASS  {}  ({elapsed})", case.name);
             continue;
         }
         failed += 1;
-        println!("FAIL  {}  ({elapsed})  {}", case.name, case.file.display());
+        outln!("FAIL  {}  ({elapsed})  {}", case.name, case.file.display());
         for line in explain(&outcome.verdict).lines() {
-            println!("      {line}");
+            outln!("      {line}");
         }
     }
-    println!("{} passed, {failed} failed", all.len() - failed);
+    outln!("{} passed, {failed} failed", all.len() - failed);
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
@@ -333,14 +333,14 @@ fn bench(
     }
     samples.sort();
     let at = |quantile: f64| samples[((samples.len() - 1) as f64 * quantile).round() as usize];
-    println!("plugin     {} (sha256 {})", wasm.display(), &compiled.sha256[..12]);
-    println!("load       {}", load_summary(&compiled));
-    println!("allocator  {:?}", runtime.allocation());
-    println!("decision   {decision}");
-    println!("calls      {}", samples.len());
-    println!("median     {}", micros(at(0.5)));
-    println!("p99        {}", micros(at(0.99)));
-    println!("min        {}", micros(samples[0]));
+    outln!("plugin     {} (sha256 {})", wasm.display(), &compiled.sha256[..12]);
+    outln!("load       {}", load_summary(&compiled));
+    outln!("allocator  {:?}", runtime.allocation());
+    outln!("decision   {decision}");
+    outln!("calls      {}", samples.len());
+    outln!("median     {}", micros(at(0.5)));
+    outln!("p99        {}", micros(at(0.99)));
+    outln!("min        {}", micros(samples[0]));
     Ok(ExitCode::SUCCESS)
 }
 

@@ -169,10 +169,10 @@ pub fn new(args: &NewArgs) -> anyhow::Result<ExitCode> {
     std::mem::forget(staging);
 
     let (build, wasm) = build(args.lang, &args.name, &world);
-    println!("created {} ({:?} {} policy)", project.display(), args.lang, args.decision);
-    println!("  cd {}", project.display());
-    println!("  {build}");
-    println!("  modelcache plugins test {wasm} cases/");
+    outln!("created {} ({:?} {} policy)", project.display(), args.lang, args.decision);
+    outln!("  cd {}", project.display());
+    outln!("  {build}");
+    outln!("  modelcache plugins test {wasm} cases/");
     Ok(ExitCode::SUCCESS)
 }
 

@@ -59,7 +59,7 @@ pub fn health(args: HealthArgs) -> anyhow::Result<ExitCode> {
     })?;
     match health {
         Ok(health) => {
-            println!("{} (pid {}, {} mounts under way, {} plugins loaded)", health.status, health.pid, health.active_mounts, health.plugins_loaded);
+            outln!("{} (pid {}, {} mounts under way, {} plugins loaded)", health.status, health.pid, health.active_mounts, health.plugins_loaded);
             Ok(ExitCode::SUCCESS)
         }
         Err(error) => {

@@ -116,7 +116,7 @@ pub fn block_on<T>(future: impl std::future::Future<Output = T>) -> anyhow::Resu
 }
 
 fn print_json(value: &impl serde::Serialize) -> anyhow::Result<ExitCode> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    outln!("{}", serde_json::to_string_pretty(value)?);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -137,7 +137,7 @@ pub fn mount(args: MountArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         return print_json(&record);
     }
-    println!(
+    outln!(
         "{}/{}: {} ({}) ready at {}",
         record.volume,
         record.mount_id,
@@ -153,7 +153,7 @@ pub fn mount(args: MountArgs) -> anyhow::Result<ExitCode> {
         "pulled"
     };
     let method = record.link_method.map(|method| method.as_str()).unwrap_or("nothing to link");
-    println!("  {} {source}, {method}, {} files left out", HumanBytes(record.bytes_total), record.skipped.len());
+    outln!("  {} {source}, {method}, {} files left out", HumanBytes(record.bytes_total), record.skipped.len());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -207,7 +207,7 @@ pub fn unmount(args: VolumeArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         return print_json(&record);
     }
-    println!("{}/{}: released ({})", record.volume, record.mount_id, record.reference);
+    outln!("{}/{}: released ({})", record.volume, record.mount_id, record.reference);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -217,9 +217,9 @@ pub fn status(args: VolumeArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         return print_json(&record);
     }
-    println!("{}", list_line(&record));
+    outln!("{}", list_line(&record));
     if let Some(error) = &record.error {
-        println!("  error ({}): {}", error.kind, error.message);
+        outln!("  error ({}): {}", error.kind, error.message);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -234,9 +234,9 @@ pub fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         return print_json(&records);
     }
-    println!("{:<28} {:<10} {:<9} {:<22} {:>10} {:<9} REFERENCE", "VOLUME", "MOUNT", "STATE", "DIGEST", "BYTES", "LINK");
+    outln!("{:<28} {:<10} {:<9} {:<22} {:>10} {:<9} REFERENCE", "VOLUME", "MOUNT", "STATE", "DIGEST", "BYTES", "LINK");
     for record in &records {
-        println!("{}", list_line(record));
+        outln!("{}", list_line(record));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -260,10 +260,10 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         return print_json(&inspection);
     }
-    println!("{} -> {}", inspection.reference, inspection.digest);
-    println!("{:<48} {:>10} {:<7} MEDIA TYPE", "PATH", "SIZE", "CACHED");
+    outln!("{} -> {}", inspection.reference, inspection.digest);
+    outln!("{:<48} {:>10} {:<7} MEDIA TYPE", "PATH", "SIZE", "CACHED");
     for layer in &inspection.layers {
-        println!(
+        outln!(
             "{:<48} {:>10} {:<7} {}",
             layer.path,
             HumanBytes(layer.size).to_string(),
@@ -272,7 +272,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
         );
     }
     for entry in &inspection.entries {
-        println!("cached tree: {entry}");
+        outln!("cached tree: {entry}");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -284,7 +284,7 @@ pub fn prefetch(args: PrefetchArgs) -> anyhow::Result<ExitCode> {
         return print_json(&status);
     }
     match status.state.as_str() {
-        "ready" => println!(
+        "ready" => outln!(
             "{}: in the cache as {} ({}, {}){}",
             status.reference,
             status.key.unwrap_or_default(),
@@ -292,7 +292,7 @@ pub fn prefetch(args: PrefetchArgs) -> anyhow::Result<ExitCode> {
             status.source.unwrap_or_default(),
             if status.pinned { ", pinned" } else { "" }
         ),
-        _ => println!("{}: still pulling", status.reference),
+        _ => outln!("{}: still pulling", status.reference),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -302,7 +302,7 @@ pub fn push(args: PushArgs) -> anyhow::Result<ExitCode> {
     let registry = Registry::new(args.registry.config())?;
     let digest = block_on(modelcache::pack::push_dir(&registry, &reference, &args.dir))?
         .with_context(|| format!("pushing {} as {}", args.dir.display(), reference))?;
-    println!("{reference}@{digest}");
+    outln!("{reference}@{digest}");
     Ok(ExitCode::SUCCESS)
 }
 
