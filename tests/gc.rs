@@ -167,6 +167,10 @@ async fn stress_gc_never_takes_what_is_used() {
         let record = engine.status(&VolumeId::new(&volume).unwrap(), &MountId::default()).unwrap();
         assert_eq!(record.state, VolumeState::Ready);
         assert_eq!(read_tree(&record.path), models.trees[model], "{volume} is intact");
+        // Its manifest is in the store again even if GC took it between
+        // mounts: a parse kept in memory never stands in for the blob.
+        let layout = modelcache::store::Layout::new(root.path());
+        assert!(layout.blob(record.digest.as_ref().unwrap()).exists(), "{volume}: manifest missing from the store");
     }
     // Re-pulls after evictions prove the cycle ran: more blob GETs than blobs.
     let gets: usize = registry.blob_gets().values().sum();

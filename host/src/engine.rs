@@ -462,7 +462,6 @@ impl Engine {
         Ok(MountHandle { result })
     }
 
-    /// Bytes done and to do of a mount under way.
     /// The mount of `volume`/`mount_id` under way, to wait for; `None` when
     /// none is running.
     pub fn running(&self, volume: &VolumeId, mount_id: &MountId) -> Option<MountHandle> {
@@ -471,6 +470,7 @@ impl Engine {
         Some(MountHandle { result: running.result.clone() })
     }
 
+    /// Bytes done and to do of a mount under way.
     pub fn progress(&self, volume: &VolumeId, mount_id: &MountId) -> Option<(u64, u64)> {
         let active = self.active();
         let running = active.get(&(volume.clone(), mount_id.clone()))?;
@@ -776,10 +776,10 @@ impl Engine {
     /// The manifest of `digest`: from the store, or fetched by digest, checked
     /// to be a model, then stored.
     async fn model(&self, reference: &ModelRef, digest: &Digest) -> Result<Arc<Model>, EngineError> {
-        let parsed = || self.models.lock().unwrap_or_else(|poison| poison.into_inner());
         if self.store.has_blob(digest) {
-            if let Some(model) = parsed().get(digest) {
-                return Ok(model.clone());
+            let parsed = self.models.lock().unwrap_or_else(|poison| poison.into_inner()).get(digest).cloned();
+            if let Some(model) = parsed {
+                return Ok(model);
             }
             let model = Arc::new(Model::parse(digest, &self.store.read_blob(digest)?)?);
             self.remember_model(&model);

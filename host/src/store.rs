@@ -1069,8 +1069,9 @@ pub(crate) fn write_json(path: &Path, value: &impl Serialize) -> Result<(), Stor
 
 /// Writes JSON atomically but without waiting for the disk: readers see the
 /// old or the new document, never a torn one, and after a crash either may
-/// be there. For snapshots that are rewritten soon anyway (a pull's progress),
-/// where an fsync per second per waiting volume slowed the pull itself.
+/// be there. For documents whose loss a crash makes harmless (a pull's
+/// progress, a `pulling` record, a use count), where fsyncs slowed the pull
+/// or the mount they describe.
 pub(crate) fn write_json_volatile(path: &Path, value: &impl Serialize) -> Result<(), StoreError> {
     write_json_atomically(path, value, false)
 }
@@ -1086,12 +1087,11 @@ fn write_json_atomically(path: &Path, value: &impl Serialize, durable: bool) -> 
     })?;
     let mut temp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir).map_err(io_error("create a temporary in", dir))?;
     temp.write_all(&json).map_err(io_error("write", temp.path()))?;
-    if !durable {
-        return temp.persist(path).map(drop).map_err(|error| StoreError::Io { action: "write", path: path.to_owned(), source: error.error });
+    if durable {
+        temp.as_file().sync_all().map_err(io_error("fsync", temp.path()))?;
     }
-    temp.as_file().sync_all().map_err(io_error("fsync", temp.path()))?;
     temp.persist(path).map_err(|error| StoreError::Io { action: "write", path: path.to_owned(), source: error.error })?;
-    sync_dir(dir)
+    if durable { sync_dir(dir) } else { Ok(()) }
 }
 
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, StoreError> {
