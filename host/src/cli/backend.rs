@@ -83,23 +83,21 @@ impl RootArgs {
     }
 }
 
-/// How often a waiting CLI reports progress, in seconds.
-const PROGRESS_TICK: f64 = 0.25;
-
 fn volume_path(volume: &VolumeId, mount_id: &MountId) -> String {
     format!("/v1/volumes/{volume}/{mount_id}")
 }
 
 impl Backend {
-    /// Mounts and waits, reporting `(done, total)` while it pulls.
-    pub async fn mount(&self, request: MountRequest, mut progress: impl FnMut(u64, u64)) -> anyhow::Result<VolumeRecord> {
+    /// Mounts and waits, reporting `(done, total)` about every `tick` while
+    /// it pulls.
+    pub async fn mount(&self, request: MountRequest, tick: Duration, mut progress: impl FnMut(u64, u64)) -> anyhow::Result<VolumeRecord> {
         let record = match self {
             Backend::Local(engine) => {
                 let mut handle = engine.start_mount(request.clone())?;
                 loop {
                     tokio::select! {
                         record = handle.wait() => break record?,
-                        () = tokio::time::sleep(Duration::from_millis(100)) => {
+                        () = tokio::time::sleep(tick) => {
                             if let Some((done, total)) = engine.progress(&request.volume, &request.mount_id) {
                                 progress(done, total);
                             }
@@ -113,12 +111,12 @@ impl Backend {
                     reference: request.reference.clone(),
                     exclude_weights: request.options.exclude_weights,
                     patterns: request.options.patterns.clone(),
-                    wait_seconds: PROGRESS_TICK,
+                    wait_seconds: tick.as_secs_f64(),
                 };
                 let mut record: VolumeRecord = client.put(&path, &body).await?.body;
                 // Long polls, each answered the moment the mount ends, so
                 // no time is lost between the end and the next look.
-                let watch = format!("{path}?wait-seconds={PROGRESS_TICK}");
+                let watch = format!("{path}?wait-seconds={}", tick.as_secs_f64());
                 while record.state == VolumeState::Pulling {
                     progress(record.bytes_done, record.bytes_total);
                     record = client.get(&watch).await?;

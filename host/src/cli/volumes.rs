@@ -130,7 +130,7 @@ pub fn mount(args: MountArgs) -> anyhow::Result<ExitCode> {
     let record = block_on(async {
         let backend = args.root.backend().await?;
         let bar = progress_bar();
-        let record = backend.mount(request, |done, total| bar.update(done, total)).await;
+        let record = backend.mount(request, bar.tick(), |done, total| bar.update(done, total)).await;
         bar.finish();
         record
     })??;
@@ -178,6 +178,17 @@ fn progress_bar() -> Bar {
 }
 
 impl Bar {
+    /// How often the bar wants news. A log line comes at most every 10 %,
+    /// so a second is plenty; every poll is a request to the daemon, and
+    /// 64 mounts polling four times a second took CPU from the pull they
+    /// wait for (B3 in docs/benchmarks.md).
+    fn tick(&self) -> std::time::Duration {
+        match self {
+            Bar::Terminal(_) => std::time::Duration::from_millis(250),
+            Bar::Log(_) => std::time::Duration::from_secs(1),
+        }
+    }
+
     fn update(&self, done: u64, total: u64) {
         match self {
             Bar::Terminal(bar) => {
