@@ -323,6 +323,35 @@ async fn failing_gc_plugins_evict_nothing() {
     assert_eq!(engine.store().entries().unwrap().len(), 2);
 }
 
+/// A pin asked for during a GC run answers only once the run is over: the
+/// run chose with the pins it read at its start, and a pin that has answered
+/// must hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pin_waits_for_the_gc_run_under_way() {
+    let Some(registry) = start_registry() else { return };
+    let models = publish_models(&registry, "pin-during", 1, 1, 8 * KIB);
+    let plugins = PluginDir::new();
+    plugins.add("hostile-policy", "slow");
+    plugins.configure("slow", "decisions = [\"gc\"]\ntimeout-ms = 400\n[settings]\nmode = \"loop\"\n");
+    let root = tempfile::tempdir().unwrap();
+    let engine = engine(root.path(), &registry, Some(plugins.path()));
+    let record = engine.mount(request("v", &models.references[0])).await.unwrap();
+    engine.unmount(&record.volume, &record.mount_id).await.unwrap();
+
+    let run = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.gc(false, Trigger::OnDemand).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!run.is_finished(), "the gc run should still be deciding");
+    // The run's plugin loops until its 400 ms deadline: a pin that did not
+    // wait answers in milliseconds.
+    let asked = Instant::now();
+    engine.pin(&models.references[0]).await.unwrap();
+    assert!(asked.elapsed() >= Duration::from_millis(200), "the pin answered during the gc run ({:?})", asked.elapsed());
+    assert_eq!(run.await.unwrap().unwrap().candidates, 1);
+}
+
 /// Pins keep entries from GC; a dry run changes nothing; `du` names who
 /// references what and its total matches `du -sb` of the root.
 #[test]

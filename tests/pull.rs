@@ -485,6 +485,43 @@ async fn cross_filesystem_volumes_are_copied() {
     assert_eq!(mode & 0o222, 0, "copies are read-only like the store");
 }
 
+/// An unmount that lands while the link step runs waits for that step, so
+/// the tree is not put back after the volume was released; a new mount of
+/// the volume then gets a whole tree. (The copy into a tmpfs makes the link
+/// step long enough to land in.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmount_during_the_link_step_leaves_nothing_behind() {
+    skip_unless!(support::is_root(), "mounting a tmpfs needs root");
+    let Some(registry) = start_registry() else { return };
+    let files = vec![("weights.bin", bytes(11, 48 * MIB))];
+    let (reference, source) = publish(&registry, "models/slow-link:v1", &files);
+    let volumes = tempfile::tempdir().unwrap();
+    assert!(mount_tmpfs(volumes.path(), "256m"), "mounting a tmpfs failed");
+    let _unmount = Unmount(volumes.path().to_owned());
+    let root = tempfile::tempdir().unwrap();
+    let engine = engine_with(root.path(), &registry.host(), None, Some(volumes.path()));
+    engine.mount(request("warm", &reference)).await.unwrap();
+
+    let volume_dir = volumes.path().join("cut");
+    let entries = || std::fs::read_dir(&volume_dir).map(|entries| entries.count()).unwrap_or(0);
+    let mounting = engine.start_mount(request("cut", &reference)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while entries() == 0 {
+        assert!(Instant::now() < deadline, "the link step never started");
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    let released = engine.unmount(&VolumeId::new("cut").unwrap(), &MountId::default()).await.unwrap();
+    assert_eq!(released.state, VolumeState::Released);
+    assert_eq!(entries(), 0, "the unmount left the tree or its staging");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(entries(), 0, "the cancelled link step put the tree back after the unmount");
+    drop(mounting);
+
+    let again = engine.mount(request("cut", &reference)).await.unwrap();
+    assert_eq!(again.state, VolumeState::Ready);
+    assert_eq!(read_tree(&again.path), read_tree(source.path()));
+}
+
 /// Two concurrent pulls that each fit alone but not together: exactly one
 /// is admitted; the reservation is given back when the pull ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

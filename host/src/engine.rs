@@ -37,7 +37,7 @@ use crate::plugins::gc::{Candidate, GcInput};
 use crate::plugins::quota::{QuotaInput, QuotaVerdict};
 use crate::plugins::{CompiledCache, PluginHost, Runtime, RuntimeOptions};
 use crate::registry::{ModelRef, Registry, RegistryConfig, RegistryError};
-use crate::store::{EntryKey, EntryLease, Hold, Recovery, Store, StoreError, remove_any};
+use crate::store::{EntryKey, EntryLease, Hold, Recovery, Store, StoreError, remove_any, sync_dir, sync_tree};
 use crate::volumes::{MountId, RecordError, VolumeError, VolumeId, VolumeRecord, VolumeState, Volumes};
 
 /// How often a waiting mount writes its progress into its record.
@@ -115,6 +115,8 @@ pub enum EngineError {
     #[error("plugin runtime: {0}")]
     Runtime(String),
     #[error(transparent)]
+    Panicked(#[from] crate::flight::Panicked),
+    #[error(transparent)]
     Shared(Arc<EngineError>),
 }
 
@@ -131,7 +133,7 @@ impl EngineError {
             EngineError::Conflict { .. } => ErrorKind::Conflict,
             EngineError::NotFound { .. } => ErrorKind::NotFound,
             EngineError::Cancelled { .. } => ErrorKind::Cancelled,
-            EngineError::Runtime(_) => ErrorKind::Internal,
+            EngineError::Runtime(_) | EngineError::Panicked(_) => ErrorKind::Internal,
             EngineError::Shared(error) => error.kind(),
         }
     }
@@ -192,6 +194,42 @@ struct Built {
 type Outcome = Option<Result<VolumeRecord, Arc<EngineError>>>;
 
 /// A volume's operation in progress.
+/// A volume's place: its id and mount id.
+type Slot = (VolumeId, MountId);
+
+/// One lock per volume slot, so that what happens to a volume happens in
+/// order. A mount task holds its slot for its whole run; unmount and shutdown
+/// take it before they touch the tree, so they wait for the task they
+/// cancelled, and a mount arriving meanwhile waits for them. Aborting a task
+/// cannot stop a blocking step it started, so the link step carries the
+/// hold onto its thread (see [`SlotHold::run_blocking`]): an unmount during
+/// it waits for it instead of the link putting the tree back afterwards.
+/// Locks live only while something holds or awaits them.
+#[derive(Default)]
+struct SlotLocks(Mutex<HashMap<Slot, Arc<tokio::sync::Mutex<()>>>>);
+
+impl SlotLocks {
+    fn of(&self, slot: &Slot) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.0.lock().unwrap_or_else(|poison| poison.into_inner());
+        locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+        locks.entry(slot.clone()).or_default().clone()
+    }
+}
+
+/// A mount task's hold on its slot.
+struct SlotHold(Option<tokio::sync::OwnedMutexGuard<()>>);
+
+impl SlotHold {
+    /// Runs `work` on a blocking thread that keeps the slot until `work`
+    /// returns, even if this task is aborted meanwhile.
+    async fn run_blocking<R: Send + 'static>(&mut self, work: impl FnOnce() -> R + Send + 'static) -> Result<R, EngineError> {
+        let held = self.0.take().expect("a mount task holds its slot");
+        let (result, held) = tokio::task::spawn_blocking(move || (work(), held)).await.map_err(join_error)?;
+        self.0 = Some(held);
+        Ok(result)
+    }
+}
+
 struct ActiveMount {
     id: u64,
     request: MountRequest,
@@ -310,12 +348,13 @@ pub struct Engine {
     blobs: Flights<Digest, (), EngineError>,
     downloads: Semaphore,
     reservations: Reservations,
-    active: Mutex<HashMap<(VolumeId, MountId), ActiveMount>>,
+    active: Mutex<HashMap<Slot, ActiveMount>>,
+    slots: SlotLocks,
     next_mount: std::sync::atomic::AtomicU64,
     recovery: Recovery,
     failed_at_start: Vec<VolumeRecord>,
     pins: Pins,
-    /// One GC run at a time.
+    /// One GC run at a time; a pin waits for the run under way.
     collecting: tokio::sync::Mutex<()>,
     on_evict: Mutex<Option<EvictionObserver>>,
 }
@@ -357,6 +396,7 @@ impl Engine {
             blobs: Flights::default(),
             reservations: Reservations::default(),
             active: Mutex::new(HashMap::new()),
+            slots: SlotLocks::default(),
             next_mount: std::sync::atomic::AtomicU64::new(0),
             recovery,
             failed_at_start,
@@ -383,7 +423,7 @@ impl Engine {
         (&self.recovery, &self.failed_at_start)
     }
 
-    fn active(&self) -> std::sync::MutexGuard<'_, HashMap<(VolumeId, MountId), ActiveMount>> {
+    fn active(&self) -> std::sync::MutexGuard<'_, HashMap<Slot, ActiveMount>> {
         self.active.lock().unwrap_or_else(|poison| poison.into_inner())
     }
 
@@ -443,13 +483,15 @@ impl Engine {
         );
         off_the_runtime(|| self.volumes.put_pulling(&mut record))?;
         let id = self.next_mount.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let slot_lock = self.slots.of(&slot);
         let (sender, result) = watch::channel(None);
         let engine = self.clone();
         let task_request = request.clone();
         let progress = Arc::new(MountProgress::default());
         let task_progress = progress.clone();
         let task = tokio::spawn(async move {
-            let outcome = engine.clone().run_mount(task_request.clone(), record, task_progress).await.map_err(Arc::new);
+            let hold = SlotHold(Some(slot_lock.lock_owned().await));
+            let outcome = engine.clone().run_mount(task_request.clone(), record, task_progress, hold).await.map_err(Arc::new);
             let slot = (task_request.volume, task_request.mount_id);
             let mut active = engine.active();
             if active.get(&slot).is_some_and(|running| running.id == id) {
@@ -482,8 +524,11 @@ impl Engine {
         request: MountRequest,
         mut record: VolumeRecord,
         progress: Arc<MountProgress>,
+        mut hold: SlotHold,
     ) -> Result<VolumeRecord, EngineError> {
-        match self.fill(&request, &mut record, &progress).await {
+        // A panic fails this volume like any error (its record says so), and
+        // lets its slot go instead of leaving it to look busy forever.
+        match crate::flight::catch_panic(self.fill(&request, &mut record, &progress, &mut hold)).await {
             Ok(()) => {
                 record.state = VolumeState::Ready;
                 record.error = None;
@@ -507,7 +552,13 @@ impl Engine {
     }
 
     /// Everything but the record's final state.
-    async fn fill(self: &Arc<Self>, request: &MountRequest, record: &mut VolumeRecord, progress: &MountProgress) -> Result<(), EngineError> {
+    async fn fill(
+        self: &Arc<Self>,
+        request: &MountRequest,
+        record: &mut VolumeRecord,
+        progress: &MountProgress,
+        hold: &mut SlotHold,
+    ) -> Result<(), EngineError> {
         let resolved = self.resolve_request(&request.reference, &request.options).await?;
         record.digest = Some(resolved.key.manifest.clone());
         record.skipped = resolved.skips.clone();
@@ -532,7 +583,7 @@ impl Engine {
 
         let tree = lease.tree();
         let target = record.path.clone();
-        let report = tokio::task::spawn_blocking(move || link_volume(&tree, &target)).await.map_err(join_error)??;
+        let report = hold.run_blocking(move || link_volume(&tree, &target)).await??;
         let metrics = crate::metrics::metrics();
         for (method, files) in [("hardlink", report.hardlinks), ("reflink", report.reflinks), ("copy", report.copies)] {
             if files > 0 {
@@ -835,15 +886,25 @@ impl Engine {
     ///
     /// # Errors
     /// [`EngineError::NotFound`] when the volume never had a record.
-    pub async fn unmount(&self, volume: &VolumeId, mount_id: &MountId) -> Result<VolumeRecord, EngineError> {
-        let running = self.active().remove(&(volume.clone(), mount_id.clone()));
-        if let Some(mut running) = running {
+    pub async fn unmount(self: &Arc<Self>, volume: &VolumeId, mount_id: &MountId) -> Result<VolumeRecord, EngineError> {
+        // Runs to the end even when the caller goes away (a client hanging up
+        // drops this future): stopped halfway, it would leave a `pulling`
+        // record with no task behind it, holding its entry against GC.
+        let engine = self.clone();
+        let slot = (volume.clone(), mount_id.clone());
+        tokio::spawn(async move { engine.release(slot).await }).await.map_err(join_error)?
+    }
+
+    async fn release(&self, slot: Slot) -> Result<VolumeRecord, EngineError> {
+        let lock = self.slots.of(&slot);
+        if let Some(running) = self.active().remove(&slot) {
             running.abort.abort();
-            // Wait until the task is gone, so it writes nothing after us.
-            while running.result.changed().await.is_ok() {}
         }
-        let Some(mut record) = self.volumes.get(volume, mount_id)? else {
-            return Err(EngineError::NotFound { volume: volume.clone(), mount_id: mount_id.clone() });
+        // Once held, the task is gone, link step included.
+        let _held = lock.lock_owned().await;
+        let (volume, mount_id) = slot;
+        let Some(mut record) = self.volumes.get(&volume, &mount_id)? else {
+            return Err(EngineError::NotFound { volume, mount_id });
         };
         let tree = record.path.clone();
         tokio::task::spawn_blocking(move || remove_any(&tree)).await.map_err(join_error)??;
@@ -874,9 +935,10 @@ impl Engine {
         }
         let remaining: Vec<_> = self.active().drain().collect();
         let cancelled = remaining.len();
-        for ((volume, mount_id), mut running) in remaining {
+        for ((volume, mount_id), running) in remaining {
+            let lock = self.slots.of(&(volume.clone(), mount_id.clone()));
             running.abort.abort();
-            while running.result.changed().await.is_ok() {}
+            let _held = lock.lock_owned().await;
             if let Ok(Some(mut record)) = self.volumes.get(&volume, &mount_id) {
                 if record.state == VolumeState::Pulling {
                     record.state = VolumeState::Failed;
@@ -1132,6 +1194,9 @@ impl Engine {
     /// An unresolvable reference, or I/O.
     pub async fn pin(&self, target: &str) -> Result<Pin, EngineError> {
         let digest = self.resolve_target(target).await?;
+        // Not while a GC run is under way: it decided with the pins it read
+        // at its start, and a pin that has answered must hold from then on.
+        let _no_gc_run = self.collecting.lock().await;
         Ok(self.pins.pin(&digest, target)?)
     }
 
@@ -1184,11 +1249,26 @@ fn link_volume(tree: &Path, target: &Path) -> Result<LinkReport, EngineError> {
     std::fs::set_permissions(staging.path(), std::fs::Permissions::from_mode(0o755)).map_err(io("chmod", staging.path()))?;
     let mut linker = Linker::new();
     linker.link_tree(tree, staging.path()).map_err(StoreError::from)?;
+    let report = linker.report();
+    // Copies and reflinks carry data of their own, possibly on another
+    // filesystem than the records: flushed before the tree is published, or
+    // a crash could leave a `ready` record over empty files.
+    let copied = report.copies + report.reflinks > 0;
+    if copied {
+        sync_tree(staging.path())?;
+    }
     let staged = staging.keep();
     if let Err(source) = std::fs::rename(&staged, target) {
         let _ = std::fs::remove_dir_all(&staged);
         return Err(EngineError::Store(StoreError::Io { action: "publish", path: target.to_owned(), source }));
     }
-    std::fs::File::open(parent).and_then(|dir| dir.sync_all()).map_err(io("fsync", parent))?;
-    Ok(linker.report())
+    // Hard links are metadata on the records' own filesystem: the durable
+    // `ready` record that follows is their commit point, as journaling
+    // filesystems persist metadata in order. Where a crash loses the tree
+    // anyway, recovery finds a ready record without its tree and fails it,
+    // and the next mount makes it again.
+    if copied {
+        sync_dir(parent)?;
+    }
+    Ok(report)
 }

@@ -17,7 +17,33 @@ use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use futures_util::FutureExt;
 use tokio::sync::watch;
+
+/// The shared work panicked. Every waiter gets this as the work's error, and
+/// the next caller starts afresh: a bug in one pull must not wedge its key.
+#[derive(Debug, thiserror::Error)]
+#[error("the shared work panicked: {0}")]
+pub struct Panicked(pub String);
+
+impl Panicked {
+    fn from_payload(payload: &(dyn std::any::Any + Send)) -> Panicked {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|text| (*text).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".to_owned());
+        Panicked(message)
+    }
+}
+
+/// Runs `future`, turning a panic into an error.
+pub async fn catch_panic<T, E: From<Panicked>>(future: impl Future<Output = Result<T, E>>) -> Result<T, E> {
+    std::panic::AssertUnwindSafe(future)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|payload| Err(E::from(Panicked::from_payload(payload.as_ref()))))
+}
 
 const UNKNOWN: u64 = u64::MAX;
 
@@ -117,7 +143,7 @@ impl<K, T, E> Flights<K, T, E>
 where
     K: Clone + Eq + Hash + Send + 'static,
     T: Clone + Send + Sync + 'static,
-    E: Send + Sync + 'static,
+    E: From<Panicked> + Send + Sync + 'static,
 {
     /// Joins the flight for `key`, starting it with `work` if there is none.
     /// Must be called within a tokio runtime.
@@ -146,7 +172,7 @@ where
         let registry = self.inner.clone();
         let task_key = key.clone();
         let task = tokio::spawn(async move {
-            let outcome = future.await.map_err(Arc::new);
+            let outcome = catch_panic(future).await.map_err(Arc::new);
             // Leave the map first, so a request arriving after the result
             // starts afresh instead of joining a finished flight.
             {
@@ -232,6 +258,34 @@ mod tests {
     use std::time::Duration;
 
     type Shared = Flights<&'static str, u32, String>;
+
+    impl From<Panicked> for String {
+        fn from(panicked: Panicked) -> String {
+            panicked.to_string()
+        }
+    }
+
+    /// Work that panics fails every waiter with the panic's message, and
+    /// leaves no dead flight behind for the next caller to join.
+    #[tokio::test]
+    async fn a_panic_fails_the_waiters_and_is_not_sticky() {
+        let flights = Shared::default();
+        let (release, gate) = tokio::sync::oneshot::channel::<()>();
+        let mut first = flights.join("k", move |_| async move {
+            gate.await.unwrap();
+            panic!("layer 3 is odd");
+        });
+        let mut second = flights.join("k", |_| async { Ok(2) });
+        release.send(()).unwrap();
+        for ticket in [&mut first, &mut second] {
+            let error = ticket.wait().await.unwrap_err();
+            assert_eq!(*error, "the shared work panicked: layer 3 is odd");
+        }
+        assert!(flights.is_empty());
+        let mut again = flights.join("k", |_| async { Ok(3) });
+        assert!(!again.coalesced());
+        assert_eq!(again.wait().await, Ok(3));
+    }
 
     /// Concurrent joiners share one run; each gets the result.
     #[tokio::test]

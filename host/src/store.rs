@@ -272,6 +272,24 @@ struct State {
     blob_leases: HashMap<Digest, usize>,
     /// Bytes of `blobs/` and `unpacked/`.
     cache_bytes: u64,
+    /// Staging directories in `tmp/` that work in progress is filling.
+    live: HashSet<PathBuf>,
+}
+
+/// Marks a staging directory in `tmp/` as in use until dropped. The stale
+/// sweep judges a temporary by its own mtime, and a staging directory's own
+/// mtime stops changing once its first entry exists (the rest happens
+/// below): without this, an unpack longer than the GC grace was deleted
+/// under its feet.
+struct Live<'a> {
+    store: &'a Store,
+    path: PathBuf,
+}
+
+impl Drop for Live<'_> {
+    fn drop(&mut self) {
+        self.store.state().live.remove(&self.path);
+    }
 }
 
 /// The store.
@@ -279,6 +297,9 @@ struct State {
 pub struct Store {
     layout: Layout,
     state: Mutex<State>,
+    /// Serializes `record_use`'s read-modify-write of an entry's usage, so
+    /// volumes finishing together do not lose each other's counts.
+    usage: Mutex<()>,
     _lock: RootLock,
 }
 
@@ -297,7 +318,8 @@ impl Store {
         }
         let recovery = recover(&layout)?;
         let cache_bytes = tree_bytes(&layout.blobs()) + tree_bytes(&layout.unpacked_dir());
-        let store = Store { layout, state: Mutex::new(State { cache_bytes, ..State::default() }), _lock: lock };
+        let store =
+            Store { layout, state: Mutex::new(State { cache_bytes, ..State::default() }), usage: Mutex::new(()), _lock: lock };
         Ok((Arc::new(store), recovery))
     }
 
@@ -369,6 +391,11 @@ impl Store {
         self.publish_blob(file, digest, bytes.len() as u64, None, None)
     }
 
+    fn live(&self, path: &Path) -> Live<'_> {
+        self.state().live.insert(path.to_owned());
+        Live { store: self, path: path.to_owned() }
+    }
+
     fn temp_file(&self, purpose: &str) -> Result<tempfile::NamedTempFile, StoreError> {
         let tmp = self.layout.tmp();
         tempfile::Builder::new().prefix(&format!("{purpose}-")).tempfile_in(&tmp).map_err(io_error("create a temporary in", &tmp))
@@ -392,10 +419,19 @@ impl Store {
         handle
             .set_permissions(fs::Permissions::from_mode(read_only_mode(mode)))
             .map_err(io_error("make read-only", file.path()))?;
-        file.persist(&target).map_err(|error| StoreError::Io { action: "publish", path: target.clone(), source: error.error })?;
-        sync_dir(&self.layout.blobs())?;
-        self.state().cache_bytes += size;
-        Ok(())
+        {
+            // The blob may be there already: a flight aborted while its
+            // blocking step ran on (nothing stops one) and the flight that
+            // retried can both get here. Same digest, same bytes: the second
+            // drops its copy and does not count the bytes again.
+            let mut state = self.state();
+            if target.exists() {
+                return Ok(());
+            }
+            file.persist(&target).map_err(|error| StoreError::Io { action: "publish", path: target.clone(), source: error.error })?;
+            state.cache_bytes += size;
+        }
+        sync_dir(&self.layout.blobs())
     }
 
     /// Starts writing the blob `blob`; the bytes are hashed and written on a
@@ -430,10 +466,19 @@ impl Store {
             .prefix("unpack-")
             .tempdir_in(self.layout.tmp())
             .map_err(io_error("create a temporary in", &self.layout.tmp()))?;
-        let bytes = unpack_archive(&archive, compression, layer, staging.path())?;
-        sync_tree(staging.path())?;
-        let staged = staging.keep();
-        fs::rename(&staged, &target).map_err(io_error("publish", &target))?;
+        let _live = self.live(staging.path());
+        // Another unpack of this layer (see `publish_dir`) may publish it,
+        // and drop the archive, while this one reads.
+        let bytes = match unpack_archive(&archive, compression, layer, staging.path()).and_then(|bytes| {
+            sync_tree(staging.path())?;
+            Ok(bytes)
+        }) {
+            Err(_) if target.is_dir() => return Ok(()),
+            outcome => outcome?,
+        };
+        if !publish_dir(staging.keep(), &target)? {
+            return Ok(());
+        }
         sync_dir(&self.layout.unpacked_dir())?;
         fs::remove_file(&archive).map_err(io_error("remove", &archive))?;
         let mut state = self.state();
@@ -455,6 +500,7 @@ impl Store {
             .prefix("entry-")
             .tempdir_in(self.layout.tmp())
             .map_err(io_error("create a temporary in", &self.layout.tmp()))?;
+        let _live = self.live(staging.path());
         let tree = staging.path().join("tree");
         fs::create_dir(&tree).map_err(io_error("create", &tree))?;
         let mut linker = Linker::new();
@@ -487,17 +533,16 @@ impl Store {
         sync_tree(staging.path())?;
         let target = self.layout.entry(key);
         let parent = target.parent().expect("entries live in a manifest directory");
-        fs::create_dir_all(parent).map_err(io_error("create", parent))?;
-        let staged = staging.keep();
         // Under the lock a sweep reads entries with: it sees this entry's
-        // blobs as needed, or still held by the pull building it.
+        // blobs as needed, or still held by the pull building it. And under
+        // the one eviction removes an emptied manifest directory with.
         let published = {
             let _state = self.state();
-            fs::rename(&staged, &target)
+            fs::create_dir_all(parent).map_err(io_error("create", parent))?;
+            publish_dir(staging.keep(), &target)?
         };
-        if let Err(source) = published {
-            let _ = fs::remove_dir_all(&staged);
-            return Err(StoreError::Io { action: "publish", path: target, source });
+        if !published {
+            return self.entry_info(key);
         }
         sync_dir(parent)?;
         Ok(info)
@@ -521,6 +566,7 @@ impl Store {
     /// # Errors
     /// On I/O failure.
     pub fn record_use(&self, key: &EntryKey, reference: &str) -> Result<EntryUsage, StoreError> {
+        let _serial = self.usage.lock().unwrap_or_else(|poison| poison.into_inner());
         let mut usage = self.entry_usage(key);
         usage.last_used_at = Some(time::OffsetDateTime::now_utc());
         usage.use_count += 1;
@@ -615,11 +661,12 @@ impl Store {
             let entry = self.layout.entry(key);
             fs::rename(&entry, &trash).map_err(io_error("evict", &entry))?;
             observe(key);
+            // The manifest's directory goes with its last entry, under the
+            // lock a build creates it with.
+            let _ = fs::remove_dir(self.layout.models().join(key.manifest.hex()));
             trash
         };
         remove_any(&trash)?;
-        // The manifest's directory goes with its last entry.
-        let _ = fs::remove_dir(self.layout.models().join(key.manifest.hex()));
         Ok(true)
     }
 
@@ -683,7 +730,8 @@ impl Store {
             let stale = item
                 .metadata()
                 .and_then(|metadata| metadata.modified())
-                .is_ok_and(|modified| modified.elapsed().is_ok_and(|age| age > grace));
+                .is_ok_and(|modified| modified.elapsed().is_ok_and(|age| age > grace))
+                && !self.state().live.contains(&item.path());
             if stale {
                 remove_any(&item.path())?;
                 removed.push(item.path());
@@ -1051,13 +1099,13 @@ pub(crate) fn tree_bytes(dir: &Path) -> u64 {
     total
 }
 
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir).and_then(|handle| handle.sync_all()).map_err(io_error("fsync", dir))
 }
 
 /// Flushes everything written below `dir` (one `syncfs` instead of an
 /// fsync per file of a large tree).
-fn sync_tree(dir: &Path) -> Result<(), StoreError> {
+pub(crate) fn sync_tree(dir: &Path) -> Result<(), StoreError> {
     let handle = File::open(dir).map_err(io_error("open", dir))?;
     rustix::fs::syncfs(&handle).map_err(|errno| StoreError::Io { action: "syncfs", path: dir.to_owned(), source: errno.into() })
 }
@@ -1092,6 +1140,20 @@ fn write_json_atomically(path: &Path, value: &impl Serialize, durable: bool) -> 
     }
     temp.persist(path).map_err(|error| StoreError::Io { action: "write", path: path.to_owned(), source: error.error })?;
     if durable { sync_dir(dir) } else { Ok(()) }
+}
+
+/// Renames a staged directory into place; `Ok(false)` when `target` was
+/// there already. A blocking step of an aborted flight runs on (nothing can
+/// stop it), so the flight that retries may publish the same layer or entry
+/// beside it: the loser drops its copy instead of failing the mount.
+fn publish_dir(staged: PathBuf, target: &Path) -> Result<bool, StoreError> {
+    match fs::rename(&staged, target) {
+        Ok(()) => Ok(true),
+        Err(source) => {
+            let _ = fs::remove_dir_all(&staged);
+            if target.is_dir() { Ok(false) } else { Err(StoreError::Io { action: "publish", path: target.to_owned(), source }) }
+        }
+    }
 }
 
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, StoreError> {
@@ -1186,6 +1248,88 @@ mod tests {
         assert_eq!(recovery.incomplete_entries, [layout.entry(&key)]);
         assert!(tmp_is_empty(&store));
         assert!(!layout.entry(&key).exists());
+    }
+
+    /// Volumes that finish together each count: no use is lost to a race
+    /// between their read-modify-writes.
+    #[test]
+    fn concurrent_uses_all_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let key = EntryKey::new(Digest::of(b"m"), SelectionKey::parse("full").unwrap());
+        fs::create_dir_all(store.layout.entry(&key)).unwrap();
+        std::thread::scope(|scope| {
+            for thread in 0..8 {
+                let (store, key) = (&store, &key);
+                scope.spawn(move || {
+                    for _ in 0..10 {
+                        store.record_use(key, &format!("r/m:{thread}")).unwrap();
+                    }
+                });
+            }
+        });
+        let usage = store.entry_usage(&key);
+        assert_eq!(usage.use_count, 80);
+        assert_eq!(usage.references.len(), 8);
+    }
+
+    /// A blob published twice (a retry beside a step of an aborted flight
+    /// that ran on) is stored and counted once, with no temporary left.
+    #[test]
+    fn a_blob_published_twice_counts_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let bytes = b"weights";
+        let digest = Digest::of(bytes);
+        for _ in 0..2 {
+            let mut file = store.temp_file("blob").unwrap();
+            file.write_all(bytes).unwrap();
+            store.publish_blob(file, &digest, bytes.len() as u64, None, None).unwrap();
+        }
+        assert_eq!(store.cache_bytes(), bytes.len() as u64);
+        assert_eq!(store.read_blob(&digest).unwrap(), bytes);
+        assert!(tmp_is_empty(&store));
+    }
+
+    /// A staged directory whose target appeared meanwhile is dropped, not
+    /// an error; one that cannot be published for another reason is both
+    /// dropped and an error naming the target.
+    #[test]
+    fn staged_directories_publish_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let stage = |name: &str| {
+            let staged = dir.path().join(name);
+            fs::create_dir_all(staged.join("sub")).unwrap();
+            fs::write(staged.join("sub/file"), name).unwrap();
+            staged
+        };
+        let target = dir.path().join("published");
+        assert!(publish_dir(stage("first"), &target).unwrap());
+        assert!(!publish_dir(stage("second"), &target).unwrap());
+        assert!(!dir.path().join("second").exists());
+        assert_eq!(fs::read_to_string(target.join("sub/file")).unwrap(), "first");
+        let nowhere = dir.path().join("missing/published");
+        let error = publish_dir(stage("third"), &nowhere).unwrap_err();
+        assert!(error.to_string().contains("missing/published"), "{error}");
+        assert!(!dir.path().join("third").exists());
+    }
+
+    /// The stale sweep leaves a staging directory that work is filling,
+    /// however old its own mtime, and takes it once the work let go.
+    #[test]
+    fn live_staging_is_not_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let staging = tempfile::Builder::new().prefix("unpack-").tempdir_in(store.layout.tmp()).unwrap().keep();
+        let two_hours_ago = SystemTime::now() - std::time::Duration::from_secs(7200);
+        File::open(&staging).unwrap().set_modified(two_hours_ago).unwrap();
+        let hour = std::time::Duration::from_secs(3600);
+        let live = store.live(&staging);
+        assert!(store.remove_stale_temporaries(hour).unwrap().is_empty());
+        assert!(staging.is_dir());
+        drop(live);
+        assert_eq!(store.remove_stale_temporaries(hour).unwrap(), [staging.clone()]);
+        assert!(!staging.exists());
     }
 
     /// Entry keys print and parse back; junk does not parse.
