@@ -26,6 +26,7 @@ const MIB: usize = 1 << 20;
 struct Shim {
     child: std::process::Child,
     endpoint: PathBuf,
+    state: PathBuf,
 }
 
 impl Shim {
@@ -48,7 +49,7 @@ impl Shim {
             assert!(started.elapsed() < Duration::from_secs(30), "the shim never answered");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Shim { child, endpoint }
+        Shim { child, endpoint, state: dir.join("csi-state") }
     }
 
     async fn channel(&self) -> Channel {
@@ -65,6 +66,8 @@ impl Drop for Shim {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // The shim stages its bind mounts in a private mount of its own.
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.state.join("stage")).stderr(std::process::Stdio::null()).status();
     }
 }
 
@@ -256,6 +259,51 @@ async fn publish_and_unpublish() {
     node.node_unpublish_volume(unpublish_request("csi-never", &daemon.dir.path().join("pods/never/mount"))).await.unwrap();
     node.node_unpublish_volume(unpublish_request("csi-concurrent", &second)).await.unwrap();
     assert!(mounts_at(&second).is_empty());
+}
+
+/// kubelet's pods directory is a shared mount, and the container runtime
+/// hands the pod a peer's copy of the volume: that copy is read-only as well
+/// (a remount after the bind reached only the shim's own copy), and the
+/// unpublish takes it away too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_peer_of_a_shared_pods_dir_gets_a_read_only_volume() {
+    skip_unless!(support::is_root(), "mounts need root");
+    let Some(registry) = start_registry() else { return };
+    let (reference, source) = publish(&registry, "models/peers:v1", &model(4));
+    let daemon = Daemon::start(&format!("[registries]\ninsecure = [\"{}\"]\n", registry.host()));
+    let shim = Shim::start(daemon.dir.path(), &daemon.socket, 100);
+    let mut node = NodeClient::new(shim.channel().await);
+    let (pods, runtime_view) = (daemon.dir.path().join("pods"), daemon.dir.path().join("runtime-view"));
+    let mount = |args: &[&str]| assert!(std::process::Command::new("mount").args(args).status().unwrap().success(), "mount {args:?}");
+    std::fs::create_dir_all(&pods).unwrap();
+    std::fs::create_dir_all(&runtime_view).unwrap();
+    mount(&["-t", "tmpfs", "pods", pods.to_str().unwrap()]);
+    let _unmount = Unmounts(vec![runtime_view.clone(), pods.clone()]);
+    mount(&["--make-shared", pods.to_str().unwrap()]);
+    mount(&["--bind", pods.to_str().unwrap(), runtime_view.to_str().unwrap()]);
+
+    let target = pods.join("p/volumes/kubernetes.io~csi/model/mount");
+    let pods_copy = runtime_view.join("p/volumes/kubernetes.io~csi/model/mount");
+    node.node_publish_volume(publish_request("csi-peers", &target, &[("modelcache.io/reference", &reference)])).await.unwrap();
+    assert_eq!(read_tree(&pods_copy), read_tree(source.path()));
+    let error = std::fs::write(pods_copy.join("config.json"), b"overwritten").unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(rustix::io::Errno::ROFS.raw_os_error()), "the pod's copy is writable: {error}");
+    assert!(mounts_at(&pods_copy).iter().all(|entry| entry.read_only));
+
+    node.node_unpublish_volume(unpublish_request("csi-peers", &target)).await.unwrap();
+    assert!(mounts_at(&target).is_empty());
+    assert!(mounts_at(&pods_copy).is_empty(), "the unmount reaches the pod's copy");
+}
+
+/// Lazily unmounts each path (recursively) when dropped.
+struct Unmounts(Vec<PathBuf>);
+
+impl Drop for Unmounts {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = std::process::Command::new("umount").arg("-R").arg("-l").arg(path).status();
+        }
+    }
 }
 
 /// A slow pull and a short deadline: a retryable code first while the pull

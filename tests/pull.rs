@@ -510,7 +510,23 @@ async fn unmount_during_the_link_step_leaves_nothing_behind() {
         assert!(Instant::now() < deadline, "the link step never started");
         tokio::time::sleep(Duration::from_micros(200)).await;
     }
-    let released = engine.unmount(&VolumeId::new("cut").unwrap(), &MountId::default()).await.unwrap();
+    let unmount = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.unmount(&VolumeId::new("cut").unwrap(), &MountId::default()).await }
+    });
+    // A mount of the volume while the unmount waits is told to ask again
+    // (until the unmount has begun it joins the mount under way).
+    loop {
+        match engine.start_mount(request("cut", &reference)) {
+            Err(error) => {
+                assert_eq!(error.kind(), ErrorKind::Unavailable, "{error}");
+                break;
+            }
+            Ok(_) => assert!(!unmount.is_finished(), "no mount was refused while the unmount ran"),
+        }
+        tokio::task::yield_now().await;
+    }
+    let released = unmount.await.unwrap().unwrap();
     assert_eq!(released.state, VolumeState::Released);
     assert_eq!(entries(), 0, "the unmount left the tree or its staging");
     tokio::time::sleep(Duration::from_millis(500)).await;

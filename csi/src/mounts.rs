@@ -57,22 +57,48 @@ pub fn mount_at(target: &Path) -> Option<MountEntry> {
 }
 
 /// Bind-mounts `source` at `target` (which must exist), read-only, nosuid,
-/// nodev, private to this mount.
+/// nodev, staging the mount in `stage` (see [`private_stage`]).
+///
+/// The mount is made read-only before it reaches `target`, then moved
+/// there. Binding at `target` and remounting read-only afterwards is not
+/// enough: kubelet's pods directory is a shared mount, each of its peers
+/// gets its own copy of a mount when the mount is made, and a later remount
+/// changes only this namespace's copy. The container runtime hands the pod
+/// a peer's copy, which stayed writable, and a hardlinked tree written
+/// through it corrupts the cached model for every pod. A moved mount
+/// reaches every peer with the flags it has.
 ///
 /// # Errors
-/// The mount syscall's failure; a half-done mount is undone.
-pub fn bind_read_only(source: &Path, target: &Path) -> io::Result<()> {
-    rustix::mount::mount_bind(source, target)?;
-    let read_only = rustix::mount::mount_remount(
-        target,
+/// A mount syscall's failure; a half-done mount is undone.
+pub fn bind_read_only(source: &Path, target: &Path, stage: &Path) -> io::Result<()> {
+    let staging = tempfile::Builder::new().prefix("bind-").tempdir_in(stage)?;
+    rustix::mount::mount_bind(source, staging.path())?;
+    let moved = rustix::mount::mount_remount(
+        staging.path(),
         MountFlags::BIND | MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV,
         "",
     )
-    .and_then(|()| rustix::mount::mount_change(target, MountPropagationFlags::PRIVATE));
-    if let Err(error) = read_only {
-        let _ = rustix::mount::unmount(target, UnmountFlags::DETACH);
+    .and_then(|()| rustix::mount::mount_move(staging.path(), target));
+    if let Err(error) = moved {
+        let _ = rustix::mount::unmount(staging.path(), UnmountFlags::DETACH);
         return Err(error.into());
     }
+    Ok(())
+}
+
+/// Makes `dir` a private mount of its own, for [`bind_read_only`] to stage
+/// in: under a shared mount a bind would reach the peers before it is
+/// read-only, and the kernel refuses to move a mount whose parent is shared.
+///
+/// # Errors
+/// When `dir` cannot be made or mounted.
+pub fn private_stage(dir: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let dir = dir.canonicalize()?;
+    if mount_at(&dir).is_none() {
+        rustix::mount::mount_bind(&dir, &dir)?;
+    }
+    rustix::mount::mount_change(&dir, MountPropagationFlags::PRIVATE)?;
     Ok(())
 }
 

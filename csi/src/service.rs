@@ -42,8 +42,11 @@ pub struct Shim {
 /// An engine error as the gRPC status kubelet acts on: retryable codes
 /// (ABORTED, UNAVAILABLE, RESOURCE_EXHAUSTED) for what may pass.
 fn status_of(error: ClientError) -> Status {
-    let message = error.to_string();
-    match error.kind() {
+    status_for(error.kind(), error.to_string())
+}
+
+fn status_for(kind: ErrorKind, message: String) -> Status {
+    match kind {
         ErrorKind::InvalidArgument => Status::invalid_argument(message),
         ErrorKind::NotFound => Status::not_found(message),
         ErrorKind::Conflict => Status::already_exists(message),
@@ -88,6 +91,9 @@ impl Shim {
 
     fn lock(&self, target: &Path) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.locks.lock().unwrap_or_else(|poison| poison.into_inner());
+        // Only targets someone holds or awaits keep a lock: one per pod
+        // ever seen would grow for the node's lifetime.
+        locks.retain(|_, lock| Arc::strong_count(lock) > 1);
         locks.entry(target.to_owned()).or_default().clone()
     }
 
@@ -168,15 +174,30 @@ impl Shim {
                     published.reference, record.bytes_done, record.bytes_total
                 )));
             }
+            // Failed (or released meanwhile): the record's own kind, so a
+            // quota denial stays RESOURCE_EXHAUSTED and a cancellation
+            // ABORTED, whichever answer carried it.
             state => {
-                let message = record.error.map(|error| error.message).unwrap_or_else(|| format!("the volume is {state:?}"));
-                return Err(Status::internal(message));
+                return Err(match record.error {
+                    Some(error) => status_for(error.kind, error.message),
+                    None => Status::aborted(format!("the volume is {state:?}; retry")),
+                });
             }
         }
-        std::fs::create_dir_all(&target).map_err(|error| Status::internal(format!("creating {}: {error}", target.display())))?;
-        mounts::bind_read_only(&record.path, &target).map_err(|error| {
-            Status::internal(format!("bind-mounting {} at {}: {error}", record.path.display(), target.display()))
-        })?;
+        let stage = self.config.state_dir.join("stage");
+        let mounted = std::fs::create_dir_all(&target)
+            .and_then(|()| mounts::private_stage(&stage))
+            .and_then(|()| mounts::bind_read_only(&record.path, &target, &stage));
+        if let Err(error) = mounted {
+            // INTERNAL is final for kubelet: it forgets the volume and may
+            // never unpublish it, so the ready record is released here, or
+            // it would hold its model against GC for good.
+            if let Err(release) = self.daemon.delete::<VolumeRecord>(&path).await {
+                tracing::warn!(volume = %published.csi_volume_id, "releasing after a failed bind mount: {release}");
+            }
+            let _ = self.targets.remove(&target);
+            return Err(Status::internal(format!("bind-mounting {} at {}: {error}", record.path.display(), target.display())));
+        }
         tracing::info!(volume = %published.csi_volume_id, target = %target.display(), reference = %published.reference, "published");
         Ok(())
     }
@@ -200,10 +221,23 @@ impl Shim {
             }
             _ => {}
         }
-        let (volume, mount_id) = match self.targets.load(&target) {
-            Some(published) => (published.volume, published.mount_id),
-            None => (request::volume_id(&request.volume_id), request::mount_id(None, &target)),
+        // The target file is written before the daemon is ever asked, so
+        // without one there is most likely nothing to release: a release by
+        // the ids the request implies is tried, but a daemon that is down
+        // does not fail the call, so pods on such a node still finish
+        // terminating.
+        let Some(published) = self.targets.load(&target) else {
+            let path = format!("/v1/volumes/{}/{}", request::volume_id(&request.volume_id), request::mount_id(None, &target));
+            match self.daemon.delete::<VolumeRecord>(&path).await {
+                Err(error) if error.kind() != ErrorKind::NotFound => {
+                    tracing::warn!(volume = %request.volume_id, target = %target.display(), "no publish recorded here; release not confirmed: {error}");
+                }
+                _ => {}
+            }
+            tracing::info!(volume = %request.volume_id, target = %target.display(), "unpublished");
+            return Ok(());
         };
+        let (volume, mount_id) = (published.volume, published.mount_id);
         match self.daemon.delete::<VolumeRecord>(&format!("/v1/volumes/{volume}/{mount_id}")).await {
             Ok(_) => {}
             Err(error) if error.kind() == ErrorKind::NotFound => {}

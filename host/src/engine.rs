@@ -112,6 +112,10 @@ pub enum EngineError {
     NotFound { volume: VolumeId, mount_id: MountId },
     #[error("volume {volume}/{mount_id}: the mount was cancelled")]
     Cancelled { volume: VolumeId, mount_id: MountId },
+    #[error("volume {volume}/{mount_id} is being released; ask again once it is")]
+    Releasing { volume: VolumeId, mount_id: MountId },
+    #[error("the mount was stopped before it finished (released or shut down); ask again")]
+    Stopped,
     #[error("plugin runtime: {0}")]
     Runtime(String),
     #[error(transparent)]
@@ -132,7 +136,8 @@ impl EngineError {
             EngineError::QuotaDenied { .. } => ErrorKind::QuotaDenied,
             EngineError::Conflict { .. } => ErrorKind::Conflict,
             EngineError::NotFound { .. } => ErrorKind::NotFound,
-            EngineError::Cancelled { .. } => ErrorKind::Cancelled,
+            EngineError::Cancelled { .. } | EngineError::Stopped => ErrorKind::Cancelled,
+            EngineError::Releasing { .. } => ErrorKind::Unavailable,
             EngineError::Runtime(_) | EngineError::Panicked(_) => ErrorKind::Internal,
             EngineError::Shared(error) => error.kind(),
         }
@@ -216,6 +221,24 @@ impl SlotLocks {
     }
 }
 
+/// Marks a slot as being released until dropped (see `Engine::releasing`).
+struct ReleaseMark<'a> {
+    engine: &'a Engine,
+    slot: Slot,
+}
+
+impl Drop for ReleaseMark<'_> {
+    fn drop(&mut self) {
+        let mut releasing = self.engine.releasing();
+        if let Some(count) = releasing.get_mut(&self.slot) {
+            *count -= 1;
+            if *count == 0 {
+                releasing.remove(&self.slot);
+            }
+        }
+    }
+}
+
 /// A mount task's hold on its slot.
 struct SlotHold(Option<tokio::sync::OwnedMutexGuard<()>>);
 
@@ -272,7 +295,7 @@ impl MountHandle {
     pub async fn wait(&mut self) -> Result<VolumeRecord, EngineError> {
         match self.result.wait_for(Option::is_some).await {
             Ok(outcome) => outcome.clone().expect("waited for an outcome").map_err(EngineError::Shared),
-            Err(_) => Err(EngineError::Runtime("the mount task ended without an outcome".into())),
+            Err(_) => Err(EngineError::Stopped),
         }
     }
 }
@@ -350,6 +373,10 @@ pub struct Engine {
     reservations: Reservations,
     active: Mutex<HashMap<Slot, ActiveMount>>,
     slots: SlotLocks,
+    /// Slots an unmount is taking down, with how many: a mount asking
+    /// meanwhile is told to ask again, rather than be answered from a
+    /// record or a tree the unmount is about to remove.
+    releasing: Mutex<HashMap<Slot, usize>>,
     next_mount: std::sync::atomic::AtomicU64,
     recovery: Recovery,
     failed_at_start: Vec<VolumeRecord>,
@@ -397,6 +424,7 @@ impl Engine {
             reservations: Reservations::default(),
             active: Mutex::new(HashMap::new()),
             slots: SlotLocks::default(),
+            releasing: Mutex::new(HashMap::new()),
             next_mount: std::sync::atomic::AtomicU64::new(0),
             recovery,
             failed_at_start,
@@ -453,6 +481,9 @@ impl Engine {
                 holds: running.request.reference.clone(),
                 state: VolumeState::Pulling,
             });
+        }
+        if self.releasing().contains_key(&slot) {
+            return Err(EngineError::Releasing { volume: request.volume, mount_id: request.mount_id });
         }
         if let Some(record) = self.volumes.get(&request.volume, &request.mount_id)? {
             let same = record.reference == request.reference && record.options == request.options;
@@ -676,6 +707,8 @@ impl Engine {
     pub async fn prefetch(self: &Arc<Self>, reference: &str, options: &ExcludeOptions, pin: bool) -> Result<Prefetched, EngineError> {
         let resolved = self.resolve_request(reference, options).await?;
         if pin {
+            // As `pin`: not while a GC run decides with older pins.
+            let _no_gc_run = self.collecting.lock().await;
             self.pins.pin(&resolved.key.manifest, reference)?;
         }
         let (lease, source) = self.ensure_entry(&resolved, |_| {}, |_| Ok(())).await?;
@@ -895,11 +928,21 @@ impl Engine {
         tokio::spawn(async move { engine.release(slot).await }).await.map_err(join_error)?
     }
 
+    fn releasing(&self) -> std::sync::MutexGuard<'_, HashMap<Slot, usize>> {
+        self.releasing.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+
     async fn release(&self, slot: Slot) -> Result<VolumeRecord, EngineError> {
         let lock = self.slots.of(&slot);
-        if let Some(running) = self.active().remove(&slot) {
-            running.abort.abort();
+        {
+            // One step with the task's removal, so no mount slips in between.
+            let mut active = self.active();
+            if let Some(running) = active.remove(&slot) {
+                running.abort.abort();
+            }
+            *self.releasing().entry(slot.clone()).or_default() += 1;
         }
+        let _marked = ReleaseMark { engine: self, slot: slot.clone() };
         // Once held, the task is gone, link step included.
         let _held = lock.lock_owned().await;
         let (volume, mount_id) = slot;
@@ -935,9 +978,16 @@ impl Engine {
         }
         let remaining: Vec<_> = self.active().drain().collect();
         let cancelled = remaining.len();
-        for ((volume, mount_id), running) in remaining {
-            let lock = self.slots.of(&(volume.clone(), mount_id.clone()));
-            running.abort.abort();
+        // Every task is stopped first, so their link steps end together.
+        let remaining: Vec<_> = remaining
+            .into_iter()
+            .map(|(slot, running)| {
+                running.abort.abort();
+                let lock = self.slots.of(&slot);
+                (slot, lock)
+            })
+            .collect();
+        for ((volume, mount_id), lock) in remaining {
             let _held = lock.lock_owned().await;
             if let Ok(Some(mut record)) = self.volumes.get(&volume, &mount_id) {
                 if record.state == VolumeState::Pulling {

@@ -1147,7 +1147,14 @@ fn write_json_atomically(path: &Path, value: &impl Serialize, durable: bool) -> 
 /// stop it), so the flight that retries may publish the same layer or entry
 /// beside it: the loser drops its copy instead of failing the mount.
 fn publish_dir(staged: PathBuf, target: &Path) -> Result<bool, StoreError> {
-    match fs::rename(&staged, target) {
+    use rustix::fs::{CWD, RenameFlags, renameat_with};
+    // NOREPLACE: a plain rename onto an empty directory succeeds, and an
+    // empty layer published twice would then count as published twice.
+    let renamed = match renameat_with(CWD, &staged, CWD, target, RenameFlags::NOREPLACE) {
+        Err(rustix::io::Errno::INVAL) => fs::rename(&staged, target),
+        other => other.map_err(io::Error::from),
+    };
+    match renamed {
         Ok(()) => Ok(true),
         Err(source) => {
             let _ = fs::remove_dir_all(&staged);
@@ -1306,6 +1313,11 @@ mod tests {
         let target = dir.path().join("published");
         assert!(publish_dir(stage("first"), &target).unwrap());
         assert!(!publish_dir(stage("second"), &target).unwrap());
+        let empty = dir.path().join("empty");
+        fs::create_dir(dir.path().join("empty-staged")).unwrap();
+        fs::create_dir(dir.path().join("empty-again")).unwrap();
+        assert!(publish_dir(dir.path().join("empty-staged"), &empty).unwrap());
+        assert!(!publish_dir(dir.path().join("empty-again"), &empty).unwrap(), "an empty target counts as there");
         assert!(!dir.path().join("second").exists());
         assert_eq!(fs::read_to_string(target.join("sub/file")).unwrap(), "first");
         let nowhere = dir.path().join("missing/published");

@@ -25,6 +25,10 @@ pub enum ClientError {
     Api { status: StatusCode, error: ApiError },
     #[error("talking to modelcache: {0}")]
     Protocol(String),
+    /// The daemon went away mid-request (a restart, a crash): worth asking
+    /// again, unlike a malformed exchange.
+    #[error("the connection to modelcache ended mid-request: {0}")]
+    Dropped(String),
 }
 
 impl ClientError {
@@ -32,7 +36,7 @@ impl ClientError {
     pub fn kind(&self) -> crate::error::ErrorKind {
         match self {
             ClientError::Api { error, .. } => error.kind,
-            ClientError::Connect { .. } => crate::error::ErrorKind::Unavailable,
+            ClientError::Connect { .. } | ClientError::Dropped(_) => crate::error::ErrorKind::Unavailable,
             ClientError::Protocol(_) => crate::error::ErrorKind::Internal,
         }
     }
@@ -105,7 +109,7 @@ impl Client {
             .map_err(|source| ClientError::Connect { socket: self.socket.clone(), source })?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|error| ClientError::Protocol(error.to_string()))?;
+            .map_err(|error| ClientError::Dropped(error.to_string()))?;
         tokio::spawn(async move {
             let _ = connection.await;
         });
@@ -120,13 +124,13 @@ impl Client {
             .header("content-type", "application/json")
             .body(Full::new(payload))
             .map_err(|error| ClientError::Protocol(error.to_string()))?;
-        let response = sender.send_request(request).await.map_err(|error| ClientError::Protocol(error.to_string()))?;
+        let response = sender.send_request(request).await.map_err(|error| ClientError::Dropped(error.to_string()))?;
         let status = response.status();
         let bytes = response
             .into_body()
             .collect()
             .await
-            .map_err(|error| ClientError::Protocol(error.to_string()))?
+            .map_err(|error| ClientError::Dropped(error.to_string()))?
             .to_bytes();
         if !status.is_success() {
             let error = serde_json::from_slice::<ErrorBody>(&bytes).map(|body| body.error).unwrap_or_else(|_| ApiError {

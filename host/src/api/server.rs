@@ -84,7 +84,8 @@ impl AppState {
 }
 
 fn wait_for(seconds: f64) -> Duration {
-    if seconds.is_finite() && seconds > 0.0 { Duration::from_secs_f64(seconds).min(MAX_WAIT) } else { Duration::ZERO }
+    // Clamped before converting: `from_secs_f64` panics past u64 seconds.
+    if seconds.is_finite() && seconds > 0.0 { Duration::from_secs_f64(seconds.min(MAX_WAIT.as_secs_f64())) } else { Duration::ZERO }
 }
 
 /// Sockets bound to single volumes, made on request.
@@ -370,5 +371,20 @@ async fn close_volume_socket(
             Ok(Json(VolumeSocket { volume: volume.to_string(), path }).into_response())
         }
         None => Err(ApiError { kind: ErrorKind::NotFound, message: format!("no socket is bound to volume {volume}") }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whatever wait a client sends is clamped to a sane one, never a panic.
+    #[test]
+    fn waits_are_clamped() {
+        assert_eq!(wait_for(1e20), MAX_WAIT);
+        assert_eq!(wait_for(0.5), Duration::from_millis(500));
+        for nonsense in [-1.0, 0.0, f64::NAN, f64::INFINITY] {
+            assert_eq!(wait_for(nonsense), Duration::ZERO);
+        }
     }
 }

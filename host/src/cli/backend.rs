@@ -121,8 +121,12 @@ impl Backend {
                     progress(record.bytes_done, record.bytes_total);
                     record = client.get(&watch).await?;
                 }
-                if let (VolumeState::Failed, Some(error)) = (record.state, &record.error) {
-                    anyhow::bail!("{} ({})", error.message, error.kind);
+                // Only `ready` is a mount: a volume released meanwhile is
+                // reported, not printed as ready at a path that is gone.
+                match (record.state, &record.error) {
+                    (VolumeState::Ready, _) => {}
+                    (_, Some(error)) => anyhow::bail!("{} ({})", error.message, error.kind),
+                    (state, None) => anyhow::bail!("the volume is {state:?}, not ready; ask again"),
                 }
                 record
             }
