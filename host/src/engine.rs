@@ -198,18 +198,18 @@ struct Built {
 
 type Outcome = Option<Result<VolumeRecord, Arc<EngineError>>>;
 
-/// A volume's operation in progress.
 /// A volume's place: its id and mount id.
 type Slot = (VolumeId, MountId);
 
 /// One lock per volume slot, so that what happens to a volume happens in
 /// order. A mount task holds its slot for its whole run; unmount and shutdown
 /// take it before they touch the tree, so they wait for the task they
-/// cancelled, and a mount arriving meanwhile waits for them. Aborting a task
-/// cannot stop a blocking step it started, so the link step carries the
-/// hold onto its thread (see [`SlotHold::run_blocking`]): an unmount during
-/// it waits for it instead of the link putting the tree back afterwards.
-/// Locks live only while something holds or awaits them.
+/// cancelled (and a mount asking during an unmount is refused, see
+/// `Engine::releasing`). Aborting a task cannot stop a blocking step it
+/// started, so the link step carries the hold onto its thread (see
+/// [`SlotHold::run_blocking`]): an unmount during it waits for it instead of
+/// the link putting the tree back afterwards. Locks live only while
+/// something holds or awaits them.
 #[derive(Default)]
 struct SlotLocks(Mutex<HashMap<Slot, Arc<tokio::sync::Mutex<()>>>>);
 
@@ -253,6 +253,7 @@ impl SlotHold {
     }
 }
 
+/// A volume's operation in progress.
 struct ActiveMount {
     id: u64,
     request: MountRequest,
