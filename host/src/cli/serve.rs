@@ -26,6 +26,7 @@ pub fn run(args: ServeArgs, log_format: Option<LogFormat>) -> anyhow::Result<Exi
         daemon::LogFormat::Json => LogFormat::Json,
     });
     super::init_logging(format, &config.log_level);
+    limit_malloc_arenas();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     let stopped = runtime.block_on(async {
         let stop = async {
@@ -44,6 +45,25 @@ pub fn run(args: ServeArgs, log_format: Option<LogFormat>) -> anyhow::Result<Exi
     drop(runtime);
     tracing::debug!(cancelled = stopped.cancelled, "daemon exited");
     Ok(ExitCode::SUCCESS)
+}
+
+/// glibc gives threads their own malloc arenas, up to 8 per core, and an
+/// arena keeps what was freed in it. A pull's chunks are allocated on the
+/// network workers and freed on blocking writer threads, so every blocking
+/// thread's arena ended up holding some: B6's peak RSS during a 1 GiB pull
+/// was ~60 MiB against a 64 MiB goal. One arena per core (at least two)
+/// brought it to 49–52 MiB with no change in the pull's time or CPU. (A fixed
+/// mmap threshold did as well for memory but cost 45 % more CPU.)
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get).max(2);
+        // SAFETY: mallopt only sets an allocator tunable; called before the
+        // runtime's threads start.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, i32::try_from(cores).unwrap_or(i32::MAX));
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
