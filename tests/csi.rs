@@ -261,6 +261,37 @@ async fn publish_and_unpublish() {
     assert!(mounts_at(&second).is_empty());
 }
 
+/// A target the shim cannot mount at after the daemon answered ready is
+/// INTERNAL, which kubelet takes as final and may never unpublish: the shim
+/// releases the record itself, so it does not hold its model against GC for
+/// good. And an unpublish of a target never published here succeeds even
+/// with the daemon down, so pods on such a node can finish terminating.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_publish_releases_and_unpublish_needs_no_daemon() {
+    let Some(registry) = start_registry() else { return };
+    let (reference, _source) = publish(&registry, "models/unmountable:v1", &model(5));
+    let mut daemon = Daemon::start(&format!("[registries]\ninsecure = [\"{}\"]\n", registry.host()));
+    let shim = Shim::start(daemon.dir.path(), &daemon.socket, 100);
+    let mut node = NodeClient::new(shim.channel().await);
+    let blocker = daemon.dir.path().join("pods/p9");
+    std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
+    std::fs::write(&blocker, b"a file where kubelet's directory should be").unwrap();
+    let target = blocker.join("volumes/kubernetes.io~csi/model/mount");
+
+    let status = node
+        .node_publish_volume(publish_request("csi-unmountable", &target, &[("modelcache.io/reference", &reference)]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    let records: Vec<VolumeRecord> = daemon.client().get("/v1/volumes").await.unwrap();
+    let record = records.iter().find(|record| record.volume.as_str() == "csi-unmountable").expect("a record");
+    assert_eq!(record.state, VolumeState::Released, "the shim released what it could not mount");
+
+    daemon.terminate();
+    let never = daemon.dir.path().join("pods/p10/volumes/kubernetes.io~csi/model/mount");
+    node.node_unpublish_volume(unpublish_request("csi-never-here", &never)).await.unwrap();
+}
+
 /// kubelet's pods directory is a shared mount, and the container runtime
 /// hands the pod a peer's copy of the volume: that copy is read-only as well
 /// (a remount after the bind reached only the shim's own copy), and the
