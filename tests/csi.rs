@@ -16,7 +16,7 @@ use bpfman_csi::v1::volume_capability::access_mode::Mode;
 use bpfman_csi::v1::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use bpfman_csi::v1::*;
 use modelcache::volumes::{VolumeRecord, VolumeState};
-use support::{Daemon, Registry, bytes, digest_of, publish, read_tree, start_registry};
+use support::{Daemon, Registry, Unmount, bytes, digest_of, publish, read_tree, start_registry};
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Code, Request};
 
@@ -308,10 +308,11 @@ async fn every_peer_of_a_shared_pods_dir_gets_a_read_only_volume() {
     let mount = |args: &[&str]| assert!(std::process::Command::new("mount").args(args).status().unwrap().success(), "mount {args:?}");
     std::fs::create_dir_all(&pods).unwrap();
     std::fs::create_dir_all(&runtime_view).unwrap();
-    mount(&["-t", "tmpfs", "pods", pods.to_str().unwrap()]);
-    let _unmount = Unmounts(vec![runtime_view.clone(), pods.clone()]);
+    assert!(support::mount_tmpfs(&pods, "16m"), "mounting a tmpfs failed");
+    let _unmount_pods = Unmount(pods.clone());
     mount(&["--make-shared", pods.to_str().unwrap()]);
     mount(&["--bind", pods.to_str().unwrap(), runtime_view.to_str().unwrap()]);
+    let _unmount_view = Unmount(runtime_view.clone());
 
     let target = pods.join("p/volumes/kubernetes.io~csi/model/mount");
     let pods_copy = runtime_view.join("p/volumes/kubernetes.io~csi/model/mount");
@@ -319,22 +320,12 @@ async fn every_peer_of_a_shared_pods_dir_gets_a_read_only_volume() {
     assert_eq!(read_tree(&pods_copy), read_tree(source.path()));
     let error = std::fs::write(pods_copy.join("config.json"), b"overwritten").unwrap_err();
     assert_eq!(error.raw_os_error(), Some(rustix::io::Errno::ROFS.raw_os_error()), "the pod's copy is writable: {error}");
-    assert!(mounts_at(&pods_copy).iter().all(|entry| entry.read_only));
+    let copies = mounts_at(&pods_copy);
+    assert!(!copies.is_empty() && copies.iter().all(|entry| entry.read_only), "{copies:?}");
 
     node.node_unpublish_volume(unpublish_request("csi-peers", &target)).await.unwrap();
     assert!(mounts_at(&target).is_empty());
     assert!(mounts_at(&pods_copy).is_empty(), "the unmount reaches the pod's copy");
-}
-
-/// Lazily unmounts each path (recursively) when dropped.
-struct Unmounts(Vec<PathBuf>);
-
-impl Drop for Unmounts {
-    fn drop(&mut self) {
-        for path in &self.0 {
-            let _ = std::process::Command::new("umount").arg("-R").arg("-l").arg(path).status();
-        }
-    }
 }
 
 /// A slow pull and a short deadline: a retryable code first while the pull

@@ -16,7 +16,7 @@ use modelcache::plugins::exclude::ExcludeOptions;
 use modelcache::registry::RegistryConfig;
 use modelcache::store::EntryKey;
 use modelcache::volumes::{MountId, VolumeId, VolumeState};
-use support::{PluginDir, Registry, bytes, push, read_tree, start_registry, write_tree};
+use support::{PluginDir, Registry, Unmount, bytes, mount_tmpfs, push, read_tree, start_registry, write_tree};
 
 const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
@@ -236,22 +236,6 @@ fn killed_gc_restarts_consistent() {
     let (store, _) = modelcache::store::Store::open(root.path()).unwrap();
     assert!(store.entries().unwrap().is_empty());
     assert!(std::fs::read_dir(store.layout().blobs()).unwrap().next().is_none(), "every unneeded blob went");
-}
-
-fn mount_tmpfs(dir: &Path, size: &str) -> bool {
-    std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-        .arg(dir)
-        .status()
-        .is_ok_and(|status| status.success())
-}
-
-struct Unmount(std::path::PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
-    }
 }
 
 fn used_percent(path: &Path) -> f64 {

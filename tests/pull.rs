@@ -6,7 +6,7 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,7 @@ use modelcache::link::LinkMethod;
 use modelcache::plugins::exclude::ExcludeOptions;
 use modelcache::registry::{ModelRef, Registry as Client, RegistryConfig};
 use modelcache::volumes::{MountId, VolumeId, VolumeRecord, VolumeState};
-use support::{PluginDir, Registry, bytes, digest_of, publish, read_tree, start_registry};
+use support::{PluginDir, Registry, Unmount, bytes, digest_of, mount_tmpfs, publish, read_tree, start_registry};
 
 const MIB: usize = 1 << 20;
 
@@ -440,22 +440,6 @@ async fn tar_layers_unpack() {
         assert_eq!(std::fs::read(record.path.join("tok/current")).unwrap(), b"a b");
     }
     assert!(tmp_is_empty(root.path()));
-}
-
-fn mount_tmpfs(dir: &Path, size: &str) -> bool {
-    std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-        .arg(dir)
-        .status()
-        .is_ok_and(|status| status.success())
-}
-
-struct Unmount(PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
-    }
 }
 
 /// Store and volume on different filesystems: the copy fallback serves and
