@@ -21,10 +21,22 @@ use support::{PluginDir, Registry, Unmount, bytes, digest_of, mount_tmpfs, publi
 const MIB: usize = 1 << 20;
 
 fn engine_with(root: &Path, insecure: &str, plugins: Option<&Path>, volumes: Option<&Path>) -> Arc<Engine> {
+    Engine::open(config_with(root, insecure, plugins, volumes)).expect("engine")
+}
+
+fn config_with(root: &Path, insecure: &str, plugins: Option<&Path>, volumes: Option<&Path>) -> EngineConfig {
     let mut config = EngineConfig::new(root);
     config.registry = RegistryConfig { insecure: vec![insecure.to_owned()], ..RegistryConfig::default() };
     config.plugin_dir = plugins.map(Path::to_owned);
     config.volumes_dir = volumes.map(Path::to_owned);
+    config
+}
+
+/// An engine that asks the registry what a tag names at every mount, once.
+fn asking_engine(root: &Path, registry: &Registry) -> Arc<Engine> {
+    let mut config = config_with(root, &registry.host(), None, None);
+    config.registry.tag_ttl = Duration::ZERO;
+    config.registry.attempts = 1;
     Engine::open(config).expect("engine")
 }
 
@@ -113,8 +125,8 @@ async fn concurrent_mounts_share_one_download() {
     assert!(tmp_is_empty(root.path()));
 }
 
-/// Mounts of one tag asking at the same moment share one tag resolution;
-/// a mount after they finished resolves afresh (tags move).
+/// Mounts of one tag asking at the same moment share one tag resolution,
+/// and a mount within the tag TTL after them asks nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_herd_asking_for_one_tag_resolves_it_once() {
     let Some(registry) = start_registry() else { return };
@@ -138,7 +150,57 @@ async fn a_herd_asking_for_one_tag_resolves_it_once() {
     assert_eq!(heads(), 1, "one resolution for the herd");
 
     engine.mount(request("late", &through_proxy)).await.unwrap();
-    assert_eq!(heads(), 2, "a finished resolution is not reused");
+    assert_eq!(heads(), 1, "a resolution is trusted for the tag TTL");
+}
+
+/// Within the tag TTL a moved tag still mounts what it named; an engine that
+/// always asks sees the move at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_are_trusted_for_their_ttl() {
+    let Some(registry) = start_registry() else { return };
+    let (tagged, _one) = publish(&registry, "models/ttl:v1", &[("a.bin", bytes(21, 1000))]);
+    let (trusting_root, asking_root) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let trusting = engine(trusting_root.path(), &registry);
+    let asking = asking_engine(asking_root.path(), &registry);
+    let first = trusting.mount(request("first", &tagged)).await.unwrap().digest.unwrap();
+    assert_eq!(asking.mount(request("first", &tagged)).await.unwrap().digest.as_ref(), Some(&first));
+
+    publish(&registry, "models/ttl:v1", &[("b.bin", bytes(22, 1000))]);
+    let trusted = trusting.mount(request("second", &tagged)).await.unwrap();
+    assert_eq!(trusted.digest.as_ref(), Some(&first), "within the TTL the tag is not asked again");
+    assert!(trusted.reused_from_cache && trusted.path.join("a.bin").exists());
+    let asked = asking.mount(request("second", &tagged)).await.unwrap();
+    assert_ne!(asked.digest.as_ref(), Some(&first));
+    assert!(asked.path.join("b.bin").exists());
+}
+
+/// While the registry cannot be reached, a cached model still mounts by tag
+/// (what the tag named when last heard of), even after a restart that
+/// learns it from the volume records; a tag never heard of fails as
+/// unavailable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_outage_mounts_what_tags_last_named() {
+    let Some(registry) = start_registry() else { return };
+    let (tagged, source) = publish(&registry, "models/outage:v1", &small_model(23));
+    let unknown = registry.reference("models/outage:v2");
+    let root = tempfile::tempdir().unwrap();
+    let engine = asking_engine(root.path(), &registry);
+    let digest = engine.mount(request("before", &tagged)).await.unwrap().digest.unwrap();
+    let host = registry.host();
+    drop(registry);
+
+    let during = engine.mount(request("during", &tagged)).await.expect("served from what the tag last named");
+    assert_eq!((during.digest.as_ref(), during.reused_from_cache), (Some(&digest), true));
+    assert_eq!(read_tree(&during.path), read_tree(source.path()));
+    let error = engine.mount(request("unknown", &unknown)).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Unavailable, "{error}");
+    drop(engine);
+
+    let mut config = config_with(root.path(), &host, None, None);
+    config.registry.attempts = 1;
+    let restarted = Engine::open(config).unwrap();
+    let after = restarted.mount(request("after", &tagged)).await.expect("learned from the records");
+    assert_eq!(after.digest.as_ref(), Some(&digest));
 }
 
 /// The first caller cancelled mid-download while three others wait: the
@@ -225,6 +287,33 @@ async fn excluded_files_are_never_fetched() {
     let error = bare.mount(excluding("x", &reference, true, &[])).await.unwrap_err();
     assert_eq!(error.kind(), ErrorKind::InvalidArgument);
     assert!(error.to_string().contains("no plugin serves the exclude decision"), "{error}");
+}
+
+/// A plugin set answers an exclude question once per reference, manifest
+/// and options; other options, or a reload, ask again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exclude_answers_are_remembered_per_plugin_set() {
+    let Some(registry) = start_registry() else { return };
+    let (reference, _source) = publish(&registry, "models/memo:v1", &small_model(24));
+    let plugins = PluginDir::new();
+    // Its own name: the call counter is the process's, shared with other tests.
+    plugins.add("exclude-patterns", "memo-exclude");
+    let root = tempfile::tempdir().unwrap();
+    let engine = engine_with(root.path(), &registry.host(), Some(plugins.path()), None);
+    let calls = || modelcache::metrics::metrics().plugin_calls.get(["memo-exclude", "exclude"]);
+
+    let first = engine.mount(excluding("a", &reference, true, &["*.md"])).await.unwrap();
+    let again = engine.mount(excluding("b", &reference, true, &["*.md"])).await.unwrap();
+    assert_eq!(calls(), 1, "the second mount reuses the answer");
+    assert_eq!(again.skipped, first.skipped);
+    assert_eq!(read_tree(&again.path), read_tree(&first.path));
+
+    let other = engine.mount(excluding("c", &reference, true, &[])).await.unwrap();
+    assert_eq!(calls(), 2, "other options ask");
+    assert!(other.skipped.len() < first.skipped.len());
+    engine.plugins().reload();
+    engine.mount(excluding("d", &reference, true, &["*.md"])).await.unwrap();
+    assert_eq!(calls(), 3, "a reloaded set asks again");
 }
 
 /// One digest, two selections: two correct trees, no cross-contamination;
@@ -457,7 +546,9 @@ async fn cross_filesystem_volumes_are_copied() {
     let engine = engine_with(root.path(), &registry.host(), None, Some(volumes.path()));
     let record = engine.mount(request("elsewhere", &reference)).await.unwrap();
     assert_eq!(record.link_method, Some(LinkMethod::Copy));
-    assert_eq!(record.link.unwrap().copies, files.len() as u64);
+    let link = record.link.unwrap();
+    assert_eq!(link.copies, files.len() as u64);
+    assert_eq!(link.copied_bytes, files.iter().map(|(_, bytes)| bytes.len() as u64).sum::<u64>());
     assert!(record.path.starts_with(volumes.path()));
     assert_eq!(read_tree(&record.path), read_tree(source.path()));
     use std::os::unix::fs::MetadataExt;
@@ -758,7 +849,7 @@ async fn pinned_digests_are_honoured() {
     let Some(registry) = start_registry() else { return };
     let (tagged, _one) = publish(&registry, "models/moving:v1", &[("a.bin", bytes(16, 1000))]);
     let root = tempfile::tempdir().unwrap();
-    let engine = engine(root.path(), &registry);
+    let engine = asking_engine(root.path(), &registry);
     let first = engine.mount(request("tagged", &tagged)).await.unwrap();
     let digest = first.digest.clone().unwrap();
     // The tag moves to another model; the pinned reference still names the first.

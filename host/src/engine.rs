@@ -32,11 +32,11 @@ use crate::flight::{Flights, Progress};
 use crate::gc::{DuEntry, DuReport, Eviction, GcReport, Pin, Pins, Trigger};
 use crate::link::{LinkReport, Linker};
 use crate::modelpack::{Layer, LayerFormat, Model, ModelError, Selection};
-use crate::plugins::exclude::{Artifact, ExcludeDecision, ExcludeError, ExcludeInput, ExcludeOptions, ModelFile, Skip};
+use crate::plugins::exclude::{Artifact, ExcludeDecision, ExcludeError, ExcludeInput, ExcludeMemo, ExcludeOptions, ModelFile, Skip};
 use crate::plugins::gc::{Candidate, GcInput};
 use crate::plugins::quota::{QuotaInput, QuotaVerdict};
 use crate::plugins::{CompiledCache, PluginHost, Runtime, RuntimeOptions};
-use crate::registry::{ModelRef, Registry, RegistryConfig, RegistryError};
+use crate::registry::{ModelRef, Registry, RegistryConfig, RegistryError, TagMemory};
 use crate::store::{EntryKey, EntryLease, Hold, Recovery, Store, StoreError, remove_any, sync_dir, sync_tree};
 use crate::volumes::{MountId, RecordError, VolumeError, VolumeId, VolumeRecord, VolumeState, Volumes};
 
@@ -362,11 +362,13 @@ pub struct Engine {
     /// Tag resolutions under way, by reference: a herd of pods asking for
     /// one tag at once costs the registry one request, not one each.
     resolutions: Flights<String, Digest, EngineError>,
+    tags: Arc<TagMemory>,
     /// Manifests already parsed, by digest. What a digest names never
     /// changes, and parsing the manifest of a 1,000-file model is a good part
     /// of a warm mount. Used only while the store still has the manifest.
     models: Mutex<HashMap<Digest, Arc<Model>>>,
     plugins: PluginHost,
+    decisions: ExcludeMemo,
     volumes: Volumes,
     entries: Flights<EntryKey, Built, EngineError>,
     blobs: Flights<Digest, (), EngineError>,
@@ -409,6 +411,17 @@ impl Engine {
         })?;
         let failed_at_start = volumes.recover()?;
         let registry = Registry::new(config.registry.clone())?;
+        let tags = Arc::new(TagMemory::new(config.registry.tag_ttl));
+        // Newest first: a tag's most recent volume says what it named last.
+        let mut recorded: Vec<_> = volumes.list().into_iter().filter(|record| record.ready_at.is_some()).collect();
+        recorded.sort_by_key(|record| std::cmp::Reverse(record.ready_at));
+        for record in recorded {
+            if let (Some(digest), Ok(reference)) = (&record.digest, ModelRef::parse(&record.reference))
+                && reference.digest().is_none()
+            {
+                tags.recall(reference.as_str(), digest);
+            }
+        }
         let runtime = Runtime::new(config.runtime).map_err(|error| EngineError::Runtime(error.to_string()))?;
         let plugins = PluginHost::open(runtime, Some(CompiledCache::new(layout.components())), config.plugin_dir.clone());
         Ok(Arc::new(Engine {
@@ -417,8 +430,10 @@ impl Engine {
             store,
             registry: Arc::new(registry),
             resolutions: Flights::default(),
+            tags,
             models: Mutex::new(HashMap::new()),
             plugins,
+            decisions: ExcludeMemo::default(),
             volumes,
             entries: Flights::default(),
             blobs: Flights::default(),
@@ -890,6 +905,11 @@ impl Engine {
     }
 
     async fn exclude(&self, reference: &ModelRef, model: &Model, options: &ExcludeOptions) -> Result<ExcludeDecision, EngineError> {
+        let plugins = self.plugins.current();
+        let memo_key = (reference.to_string(), model.digest.to_string(), options.clone());
+        if let Some(decision) = self.decisions.get(&plugins, &memo_key) {
+            return Ok(decision);
+        }
         let input = ExcludeInput {
             artifact: Artifact {
                 reference: reference.to_string(),
@@ -908,11 +928,13 @@ impl Engine {
                 .collect(),
             options: options.clone(),
         };
-        let plugins = self.plugins.current();
-        tokio::task::spawn_blocking(move || plugins.exclude(input))
+        let asked = plugins.clone();
+        let decision = tokio::task::spawn_blocking(move || asked.exclude(input))
             .await
             .map_err(join_error)?
-            .map_err(|source| EngineError::Exclude { reference: reference.to_string(), source })
+            .map_err(|source| EngineError::Exclude { reference: reference.to_string(), source })?;
+        self.decisions.put(&plugins, memo_key, &decision);
+        Ok(decision)
     }
 
     /// Releases a volume: cancels its mount if one is under way, removes its
@@ -1066,21 +1088,37 @@ impl Engine {
 }
 
 impl Engine {
-    /// The digest `reference` names now, one registry request for all the
-    /// callers asking about the same reference at once. A caller that joins
-    /// gets the answer to a request sent at most one round trip before its
-    /// own arrival: the digest it would have got itself, unless the tag
-    /// moved within that round trip. Finished resolutions are not reused.
+    /// The digest `reference` names: what the registry said less than the
+    /// tag TTL ago, else one registry request for all the callers asking
+    /// about the same reference at once (a caller that joins gets the
+    /// answer to a request sent at most one round trip before its own
+    /// arrival), else, when the registry cannot be reached, what the tag
+    /// named when last heard of ([`TagMemory`]).
     async fn resolve(&self, reference: &ModelRef) -> Result<Digest, EngineError> {
         if let Some(digest) = reference.digest() {
             return Ok(digest);
         }
-        let registry = self.registry.clone();
+        if let Some(digest) = self.tags.fresh(reference) {
+            return Ok(digest);
+        }
+        let (registry, tags) = (self.registry.clone(), self.tags.clone());
         let owned = reference.clone();
         let mut ticket = self.resolutions.join(reference.to_string(), move |_| async move {
-            registry.resolve(&owned).await.map_err(EngineError::from)
+            let digest = registry.resolve(&owned).await?;
+            tags.remember(&owned, &digest);
+            Ok(digest)
         });
-        ticket.wait().await.map_err(EngineError::Shared)
+        match ticket.wait().await {
+            Ok(digest) => Ok(digest),
+            Err(error) if error.kind() == ErrorKind::Unavailable => match self.tags.last(reference) {
+                Some(digest) => {
+                    tracing::warn!(%reference, %digest, "serving what the tag named when last heard of: {}", crate::plugins::error_chain(&*error));
+                    Ok(digest)
+                }
+                None => Err(EngineError::Shared(error)),
+            },
+            Err(error) => Err(EngineError::Shared(error)),
+        }
     }
 
     /// Writes a volume record durably, off the async workers.

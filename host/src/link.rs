@@ -52,7 +52,10 @@ pub struct LinkError {
 #[serde(rename_all = "kebab-case")]
 pub struct LinkReport {
     pub files: u64,
-    pub bytes: u64,
+    /// Bytes of the files that got data of their own (reflinks and copies);
+    /// a hardlink shares the store's. Hardlinked files are not even
+    /// `stat`ed: for a 1,000-file model that was a tenth of the link step.
+    pub copied_bytes: u64,
     pub hardlinks: u64,
     pub reflinks: u64,
     pub copies: u64,
@@ -72,13 +75,16 @@ impl LinkReport {
         }
     }
 
-    fn count(&mut self, method: LinkMethod, bytes: u64) {
+    /// One more file; `copied` is what `to` holds of its own.
+    fn count(&mut self, method: LinkMethod, to: &Path) {
         self.files += 1;
-        self.bytes += bytes;
         match method {
             LinkMethod::Hardlink => self.hardlinks += 1,
             LinkMethod::Reflink => self.reflinks += 1,
             LinkMethod::Copy => self.copies += 1,
+        }
+        if method != LinkMethod::Hardlink {
+            self.copied_bytes += fs::symlink_metadata(to).map(|metadata| metadata.len()).unwrap_or(0);
         }
     }
 }
@@ -137,8 +143,7 @@ impl Linker {
         if method != LinkMethod::Hardlink {
             self.start = method;
         }
-        let bytes = fs::symlink_metadata(to).map(|metadata| metadata.len()).unwrap_or(0);
-        self.report.count(method, bytes);
+        self.report.count(method, to);
         Ok(method)
     }
 
@@ -197,10 +202,8 @@ impl Linker {
                 _ if self.start == LinkMethod::Hardlink => {
                     match rustix::fs::linkat(source, name, target, name, AtFlags::empty()) {
                         Ok(()) => {
-                            let size = rustix::fs::statat(source, name, AtFlags::SYMLINK_NOFOLLOW)
-                                .map(|stat| stat.st_size as u64)
-                                .unwrap_or(0);
-                            self.report.count(LinkMethod::Hardlink, size);
+                            self.report.files += 1;
+                            self.report.hardlinks += 1;
                         }
                         // The path-based walk of the fallbacks decides what is next.
                         Err(errno) if falls_back(&errno.into()) => {
@@ -294,7 +297,7 @@ mod tests {
         let to = dir.path().join("to");
         linker.link_tree(&from, &to).unwrap();
         let report = linker.report();
-        assert_eq!((report.files, report.hardlinks, report.bytes), (2, 2, 9));
+        assert_eq!((report.files, report.hardlinks, report.copied_bytes), (2, 2, 0));
         assert_eq!(report.method(), Some(LinkMethod::Hardlink));
         use std::os::unix::fs::MetadataExt;
         assert_eq!(fs::metadata(from.join("a.txt")).unwrap().ino(), fs::metadata(to.join("a.txt")).unwrap().ino());
@@ -330,11 +333,15 @@ mod tests {
     /// Reports name the weakest method used.
     #[test]
     fn report_method_is_the_weakest() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        fs::write(&file, b"four").unwrap();
         let mut report = LinkReport::default();
         assert_eq!(report.method(), None);
-        report.count(LinkMethod::Hardlink, 1);
-        report.count(LinkMethod::Copy, 1);
-        report.count(LinkMethod::Reflink, 1);
+        report.count(LinkMethod::Hardlink, &file);
+        report.count(LinkMethod::Copy, &file);
+        report.count(LinkMethod::Reflink, &file);
         assert_eq!(report.method(), Some(LinkMethod::Copy));
+        assert_eq!((report.files, report.copied_bytes), (3, 8));
     }
 }

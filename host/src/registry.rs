@@ -45,6 +45,9 @@ pub struct RegistryConfig {
     /// cache, a peer-to-peer proxy): each gets one try per request, and any
     /// failure falls through to the next and finally to the origin.
     pub mirrors: BTreeMap<String, Vec<Mirror>>,
+    /// How long what a tag named is trusted without asking the registry
+    /// again (default 30 s; zero asks every time). See [`TagMemory`].
+    pub tag_ttl: Duration,
 }
 
 /// One mirror of a registry; it serves the same repositories at the same paths.
@@ -86,7 +89,84 @@ impl Default for RegistryConfig {
             attempts: 5,
             backoff: Duration::from_millis(200),
             mirrors: BTreeMap::new(),
+            tag_ttl: Duration::from_secs(30),
         }
+    }
+}
+
+/// What tags named when last asked.
+///
+/// A mount by tag asks the registry what the tag names now, unless it was
+/// asked less than `ttl` ago: a node starting pods of one deployment then
+/// asks once, not once a pod (docker-registry takes longer to answer that
+/// question for a 1,000-file model than a warm mount takes to link it).
+/// And when the registry cannot be reached, the last answer is used, so a
+/// cached model still mounts during a registry outage, with a warning. A
+/// tag that is not found or refused is never answered from memory.
+///
+/// The price is that a tag moved within `ttl` of the last question is seen
+/// late on this node; references by digest, or a zero `ttl`, avoid it.
+#[derive(Debug)]
+pub struct TagMemory {
+    ttl: Duration,
+    known: std::sync::Mutex<std::collections::HashMap<String, Recalled>>,
+}
+
+#[derive(Debug)]
+struct Recalled {
+    digest: Digest,
+    /// When the registry said so; `None` when learned from a volume record
+    /// at start-up, good only while the registry cannot be reached.
+    at: Option<std::time::Instant>,
+}
+
+impl TagMemory {
+    /// Distinct tags remembered; past it an arbitrary one is forgotten
+    /// (a node serves a few models, callers could name endless tags).
+    const KEPT: usize = 1024;
+
+    pub fn new(ttl: Duration) -> TagMemory {
+        TagMemory { ttl, known: std::sync::Mutex::new(std::collections::HashMap::new()) }
+    }
+
+    fn known(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Recalled>> {
+        self.known.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// What `tag` named when the registry said so less than `ttl` ago.
+    pub fn fresh(&self, tag: &ModelRef) -> Option<Digest> {
+        let known = self.known();
+        let recalled = known.get(tag.as_str())?;
+        recalled.at.filter(|at| at.elapsed() < self.ttl).map(|_| recalled.digest.clone())
+    }
+
+    /// What `tag` named when last heard of, however long ago.
+    pub fn last(&self, tag: &ModelRef) -> Option<Digest> {
+        self.known().get(tag.as_str()).map(|recalled| recalled.digest.clone())
+    }
+
+    /// The registry's answer, just given.
+    pub fn remember(&self, tag: &ModelRef, digest: &Digest) {
+        self.insert(tag.as_str(), Recalled { digest: digest.clone(), at: Some(std::time::Instant::now()) });
+    }
+
+    /// What a volume record says `tag` named once: used only when the
+    /// registry cannot be reached, and never over an answer of this run.
+    pub fn recall(&self, tag: &str, digest: &Digest) {
+        if !self.known().contains_key(tag) {
+            self.insert(tag, Recalled { digest: digest.clone(), at: None });
+        }
+    }
+
+    fn insert(&self, tag: &str, recalled: Recalled) {
+        let mut known = self.known();
+        if known.len() >= Self::KEPT
+            && !known.contains_key(tag)
+            && let Some(forgotten) = known.keys().next().cloned()
+        {
+            known.remove(&forgotten);
+        }
+        known.insert(tag.to_owned(), recalled);
     }
 }
 
@@ -645,6 +725,23 @@ fn run_helper(helper: &str, host: &str) -> Result<RegistryAuth, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An answer is fresh for the TTL and known after; what a record says
+    /// is never fresh and never overrides an answer.
+    #[test]
+    fn tag_memory() {
+        let tag = ModelRef::parse("registry.local/models/a:v1").unwrap();
+        let (one, two) = (Digest::of(b"one"), Digest::of(b"two"));
+        let trusting = TagMemory::new(Duration::from_secs(3600));
+        trusting.recall(tag.as_str(), &one);
+        assert_eq!((trusting.fresh(&tag), trusting.last(&tag)), (None, Some(one.clone())));
+        trusting.remember(&tag, &two);
+        trusting.recall(tag.as_str(), &one);
+        assert_eq!((trusting.fresh(&tag), trusting.last(&tag)), (Some(two.clone()), Some(two.clone())));
+        let asking = TagMemory::new(Duration::ZERO);
+        asking.remember(&tag, &two);
+        assert_eq!((asking.fresh(&tag), asking.last(&tag)), (None, Some(two)));
+    }
 
     /// References parse with their registry, repository and pinned digest.
     #[test]

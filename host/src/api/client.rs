@@ -64,13 +64,6 @@ impl Client {
         &self.socket
     }
 
-    /// A client if a daemon listens on `socket`, else `None` (no socket, or
-    /// one left behind by a daemon that is gone). A connection is enough to
-    /// tell: a health request first would add a round trip to every command.
-    pub async fn reach(socket: &Path) -> Option<Client> {
-        UnixStream::connect(socket).await.ok().map(|_| Client::new(socket))
-    }
-
     /// Whether the daemon answers a health request (a connection alone is
     /// accepted by the kernel even when the daemon is stuck).
     pub async fn healthy(&self) -> bool {

@@ -5,7 +5,6 @@ use std::process::ExitCode;
 use modelcache_policy::size::HumanBytes;
 
 use super::backend::RootArgs;
-use super::volumes::block_on;
 
 #[derive(Debug, clap::Args)]
 pub struct GcArgs {
@@ -35,7 +34,7 @@ pub struct PinArgs {
 }
 
 pub fn gc(args: GcArgs) -> anyhow::Result<ExitCode> {
-    let report = block_on(async { args.root.backend().await?.gc(args.dry_run).await })??;
+    let report = args.root.with_backend(|backend| async move { backend.gc(args.dry_run).await })?;
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);
@@ -72,7 +71,7 @@ pub fn gc(args: GcArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn du(args: DuArgs) -> anyhow::Result<ExitCode> {
-    let report = block_on(async { args.root.backend().await?.du().await })??;
+    let report = args.root.with_backend(|backend| async move { backend.du().await })?;
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);
@@ -106,9 +105,9 @@ pub fn du(args: DuArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn pin(args: PinArgs) -> anyhow::Result<ExitCode> {
-    block_on(async {
-        let backend = args.root.backend().await?;
-        match &args.target {
+    let target = &args.target;
+    args.root.with_backend(|backend| async move {
+        match target {
             Some(target) => {
                 let pin = backend.pin(target).await?;
                 outln!("pinned {} ({})", pin.digest, pin.reference);
@@ -120,7 +119,7 @@ pub fn pin(args: PinArgs) -> anyhow::Result<ExitCode> {
             }
         }
         anyhow::Ok(())
-    })??;
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -128,7 +127,8 @@ pub fn unpin(args: PinArgs) -> anyhow::Result<ExitCode> {
     let Some(target) = args.target.clone() else {
         anyhow::bail!("name what to unpin: a reference or a sha256: digest");
     };
-    if block_on(async { args.root.backend().await?.unpin(&target).await })?? {
+    let unpinning = &target;
+    if args.root.with_backend(|backend| async move { backend.unpin(unpinning).await })? {
         outln!("unpinned {target}");
     } else {
         outln!("{target} was not pinned");

@@ -18,7 +18,6 @@ use modelcache::plugins::{
 use serde_json::Value;
 
 use super::backend::RootArgs;
-use super::volumes::block_on;
 
 #[derive(Debug, Subcommand)]
 pub enum PluginsCommand {
@@ -127,11 +126,11 @@ pub fn run(command: PluginsCommand) -> anyhow::Result<ExitCode> {
     match command {
         PluginsCommand::Ls { dir: Some(dir), json, cache, .. } => list(&dir, json, &cache),
         PluginsCommand::Ls { dir: None, json, root, .. } => {
-            let statuses = block_on(async { root.backend().await?.plugins(false).await })??;
+            let statuses = root.with_backend(|backend| async move { backend.plugins(false).await })?;
             print_statuses(&statuses, json)
         }
         PluginsCommand::Reload { json, root } => {
-            let statuses = block_on(async { root.backend().await?.plugins(true).await })??;
+            let statuses = root.with_backend(|backend| async move { backend.plugins(true).await })?;
             print_statuses(&statuses, json)
         }
         PluginsCommand::Run { plugin, decision, input, settings, cache } => {

@@ -74,9 +74,9 @@ pub struct HealthArgs {
 }
 
 pub fn health(args: HealthArgs) -> anyhow::Result<ExitCode> {
-    let health = super::volumes::block_on(async {
+    let health = super::backend::runtime(super::backend::Threads::One)?.block_on(async {
         modelcache::api::client::Client::new(&args.socket).get::<modelcache::api::Health>("/v1/health").await
-    })?;
+    });
     match health {
         Ok(health) => {
             outln!("{} (pid {}, {} mounts under way, {} plugins loaded)", health.status, health.pid, health.active_mounts, health.plugins_loaded);

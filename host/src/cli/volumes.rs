@@ -11,7 +11,7 @@ use modelcache::registry::{ModelRef, Registry};
 use modelcache::volumes::{MountId, VolumeId, VolumeRecord};
 use modelcache_policy::size::HumanBytes;
 
-use super::backend::{RegistryArgs, RootArgs};
+use super::backend::{RegistryArgs, RootArgs, Threads, runtime};
 
 #[derive(Debug, clap::Args)]
 pub struct MountArgs {
@@ -109,11 +109,6 @@ pub struct PushArgs {
     pub registry: RegistryArgs,
 }
 
-/// Runs one future to completion on a fresh runtime.
-pub fn block_on<T>(future: impl std::future::Future<Output = T>) -> anyhow::Result<T> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
-    Ok(runtime.block_on(future))
-}
 
 fn print_json(value: &impl serde::Serialize) -> anyhow::Result<ExitCode> {
     outln!("{}", serde_json::to_string_pretty(value)?);
@@ -127,13 +122,12 @@ pub fn mount(args: MountArgs) -> anyhow::Result<ExitCode> {
         reference: args.reference.clone(),
         options: args.exclude.options(),
     };
-    let record = block_on(async {
-        let backend = args.root.backend().await?;
+    let record = args.root.with_backend(|backend| async move {
         let bar = progress_bar();
         let record = backend.mount(request, bar.tick(), |done, total| bar.update(done, total)).await;
         bar.finish();
         record
-    })??;
+    })?;
     if args.json {
         return print_json(&record);
     }
@@ -214,7 +208,7 @@ impl Bar {
 
 pub fn unmount(args: VolumeArgs) -> anyhow::Result<ExitCode> {
     let (volume, mount_id) = args.ids()?;
-    let record = block_on(async { args.root.backend().await?.unmount(&volume, &mount_id).await })??;
+    let record = args.root.with_backend(|backend| async move { backend.unmount(&volume, &mount_id).await })?;
     if args.json {
         return print_json(&record);
     }
@@ -224,7 +218,7 @@ pub fn unmount(args: VolumeArgs) -> anyhow::Result<ExitCode> {
 
 pub fn status(args: VolumeArgs) -> anyhow::Result<ExitCode> {
     let (volume, mount_id) = args.ids()?;
-    let record = block_on(async { args.root.backend().await?.status(&volume, &mount_id).await })??;
+    let record = args.root.with_backend(|backend| async move { backend.status(&volume, &mount_id).await })?;
     if args.json {
         return print_json(&record);
     }
@@ -236,12 +230,10 @@ pub fn status(args: VolumeArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
-    let records = block_on(async {
-        match modelcache::api::client::Client::reach(&args.root.socket).await {
-            Some(client) => client.get::<Vec<VolumeRecord>>("/v1/volumes").await.map_err(anyhow::Error::from),
-            None => Ok(args.root.records()),
-        }
-    })??;
+    let records = match args.root.daemon() {
+        Some(client) => runtime(Threads::One)?.block_on(client.get::<Vec<VolumeRecord>>("/v1/volumes"))?,
+        None => args.root.records(),
+    };
     if args.json {
         return print_json(&records);
     }
@@ -267,7 +259,7 @@ fn list_line(record: &VolumeRecord) -> String {
 }
 
 pub fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
-    let inspection = block_on(async { args.root.backend().await?.inspect(&args.reference).await })??;
+    let inspection = args.root.with_backend(|backend| async move { backend.inspect(&args.reference).await })?;
     if args.json {
         return print_json(&inspection);
     }
@@ -290,7 +282,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
 
 pub fn prefetch(args: PrefetchArgs) -> anyhow::Result<ExitCode> {
     let options = args.exclude.options();
-    let status = block_on(async { args.root.backend().await?.prefetch(&args.reference, options, args.pin).await })??;
+    let status = args.root.with_backend(|backend| async move { backend.prefetch(&args.reference, options, args.pin).await })?;
     if args.json {
         return print_json(&status);
     }
@@ -311,7 +303,7 @@ pub fn prefetch(args: PrefetchArgs) -> anyhow::Result<ExitCode> {
 pub fn push(args: PushArgs) -> anyhow::Result<ExitCode> {
     let reference = ModelRef::parse(&args.reference)?;
     let registry = Registry::new(args.registry.config())?;
-    let digest = block_on(modelcache::pack::push_dir(&registry, &reference, &args.dir))?
+    let digest = runtime(Threads::Workers)?.block_on(modelcache::pack::push_dir(&registry, &reference, &args.dir))
         .with_context(|| format!("pushing {} as {}", args.dir.display(), reference))?;
     outln!("{reference}@{digest}");
     Ok(ExitCode::SUCCESS)

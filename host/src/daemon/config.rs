@@ -82,6 +82,7 @@ struct RawRegistries {
     docker_config: Option<PathBuf>,
     #[serde(default)]
     mirrors: BTreeMap<String, RawMirror>,
+    tag_ttl: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -195,11 +196,17 @@ impl ServeConfig {
         engine.download_concurrency = positive("downloads.concurrency", raw.downloads.concurrency)?;
         engine.layer_concurrency = positive("downloads.layer-concurrency", raw.downloads.layer_concurrency)?;
         engine.gc_grace = duration("gc.grace", raw.gc.grace.as_deref(), DEFAULT_GC_GRACE)?;
+        let defaults = RegistryConfig::default();
+        let tag_ttl = match raw.registries.tag_ttl.as_deref() {
+            None => defaults.tag_ttl,
+            text => duration("registries.tag-ttl", text, "")?,
+        };
         engine.registry = RegistryConfig {
             insecure: raw.registries.insecure,
             docker_config: raw.registries.docker_config,
             mirrors,
-            ..RegistryConfig::default()
+            tag_ttl,
+            ..defaults
         };
         let gc_interval = duration("gc.interval", raw.gc.interval.as_deref(), DEFAULT_GC_INTERVAL)?;
         let mode_text = raw.api.mode.unwrap_or_else(|| "0600".into());
@@ -246,6 +253,7 @@ mod tests {
         assert_eq!(empty.socket_mode, 0o600);
         assert_eq!(empty.engine.download_concurrency, 4);
         assert_eq!(empty.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(empty.engine.registry.tag_ttl, Duration::from_secs(30));
     }
 
     /// Every key is read.
@@ -262,6 +270,7 @@ mod tests {
             [registries]
             insecure = ["registry.local:5000"]
             docker-config = "/root/.docker"
+            tag-ttl = "0"
             [registries.mirrors."registry.local:5000"]
             endpoints = ["http://127.0.0.1:65001", "https://mirror.local"]
             resolve = false
@@ -288,6 +297,7 @@ mod tests {
         let mirrors = &config.engine.registry.mirrors["registry.local:5000"];
         assert_eq!(mirrors[0], Mirror { host: "127.0.0.1:65001".into(), plain_http: true, resolve: false });
         assert!(!mirrors[1].plain_http);
+        assert_eq!(config.engine.registry.tag_ttl, Duration::ZERO);
         assert_eq!(config.gc_interval, None);
         assert_eq!(config.engine.gc_grace, Duration::from_secs(1800));
         assert_eq!(config.socket_mode, 0o660);

@@ -6,7 +6,8 @@
 //! plugin nothing is skipped, and a request that asks for exclusion is
 //! refused rather than silently served in full.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, Weak};
 
 use serde::{Deserialize, Serialize};
 
@@ -161,6 +162,61 @@ impl Plugin {
             .into_iter()
             .map(|skip| Skip { path: skip.path, reason: skip.reason, plugin: self.name.clone() })
             .collect())
+    }
+}
+
+/// Exclude decisions a plugin set already made, by the model and options
+/// they were made for.
+///
+/// A policy is a function of its input: each call gets a fresh instance,
+/// which keeps nothing, and an exclude policy has no business reading the
+/// clock or random numbers (`docs/policies.md` asks policy authors for
+/// this). The reference and the manifest digest fix the rest of the input
+/// (the files and annotations are the manifest's), so a warm mount asks
+/// again only with other options; for a 1,000-file model, asking is about a
+/// millisecond and a half. A reload makes a new set, which starts with no
+/// answers. A decision where a plugin failed open is not kept: the next
+/// mount asks again.
+#[derive(Debug, Default)]
+pub struct ExcludeMemo {
+    kept: Mutex<Option<(Weak<PluginSet>, HashMap<MemoKey, ExcludeDecision>)>>,
+}
+
+/// What an exclude decision is remembered by: the reference as written,
+/// the manifest digest and the options.
+pub type MemoKey = (String, String, ExcludeOptions);
+
+impl ExcludeMemo {
+    /// Distinct models and options kept; past it an arbitrary one goes.
+    const KEPT: usize = 256;
+
+    /// What `set` decided for this model and these options, if it did.
+    pub fn get(&self, set: &Arc<PluginSet>, key: &MemoKey) -> Option<ExcludeDecision> {
+        let kept = self.kept.lock().unwrap_or_else(|poison| poison.into_inner());
+        match &*kept {
+            Some((made_by, decisions)) if Weak::ptr_eq(made_by, &Arc::downgrade(set)) => decisions.get(key).cloned(),
+            _ => None,
+        }
+    }
+
+    /// Keeps what `set` decided, unless a plugin failed.
+    pub fn put(&self, set: &Arc<PluginSet>, key: MemoKey, decision: &ExcludeDecision) {
+        if !decision.failures.is_empty() {
+            return;
+        }
+        let mut kept = self.kept.lock().unwrap_or_else(|poison| poison.into_inner());
+        let set = Arc::downgrade(set);
+        if !matches!(&*kept, Some((made_by, _)) if Weak::ptr_eq(made_by, &set)) {
+            *kept = Some((set, HashMap::new()));
+        }
+        let (_, decisions) = kept.as_mut().expect("set just above");
+        if decisions.len() >= Self::KEPT
+            && !decisions.contains_key(&key)
+            && let Some(dropped) = decisions.keys().next().cloned()
+        {
+            decisions.remove(&dropped);
+        }
+        decisions.insert(key, decision.clone());
     }
 }
 
