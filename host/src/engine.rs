@@ -32,7 +32,7 @@ use crate::flight::{Flights, Progress};
 use crate::gc::{DuEntry, DuReport, Eviction, GcReport, Pin, Pins, Trigger};
 use crate::link::{LinkReport, Linker};
 use crate::modelpack::{Layer, LayerFormat, Model, ModelError, Selection};
-use crate::plugins::exclude::{Artifact, ExcludeDecision, ExcludeError, ExcludeInput, ExcludeMemo, ExcludeOptions, ModelFile, Skip};
+use crate::plugins::exclude::{Artifact, ExcludeDecision, ExcludeError, ExcludeInput, ExcludeMemo, ExcludeOptions, MemoKey, ModelFile, Skip};
 use crate::plugins::gc::{Candidate, GcInput};
 use crate::plugins::quota::{QuotaInput, QuotaVerdict};
 use crate::plugins::{CompiledCache, PluginHost, Runtime, RuntimeOptions};
@@ -368,7 +368,9 @@ pub struct Engine {
     /// of a warm mount. Used only while the store still has the manifest.
     models: Mutex<HashMap<Digest, Arc<Model>>>,
     plugins: PluginHost,
-    decisions: ExcludeMemo,
+    /// Exclude decisions made, and being made (one plugin call for a herd).
+    decisions: Arc<ExcludeMemo>,
+    excluding: Flights<MemoKey, ExcludeDecision, EngineError>,
     volumes: Volumes,
     entries: Flights<EntryKey, Built, EngineError>,
     blobs: Flights<Digest, (), EngineError>,
@@ -433,7 +435,8 @@ impl Engine {
             tags,
             models: Mutex::new(HashMap::new()),
             plugins,
-            decisions: ExcludeMemo::default(),
+            decisions: Arc::default(),
+            excluding: Flights::default(),
             volumes,
             entries: Flights::default(),
             blobs: Flights::default(),
@@ -904,37 +907,46 @@ impl Engine {
         parsed.insert(model.digest.clone(), model.clone());
     }
 
+    /// The exclude decision for this model and these options: remembered,
+    /// or asked of the plugins once for all the mounts asking at once.
     async fn exclude(&self, reference: &ModelRef, model: &Model, options: &ExcludeOptions) -> Result<ExcludeDecision, EngineError> {
         let plugins = self.plugins.current();
         let memo_key = (reference.to_string(), model.digest.to_string(), options.clone());
         if let Some(decision) = self.decisions.get(&plugins, &memo_key) {
             return Ok(decision);
         }
-        let input = ExcludeInput {
-            artifact: Artifact {
-                reference: reference.to_string(),
-                manifest_digest: model.digest.to_string(),
-                annotations: model.annotations.clone(),
-            },
-            files: model
-                .layers
-                .iter()
-                .map(|layer| ModelFile {
-                    path: layer.path.to_string(),
-                    size: layer.blob.size,
-                    media_type: layer.blob.media_type.clone(),
-                    layer_digest: layer.blob.digest.to_string(),
-                })
-                .collect(),
-            options: options.clone(),
-        };
-        let asked = plugins.clone();
-        let decision = tokio::task::spawn_blocking(move || asked.exclude(input))
-            .await
-            .map_err(join_error)?
-            .map_err(|source| EngineError::Exclude { reference: reference.to_string(), source })?;
-        self.decisions.put(&plugins, memo_key, &decision);
-        Ok(decision)
+        let decisions = self.decisions.clone();
+        let mut ticket = self.excluding.join(memo_key.clone(), |_| {
+            let input = ExcludeInput {
+                artifact: Artifact {
+                    reference: reference.to_string(),
+                    manifest_digest: model.digest.to_string(),
+                    annotations: model.annotations.clone(),
+                },
+                files: model
+                    .layers
+                    .iter()
+                    .map(|layer| ModelFile {
+                        path: layer.path.to_string(),
+                        size: layer.blob.size,
+                        media_type: layer.blob.media_type.clone(),
+                        layer_digest: layer.blob.digest.to_string(),
+                    })
+                    .collect(),
+                options: options.clone(),
+            };
+            let reference = reference.to_string();
+            async move {
+                let asked = plugins.clone();
+                let decision = tokio::task::spawn_blocking(move || asked.exclude(input))
+                    .await
+                    .map_err(join_error)?
+                    .map_err(|source| EngineError::Exclude { reference, source })?;
+                decisions.put(&plugins, memo_key, &decision);
+                Ok(decision)
+            }
+        });
+        ticket.wait().await.map_err(EngineError::Shared)
     }
 
     /// Releases a volume: cancels its mount if one is under way, removes its
