@@ -362,6 +362,8 @@ pub struct Engine {
     /// Tag resolutions under way, by reference: a herd of pods asking for
     /// one tag at once costs the registry one request, not one each.
     resolutions: Flights<String, Digest, EngineError>,
+    /// What tags named when last asked: trusted for the tag TTL, and used
+    /// while the registry cannot be reached.
     tags: Arc<TagMemory>,
     /// Manifests already parsed, by digest. What a digest names never
     /// changes, and parsing the manifest of a 1,000-file model is a good part
