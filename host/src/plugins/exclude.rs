@@ -179,7 +179,14 @@ impl Plugin {
 /// mount asks again.
 #[derive(Debug, Default)]
 pub struct ExcludeMemo {
-    kept: Mutex<Option<(Weak<PluginSet>, HashMap<MemoKey, ExcludeDecision>)>>,
+    kept: Mutex<Option<Answers>>,
+}
+
+/// The answers of one plugin set.
+#[derive(Debug)]
+struct Answers {
+    made_by: Weak<PluginSet>,
+    decisions: HashMap<MemoKey, ExcludeDecision>,
 }
 
 /// What an exclude decision is remembered by: the reference as written,
@@ -190,33 +197,36 @@ impl ExcludeMemo {
     /// Distinct models and options kept; past it an arbitrary one goes.
     const KEPT: usize = 256;
 
-    /// What `set` decided for this model and these options, if it did.
-    pub fn get(&self, set: &Arc<PluginSet>, key: &MemoKey) -> Option<ExcludeDecision> {
-        let kept = self.kept.lock().unwrap_or_else(|poison| poison.into_inner());
-        match &*kept {
-            Some((made_by, decisions)) if Weak::ptr_eq(made_by, &Arc::downgrade(set)) => decisions.get(key).cloned(),
-            _ => None,
-        }
+    fn kept(&self) -> std::sync::MutexGuard<'_, Option<Answers>> {
+        self.kept.lock().unwrap_or_else(|poison| poison.into_inner())
     }
 
-    /// Keeps what `set` decided, unless a plugin failed.
+    /// What `set` decided for this model and these options, if it did.
+    pub fn get(&self, set: &Arc<PluginSet>, key: &MemoKey) -> Option<ExcludeDecision> {
+        let kept = self.kept();
+        let answers = kept.as_ref().filter(|answers| Weak::ptr_eq(&answers.made_by, &Arc::downgrade(set)))?;
+        answers.decisions.get(key).cloned()
+    }
+
+    /// Keeps what `set` decided, unless a plugin failed; the answers of an
+    /// earlier set go.
     pub fn put(&self, set: &Arc<PluginSet>, key: MemoKey, decision: &ExcludeDecision) {
         if !decision.failures.is_empty() {
             return;
         }
-        let mut kept = self.kept.lock().unwrap_or_else(|poison| poison.into_inner());
-        let set = Arc::downgrade(set);
-        if !matches!(&*kept, Some((made_by, _)) if Weak::ptr_eq(made_by, &set)) {
-            *kept = Some((set, HashMap::new()));
-        }
-        let (_, decisions) = kept.as_mut().expect("set just above");
-        if decisions.len() >= Self::KEPT
-            && !decisions.contains_key(&key)
-            && let Some(dropped) = decisions.keys().next().cloned()
+        let made_by = Arc::downgrade(set);
+        let mut kept = self.kept();
+        let answers = match kept.take() {
+            Some(answers) if Weak::ptr_eq(&answers.made_by, &made_by) => kept.insert(answers),
+            _ => kept.insert(Answers { made_by, decisions: HashMap::new() }),
+        };
+        if answers.decisions.len() >= Self::KEPT
+            && !answers.decisions.contains_key(&key)
+            && let Some(dropped) = answers.decisions.keys().next().cloned()
         {
-            decisions.remove(&dropped);
+            answers.decisions.remove(&dropped);
         }
-        decisions.insert(key, decision.clone());
+        answers.decisions.insert(key, decision.clone());
     }
 }
 
