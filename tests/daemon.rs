@@ -230,15 +230,6 @@ async fn sigterm_mid_pull_leaves_a_clean_store() {
     assert_eq!(read_tree(&record.path), read_tree(source.path()));
 }
 
-fn delete_blob(registry: &Registry, repository: &str, digest: &str) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(registry.host()).unwrap();
-    write!(stream, "DELETE /v2/{repository}/blobs/{digest} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", registry.host()).unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
-    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
-}
-
 /// A mirror serves what it holds; the origin sees only what it lacks; with
 /// the mirror down the origin serves everything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,7 +242,7 @@ async fn mirrors_serve_before_the_origin() {
     push(&origin, dir.path(), &origin.reference("models/mirrored:v1"));
     push(&mirror, dir.path(), &mirror.reference("models/mirrored:v1"));
     let missing = digest_of(&files[0].1);
-    delete_blob(&mirror, "models/mirrored", &missing);
+    mirror.delete(&format!("models/mirrored/blobs/{missing}"));
     let (other, _other_source) = publish(&origin, "models/origin-only:v1", &model(5));
     let origin_manifests = origin.requests_for("/manifests/");
 

@@ -176,24 +176,31 @@ async fn tags_are_trusted_for_their_ttl() {
 
 /// While the registry cannot be reached, a cached model still mounts by tag
 /// (what the tag named when last heard of), even after a restart that
-/// learns it from the volume records; a tag never heard of fails as
-/// unavailable.
+/// learns it from the volume records; a tag never heard of, or one the
+/// registry said is gone, fails as unavailable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registry_outage_mounts_what_tags_last_named() {
     let Some(registry) = start_registry() else { return };
     let (tagged, source) = publish(&registry, "models/outage:v1", &small_model(23));
+    let (deleted, _gone) = publish(&registry, "models/outage:gone", &[("g.bin", bytes(25, 100))]);
     let unknown = registry.reference("models/outage:v2");
     let root = tempfile::tempdir().unwrap();
     let engine = asking_engine(root.path(), &registry);
     let digest = engine.mount(request("before", &tagged)).await.unwrap().digest.unwrap();
+    let gone = engine.mount(request("gone", &deleted)).await.unwrap().digest.unwrap();
+    registry.delete(&format!("models/outage/manifests/{gone}"));
+    let error = engine.mount(request("gone-now", &deleted)).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::NotFound, "{error}");
     let host = registry.host();
     drop(registry);
 
     let during = engine.mount(request("during", &tagged)).await.expect("served from what the tag last named");
     assert_eq!((during.digest.as_ref(), during.reused_from_cache), (Some(&digest), true));
     assert_eq!(read_tree(&during.path), read_tree(source.path()));
-    let error = engine.mount(request("unknown", &unknown)).await.unwrap_err();
-    assert_eq!(error.kind(), ErrorKind::Unavailable, "{error}");
+    for (volume, reference) in [("unknown", &unknown), ("deleted", &deleted)] {
+        let error = engine.mount(request(volume, reference)).await.unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Unavailable, "{volume}: {error}");
+    }
     drop(engine);
 
     let mut config = config_with(root.path(), &host, None, None);

@@ -372,7 +372,9 @@ pub struct Engine {
     plugins: PluginHost,
     /// Exclude decisions made, and being made (one plugin call for a herd).
     decisions: Arc<ExcludeMemo>,
-    excluding: Flights<MemoKey, ExcludeDecision, EngineError>,
+    /// Keyed by the plugin set too (its address, alive while its flight
+    /// runs): a mount after a reload never joins a decision of the old set.
+    excluding: Flights<(usize, MemoKey), ExcludeDecision, EngineError>,
     volumes: Volumes,
     entries: Flights<EntryKey, Built, EngineError>,
     blobs: Flights<Digest, (), EngineError>,
@@ -918,7 +920,8 @@ impl Engine {
             return Ok(decision);
         }
         let decisions = self.decisions.clone();
-        let mut ticket = self.excluding.join(memo_key.clone(), |_| {
+        let flight_key = (Arc::as_ptr(&plugins) as usize, memo_key.clone());
+        let mut ticket = self.excluding.join(flight_key, |_| {
             let input = ExcludeInput {
                 artifact: Artifact {
                     reference: reference.to_string(),
@@ -1072,14 +1075,14 @@ impl Engine {
         self.volumes.list()
     }
 
-    /// What a reference resolves to, its files and what of them is cached.
-    /// Reads the registry but writes nothing.
+    /// What a reference resolves to (as a mount would resolve it now), its
+    /// files and what of them is cached. Writes nothing.
     ///
     /// # Errors
     /// Registry and manifest errors.
     pub async fn inspect(&self, reference: &str) -> Result<Inspection, EngineError> {
         let reference = ModelRef::parse(reference)?;
-        let digest = self.registry.resolve(&reference).await?;
+        let digest = self.resolve(&reference).await?;
         let model = if self.store.has_blob(&digest) {
             Model::parse(&digest, &self.store.read_blob(&digest)?)?
         } else {
@@ -1118,15 +1121,28 @@ impl Engine {
         let (registry, tags) = (self.registry.clone(), self.tags.clone());
         let owned = reference.clone();
         let mut ticket = self.resolutions.join(reference.to_string(), move |_| async move {
-            let digest = registry.resolve(&owned).await?;
-            tags.remember(&owned, &digest);
-            Ok(digest)
+            match registry.resolve(&owned).await {
+                Ok(digest) => {
+                    tags.remember(&owned, &digest);
+                    Ok(digest)
+                }
+                Err(error) => {
+                    // Gone or refused: never to be served from memory.
+                    if matches!(error.kind(), ErrorKind::NotFound | ErrorKind::PermissionDenied) {
+                        tags.forget(&owned);
+                    }
+                    Err(error.into())
+                }
+            }
         });
         match ticket.wait().await {
             Ok(digest) => Ok(digest),
             Err(error) if error.kind() == ErrorKind::Unavailable => match self.tags.last(reference) {
                 Some(digest) => {
                     tracing::warn!(%reference, %digest, "serving what the tag named when last heard of: {}", crate::plugins::error_chain(&*error));
+                    // Trusted for another TTL, so the mounts that follow
+                    // during the outage do not each wait out the retries.
+                    self.tags.remember(reference, &digest);
                     Ok(digest)
                 }
                 None => Err(EngineError::Shared(error)),
@@ -1320,7 +1336,7 @@ impl Engine {
         if let Ok(digest) = target.parse::<Digest>() {
             return Ok(digest);
         }
-        Ok(self.registry.resolve(&ModelRef::parse(target)?).await?)
+        self.resolve(&ModelRef::parse(target)?).await
     }
 }
 

@@ -101,8 +101,8 @@ impl Default for RegistryConfig {
 /// asks once, not once a pod (docker-registry takes longer to answer that
 /// question for a 1,000-file model than a warm mount takes to link it).
 /// And when the registry cannot be reached, the last answer is used, so a
-/// cached model still mounts during a registry outage, with a warning. A
-/// tag that is not found or refused is never answered from memory.
+/// cached model still mounts during a registry outage, with a warning. Once
+/// the registry says a tag is gone or refused, it is forgotten.
 ///
 /// The price is that a tag moved within `ttl` of the last question is seen
 /// late on this node; references by digest, or a zero `ttl`, avoid it.
@@ -148,6 +148,12 @@ impl TagMemory {
     /// The registry's answer, just given.
     pub fn remember(&self, tag: &ModelRef, digest: &Digest) {
         self.insert(tag.as_str(), Recalled { digest: digest.clone(), at: Some(std::time::Instant::now()) });
+    }
+
+    /// The registry says `tag` is gone, or refused: nothing is served
+    /// from memory for it any more.
+    pub fn forget(&self, tag: &ModelRef) {
+        self.known().remove(tag.as_str());
     }
 
     /// What a volume record says `tag` named once: used only when the
@@ -284,12 +290,6 @@ impl RegistryError {
             RegistryError::Credentials { .. } => ErrorKind::InvalidArgument,
             RegistryError::Store { source, .. } => source.kind(),
         }
-    }
-
-    /// Whether the next request may fare better (the flight remembers
-    /// deterministic errors briefly; these it does not).
-    pub fn is_transient(&self) -> bool {
-        matches!(self, RegistryError::Unavailable { .. })
     }
 }
 
@@ -752,6 +752,8 @@ mod tests {
         let asking = TagMemory::new(Duration::ZERO);
         asking.remember(&tag, &two);
         assert_eq!((asking.fresh(&tag), asking.last(&tag)), (None, Some(two)));
+        asking.forget(&tag);
+        assert_eq!(asking.last(&tag), None);
     }
 
     /// References parse with their registry, repository and pinned digest.

@@ -245,6 +245,16 @@ impl Registry {
         format!("{}/{repository_and_tag}", self.host())
     }
 
+    /// Deletes `/v2/{path}` (a blob, or a manifest and the tags naming it).
+    pub fn delete(&self, path: &str) {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(self.host()).unwrap();
+        write!(stream, "DELETE /v2/{path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.host()).unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+    }
+
     /// GET requests for each blob digest (`sha256:…`), from the access log.
     pub fn blob_gets(&self) -> std::collections::HashMap<String, usize> {
         let mut counts = std::collections::HashMap::new();
