@@ -172,6 +172,34 @@ async fn tags_are_trusted_for_their_ttl() {
     let asked = asking.mount(request("second", &tagged)).await.unwrap();
     assert_ne!(asked.digest.as_ref(), Some(&first));
     assert!(asked.path.join("b.bin").exists());
+    // `inspect` answers what a mount would use.
+    assert_eq!(trusting.inspect(&tagged).await.unwrap().digest, first);
+    assert_eq!(asking.inspect(&tagged).await.unwrap().digest, asked.digest.unwrap());
+}
+
+/// An outage costs one wait per TTL: once a mount was served from memory,
+/// the mounts that follow within the TTL do not ask the registry again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_is_asked_about_once_per_ttl() {
+    let Some(registry) = start_registry() else { return };
+    let (tagged, _source) = publish(&registry, "models/down:v1", &[("a.bin", bytes(26, 1000))]);
+    let proxy = support::FlakyProxy::start(registry.port(), usize::MAX);
+    let through_proxy = tagged.replace(&registry.host(), &proxy.host());
+    let heads = || proxy.requests.lock().unwrap().iter().filter(|(line, _)| line.starts_with("HEAD ") && line.contains("/manifests/v1")).count();
+    let root = tempfile::tempdir().unwrap();
+    let mut config = config_with(root.path(), &proxy.host(), None, None);
+    config.registry.tag_ttl = Duration::from_secs(2);
+    config.registry.attempts = 1;
+    let engine = Engine::open(config).unwrap();
+    let digest = engine.mount(request("before", &through_proxy)).await.unwrap().digest.unwrap();
+    assert_eq!(heads(), 1);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    drop(registry);
+
+    let first = engine.mount(request("first", &through_proxy)).await.expect("served from memory");
+    assert_eq!((first.digest.as_ref(), heads()), (Some(&digest), 2), "the TTL ran out: asked once");
+    let second = engine.mount(request("second", &through_proxy)).await.unwrap();
+    assert_eq!((second.digest.as_ref(), heads()), (Some(&digest), 2), "within the TTL of the fallback: not asked");
 }
 
 /// While the registry cannot be reached, a cached model still mounts by tag
