@@ -900,15 +900,9 @@ impl Engine {
     }
 
     fn remember_model(&self, model: &Arc<Model>) {
-        /// Enough for the models one node serves; past it any one is dropped.
-        const KEPT: usize = 64;
         let mut parsed = self.models.lock().unwrap_or_else(|poison| poison.into_inner());
-        if parsed.len() >= KEPT
-            && let Some(dropped) = parsed.keys().next().cloned()
-        {
-            parsed.remove(&dropped);
-        }
-        parsed.insert(model.digest.clone(), model.clone());
+        // 64: more than the models one node serves.
+        crate::memo::insert_bounded(&mut parsed, 64, model.digest.clone(), model.clone());
     }
 
     /// The exclude decision for this model and these options: remembered,
@@ -1137,12 +1131,9 @@ impl Engine {
         });
         match ticket.wait().await {
             Ok(digest) => Ok(digest),
-            Err(error) if error.kind() == ErrorKind::Unavailable => match self.tags.last(reference) {
+            Err(error) if error.kind() == ErrorKind::Unavailable => match self.tags.fall_back(reference) {
                 Some(digest) => {
                     tracing::warn!(%reference, %digest, "serving what the tag named when last heard of: {}", crate::plugins::error_chain(&*error));
-                    // Trusted for another TTL, so the mounts that follow
-                    // during the outage do not each wait out the retries.
-                    self.tags.remember(reference, &digest);
                     Ok(digest)
                 }
                 None => Err(EngineError::Shared(error)),

@@ -5,6 +5,7 @@
 //! - [`modelpack`]: manifests to file lists, and the path rules;
 //! - [`store`]: the content-addressed store and its on-disk layout;
 //! - [`flight`]: one download per key, however many ask;
+//! - `memo`: answers kept in memory, bounded;
 //! - [`link`]: hardlink, reflink or copy trees out of the store;
 //! - [`volumes`]: per-volume records;
 //! - [`gc`]: garbage collection, pins and disk accounting;
@@ -23,6 +24,7 @@ pub mod error;
 pub mod flight;
 pub mod gc;
 pub mod link;
+mod memo;
 pub mod metrics;
 pub mod modelpack;
 pub mod pack;

@@ -121,8 +121,7 @@ struct Recalled {
 }
 
 impl TagMemory {
-    /// Distinct tags remembered; past it an arbitrary one is forgotten
-    /// (a node serves a few models, callers could name endless tags).
+    /// Distinct tags remembered.
     const KEPT: usize = 1024;
 
     pub fn new(ttl: Duration) -> TagMemory {
@@ -140,9 +139,15 @@ impl TagMemory {
         recalled.at.filter(|at| at.elapsed() < self.ttl).map(|_| recalled.digest.clone())
     }
 
-    /// What `tag` named when last heard of, however long ago.
-    pub fn last(&self, tag: &ModelRef) -> Option<Digest> {
-        self.known().get(tag.as_str()).map(|recalled| recalled.digest.clone())
+    /// What `tag` named when last heard of, however long ago, for when the
+    /// registry cannot be reached; trusted from now for another `ttl`, so
+    /// the mounts that follow during an outage do not each wait out the
+    /// retries.
+    pub fn fall_back(&self, tag: &ModelRef) -> Option<Digest> {
+        let mut known = self.known();
+        let recalled = known.get_mut(tag.as_str())?;
+        recalled.at = Some(std::time::Instant::now());
+        Some(recalled.digest.clone())
     }
 
     /// The registry's answer, just given.
@@ -165,14 +170,7 @@ impl TagMemory {
     }
 
     fn insert(&self, tag: &str, recalled: Recalled) {
-        let mut known = self.known();
-        if known.len() >= Self::KEPT
-            && !known.contains_key(tag)
-            && let Some(forgotten) = known.keys().next().cloned()
-        {
-            known.remove(&forgotten);
-        }
-        known.insert(tag.to_owned(), recalled);
+        crate::memo::insert_bounded(&mut self.known(), Self::KEPT, tag.to_owned(), recalled);
     }
 }
 
@@ -737,23 +735,25 @@ fn run_helper(helper: &str, host: &str) -> Result<RegistryAuth, String> {
 mod tests {
     use super::*;
 
-    /// An answer is fresh for the TTL and known after; what a record says
-    /// is never fresh and never overrides an answer.
+    /// An answer is fresh for the TTL and a fallback after; what a record
+    /// says is only a fallback (which then is fresh for a TTL) and never
+    /// overrides an answer; a forgotten tag has no fallback.
     #[test]
     fn tag_memory() {
         let tag = ModelRef::parse("registry.local/models/a:v1").unwrap();
         let (one, two) = (Digest::of(b"one"), Digest::of(b"two"));
         let trusting = TagMemory::new(Duration::from_secs(3600));
         trusting.recall(tag.as_str(), &one);
-        assert_eq!((trusting.fresh(&tag), trusting.last(&tag)), (None, Some(one.clone())));
+        assert_eq!(trusting.fresh(&tag), None);
+        assert_eq!((trusting.fall_back(&tag), trusting.fresh(&tag)), (Some(one.clone()), Some(one.clone())));
         trusting.remember(&tag, &two);
         trusting.recall(tag.as_str(), &one);
-        assert_eq!((trusting.fresh(&tag), trusting.last(&tag)), (Some(two.clone()), Some(two.clone())));
+        assert_eq!(trusting.fresh(&tag), Some(two.clone()));
         let asking = TagMemory::new(Duration::ZERO);
         asking.remember(&tag, &two);
-        assert_eq!((asking.fresh(&tag), asking.last(&tag)), (None, Some(two)));
+        assert_eq!((asking.fresh(&tag), asking.fall_back(&tag)), (None, Some(two)));
         asking.forget(&tag);
-        assert_eq!(asking.last(&tag), None);
+        assert_eq!(asking.fall_back(&tag), None);
     }
 
     /// References parse with their registry, repository and pinned digest.

@@ -194,7 +194,7 @@ struct Answers {
 pub type MemoKey = (String, String, ExcludeOptions);
 
 impl ExcludeMemo {
-    /// Distinct models and options kept; past it an arbitrary one goes.
+    /// Distinct models and options kept.
     const KEPT: usize = 256;
 
     fn kept(&self) -> std::sync::MutexGuard<'_, Option<Answers>> {
@@ -220,13 +220,7 @@ impl ExcludeMemo {
             Some(answers) if Weak::ptr_eq(&answers.made_by, &made_by) => kept.insert(answers),
             _ => kept.insert(Answers { made_by, decisions: HashMap::new() }),
         };
-        if answers.decisions.len() >= Self::KEPT
-            && !answers.decisions.contains_key(&key)
-            && let Some(dropped) = answers.decisions.keys().next().cloned()
-        {
-            answers.decisions.remove(&dropped);
-        }
-        answers.decisions.insert(key, decision.clone());
+        crate::memo::insert_bounded(&mut answers.decisions, Self::KEPT, key, decision.clone());
     }
 }
 
