@@ -11,7 +11,10 @@ use modelcache::api::{MountBody, VolumeSocket, VolumeSocketBody};
 use modelcache::error::ErrorKind;
 use modelcache::plugins::PluginStatus;
 use modelcache::volumes::{VolumeRecord, VolumeState};
-use support::{Daemon, PluginDir, Registry, bytes, digest_of, publish, push, read_tree, start_registry, write_tree};
+use support::{
+    Daemon, PluginDir, Registry, basic_auth, bytes, digest_of, publish, push, push_as, read_tree, skipping, start_registry,
+    write_docker_config, write_tree,
+};
 
 const MIB: usize = 1 << 20;
 
@@ -277,6 +280,126 @@ async fn mirrors_serve_before_the_origin() {
             assert_eq!(origin.blob_gets().get(&digest), Some(&1), "{path}: with the mirror down, the origin serves");
         }
     }
+}
+
+fn htpasswd(user: &str, password: &str) -> String {
+    // The lowest bcrypt cost: the registry checks it on every request.
+    format!("{user}:{}\n", bcrypt::hash(password, 4).expect("bcrypt"))
+}
+
+/// A registry that wants a password, and a pusher who knows the current one.
+struct Guarded {
+    registry: Registry,
+    pusher: tempfile::TempDir,
+}
+
+impl Guarded {
+    fn start(password: &str) -> Option<Guarded> {
+        let Some(registry) = Registry::start_with_htpasswd(&htpasswd("alice", password)) else {
+            skipping("docker-registry is not installed (apt-get install docker-registry)");
+            return None;
+        };
+        let pusher = tempfile::tempdir().unwrap();
+        write_docker_config(pusher.path(), &basic_auth(&registry.host(), "alice", password));
+        Some(Guarded { registry, pusher })
+    }
+
+    fn rotate(&self, password: &str) {
+        self.registry.set_htpasswd(&htpasswd("alice", password));
+        write_docker_config(self.pusher.path(), &basic_auth(&self.registry.host(), "alice", password));
+    }
+
+    fn publish(&self, name: &str, seed: u64) -> (String, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        write_tree(dir.path(), &model(seed));
+        let reference = self.registry.reference(name);
+        push_as(&self.registry, dir.path(), &reference, Some(self.pusher.path()));
+        (reference, dir)
+    }
+}
+
+/// A rotated secret is used from the next request on, without a restart:
+/// the daemon notices its docker config changed (a Kubernetes-style symlink
+/// swap) and starts a new session; before that, the refusal names the model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_credentials_are_used_without_a_restart() {
+    let Some(guarded) = Guarded::start("first") else { return };
+    let host = guarded.registry.host();
+    let secret = tempfile::tempdir().unwrap();
+    write_docker_config(secret.path(), &basic_auth(&host, "alice", "first"));
+    let daemon =
+        Daemon::start(&format!("[registries]\ninsecure = [\"{host}\"]\ndocker-config = {:?}\n", secret.path()));
+    let client = daemon.client();
+    let (first, first_source) = guarded.publish("models/first:v1", 11);
+    let record = mount(&client, "pod-1", &first).await.expect("the password in the secret is admitted");
+    assert_eq!(read_tree(&record.path), read_tree(first_source.path()));
+
+    guarded.rotate("second");
+    let (second, second_source) = guarded.publish("models/second:v1", 12);
+    match mount(&client, "pod-2", &second).await {
+        Err(ClientError::Api { error, .. }) => {
+            assert_eq!(error.kind, ErrorKind::PermissionDenied);
+            assert!(error.message.contains(&second) && error.message.contains("refused"), "{}", error.message);
+        }
+        other => panic!("the old password should be refused, got {other:?}"),
+    }
+
+    write_docker_config(secret.path(), &basic_auth(&host, "alice", "second"));
+    let record = mount(&client, "pod-3", &second).await.expect("the rotated secret is used without a restart");
+    assert_eq!(read_tree(&record.path), read_tree(second_source.path()));
+    assert!(daemon.log_text().contains("registry credentials changed"), "{}", daemon.log_text());
+
+    // A secret that no longer parses keeps the last good credentials.
+    std::fs::write(secret.path().join("..data/config.json"), "{ half-written").unwrap();
+    let (third, _) = guarded.publish("models/third:v1", 13);
+    assert_eq!(mount(&client, "pod-4", &third).await.unwrap().state, VolumeState::Ready);
+    assert!(daemon.log_text().contains("the credentials read before stay in use"), "{}", daemon.log_text());
+}
+
+/// Credentials from a helper (`credHelpers`) are asked for once per host,
+/// not once per blob; when the registry then refuses them (the helper's
+/// token expired) the helper is asked again and the pull goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_helper_token_is_asked_for_again() {
+    let Some(guarded) = Guarded::start("token-1") else { return };
+    let host = guarded.registry.host();
+    let helper = tempfile::tempdir().unwrap();
+    let (token, asked) = (helper.path().join("token"), helper.path().join("asked"));
+    std::fs::write(&token, "token-1").unwrap();
+    let script = helper.path().join("docker-credential-rotating");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nread host\necho \"$host\" >> {asked:?}\nprintf '{{\"Username\":\"alice\",\"Secret\":\"%s\"}}' \"$(cat {token:?})\"\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let config = tempfile::tempdir().unwrap();
+    write_docker_config(config.path(), &serde_json::json!({ "credHelpers": { host.clone(): "rotating" } }));
+    let path = std::env::join_paths(
+        std::iter::once(helper.path().to_owned()).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
+    )
+    .unwrap();
+    let daemon = Daemon::start_with_env(
+        &format!("[registries]\ninsecure = [\"{host}\"]\ndocker-config = {:?}\n", config.path()),
+        vec![("PATH".into(), path)],
+    );
+    let client = daemon.client();
+    let asked_times = || std::fs::read_to_string(&asked).unwrap_or_default().lines().count();
+
+    let (first, first_source) = guarded.publish("models/first:v1", 21);
+    let record = mount(&client, "pod-1", &first).await.expect("the helper's token is admitted");
+    assert_eq!(read_tree(&record.path), read_tree(first_source.path()));
+    assert_eq!(asked_times(), 1, "one question for a tag, a manifest and {} blobs", model(21).len());
+    assert_eq!(std::fs::read_to_string(&asked).unwrap().trim(), host);
+
+    guarded.rotate("token-2");
+    std::fs::write(&token, "token-2").unwrap();
+    let (second, second_source) = guarded.publish("models/second:v1", 22);
+    let record = mount(&client, "pod-2", &second).await.expect("a refused token is asked for again");
+    assert_eq!(read_tree(&record.path), read_tree(second_source.path()));
+    assert_eq!(asked_times(), 2);
 }
 
 fn cli(daemon: &Daemon, args: &[&str]) -> std::process::Output {

@@ -4,13 +4,17 @@
 //!
 //! Plain HTTP is used only for registries configured insecure; everything
 //! else is HTTPS. Credentials come from a docker `config.json` (`auths`,
-//! `credHelpers`, `credsStore`), anonymous otherwise. Transient failures
-//! (connection errors, timeouts, 429 and 5xx) are retried with exponential
-//! backoff; an interrupted blob resumes with a Range request from the bytes
-//! already written, and is hashed as a whole by the store whatever happened.
+//! `credHelpers`, `credsStore`), anonymous otherwise. They are read again
+//! when the file changes (a rotated Kubernetes secret) and when a registry
+//! refuses a request (a helper's token that expired), without a restart.
+//! Transient failures (connection errors, timeouts, 429 and 5xx) are retried
+//! with exponential backoff; an interrupted blob resumes with a Range request
+//! from the bytes already written, and is hashed as a whole by the store
+//! whatever happened.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -293,9 +297,88 @@ impl RegistryError {
 
 /// A client for OCI registries.
 pub struct Registry {
-    client: Client,
     config: RegistryConfig,
+    /// The docker `config.json` credentials come from, when a directory for
+    /// it is known (the file itself may come later).
+    credentials_file: Option<PathBuf>,
+    current: Mutex<Current>,
+}
+
+/// The session requests use, and the credentials file as last read.
+struct Current {
+    session: Arc<Session>,
+    read: Option<FileStamp>,
+}
+
+/// An HTTP client and the credentials it is given. The client keeps the
+/// first credentials it sees per host, and the tokens they earn, for its
+/// whole life: new credentials need a new session.
+struct Session {
+    client: Client,
     credentials: Credentials,
+    /// Each host's credentials as first worked out: a credential helper runs
+    /// once per session and host, not once per blob nor once per caller.
+    auths: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<RegistryAuth>>>>,
+}
+
+impl Session {
+    fn new(config: &RegistryConfig, credentials: Credentials) -> Session {
+        let mut plain_http = config.insecure.clone();
+        plain_http.extend(config.mirrors.values().flatten().filter(|mirror| mirror.plain_http).map(|mirror| mirror.host.clone()));
+        let protocol = if plain_http.is_empty() { ClientProtocol::Https } else { ClientProtocol::HttpsExcept(plain_http) };
+        let client = Client::new(ClientConfig {
+            protocol,
+            connect_timeout: Some(Duration::from_secs(10)),
+            read_timeout: Some(Duration::from_secs(60)),
+            ..ClientConfig::default()
+        });
+        Session { client, credentials, auths: Mutex::default() }
+    }
+
+    /// The credentials for `host`. A helper runs on a blocking thread: some
+    /// ask a cloud API, which can take a second. A failure is not kept.
+    async fn auth(&self, reference: &ModelRef, host: &str) -> Result<RegistryAuth, RegistryError> {
+        let cell = self.auths.lock().unwrap_or_else(PoisonError::into_inner).entry(host.to_owned()).or_default().clone();
+        let auth = cell
+            .get_or_try_init(|| async {
+                match self.credentials.lookup(reference, host)? {
+                    Lookup::Known(auth) => Ok(auth),
+                    Lookup::Helper(helper) => {
+                        let host = host.to_owned();
+                        tokio::task::spawn_blocking(move || run_helper(&helper, &host))
+                            .await
+                            .unwrap_or_else(|error| Err(error.to_string()))
+                            .map_err(|reason| self.credentials.error(reference, reason))
+                    }
+                }
+            })
+            .await?;
+        Ok(auth.clone())
+    }
+}
+
+/// One version of a file: rewriting it, or swapping the symlink to it as
+/// Kubernetes does for a mounted secret, makes another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    device: u64,
+    inode: u64,
+    bytes: u64,
+    // The change time, which unlike the modification time no tool sets back.
+    changed: (i64, i64),
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let metadata = std::fs::metadata(path).ok()?;
+        Some(FileStamp {
+            device: metadata.dev(),
+            inode: metadata.ino(),
+            bytes: metadata.len(),
+            changed: (metadata.ctime(), metadata.ctime_nsec()),
+        })
+    }
 }
 
 enum Failure {
@@ -320,17 +403,45 @@ impl Registry {
     pub fn new(config: RegistryConfig) -> Result<Registry, RegistryError> {
         // rustls needs a process-wide crypto provider; a second install is a no-op.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut plain_http = config.insecure.clone();
-        plain_http.extend(config.mirrors.values().flatten().filter(|mirror| mirror.plain_http).map(|mirror| mirror.host.clone()));
-        let protocol = if plain_http.is_empty() { ClientProtocol::Https } else { ClientProtocol::HttpsExcept(plain_http) };
-        let client = Client::new(ClientConfig {
-            protocol,
-            connect_timeout: Some(Duration::from_secs(10)),
-            read_timeout: Some(Duration::from_secs(60)),
-            ..ClientConfig::default()
-        });
-        let credentials = Credentials::load(config.docker_config.clone())?;
-        Ok(Registry { client, config, credentials })
+        let credentials_file = Credentials::file(config.docker_config.clone());
+        let read = credentials_file.as_deref().and_then(FileStamp::of);
+        let session = Arc::new(Session::new(&config, Credentials::read(credentials_file.as_deref())?));
+        Ok(Registry { config, credentials_file, current: Mutex::new(Current { session, read }) })
+    }
+
+    /// The session for a request: a new one when the credentials file changed
+    /// since it was last read. A file that no longer reads keeps the last
+    /// good credentials in use, with a warning (once per version).
+    fn session(&self) -> Arc<Session> {
+        let stamp = self.credentials_file.as_deref().and_then(FileStamp::of);
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        if stamp != current.read {
+            current.read = stamp;
+            match Credentials::read(self.credentials_file.as_deref()) {
+                Ok(credentials) => {
+                    tracing::info!(file = ?self.credentials_file, "registry credentials changed: read again");
+                    current.session = Arc::new(Session::new(&self.config, credentials));
+                }
+                Err(error) => tracing::warn!("{error}; the credentials read before stay in use"),
+            }
+        }
+        current.session.clone()
+    }
+
+    /// A session with credentials worked out again (helpers asked again) and
+    /// no tokens, after a registry refused `stale`: unless a concurrent
+    /// request already renewed it, which is then shared.
+    fn renew(&self, stale: &Arc<Session>) -> Arc<Session> {
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        if Arc::ptr_eq(&current.session, stale) {
+            current.read = self.credentials_file.as_deref().and_then(FileStamp::of);
+            let credentials = Credentials::read(self.credentials_file.as_deref()).unwrap_or_else(|error| {
+                tracing::warn!("{error}; the credentials read before stay in use");
+                stale.credentials.clone()
+            });
+            current.session = Arc::new(Session::new(&self.config, credentials));
+        }
+        current.session.clone()
     }
 
     /// The manifest digest `reference` names now: the pinned digest, or one
@@ -343,8 +454,8 @@ impl Registry {
             return Ok(digest);
         }
         let digest = self
-            .from_hosts(reference, "resolving the tag", true, |image, auth| async move {
-                self.client.fetch_manifest_digest(&image, &auth).await.map_err(|error| classify(reference, error))
+            .across_hosts(reference, "resolving the tag", true, |client, image, auth| async move {
+                client.fetch_manifest_digest(&image, &auth).await.map_err(|error| classify(reference, error))
             })
             .await?;
         digest.parse().map_err(|error: crate::digest::DigestError| RegistryError::Protocol {
@@ -360,9 +471,9 @@ impl Registry {
     pub async fn fetch_manifest(&self, reference: &ModelRef, digest: &Digest) -> Result<Bytes, RegistryError> {
         let accept = [MANIFEST_MEDIA_TYPE, "application/vnd.oci.image.index.v1+json"];
         let (bytes, _) = self
-            .from_hosts(reference, "fetching the manifest", false, |image, auth| async move {
+            .across_hosts(reference, "fetching the manifest", false, |client, image, auth| async move {
                 let by_digest = reference.at(image.registry(), digest);
-                self.client.pull_manifest_raw(&by_digest, &auth, &accept).await.map_err(|error| classify(reference, error))
+                client.pull_manifest_raw(&by_digest, &auth, &accept).await.map_err(|error| classify(reference, error))
             })
             .await?;
         let actual = Digest::of(&bytes);
@@ -374,24 +485,48 @@ impl Registry {
 
     /// Tries `operation` at each mirror of the reference's registry, once
     /// each, then at the origin with retries. Any failure at a mirror falls
-    /// through to the next host, as containerd's hosts.toml mirrors do.
-    async fn from_hosts<T, F, Fut>(&self, reference: &ModelRef, what: &str, resolving: bool, mut operation: F) -> Result<T, RegistryError>
+    /// through to the next host, as containerd's hosts.toml mirrors do. When
+    /// the origin refuses, all of it runs once more with a renewed session.
+    async fn across_hosts<T, F, Fut>(&self, reference: &ModelRef, what: &str, resolving: bool, mut operation: F) -> Result<T, RegistryError>
     where
-        F: FnMut(Reference, RegistryAuth) -> Fut,
+        F: FnMut(Client, Reference, RegistryAuth) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Failure>>,
+    {
+        let session = self.session();
+        match self.across_hosts_with(&session, reference, what, resolving, &mut operation).await {
+            Err(RegistryError::Denied { reason, .. }) => {
+                tracing::debug!(reference = %reference, "refused {what} ({reason}): asking again with credentials read again");
+                self.across_hosts_with(&self.renew(&session), reference, what, resolving, &mut operation).await
+            }
+            other => other,
+        }
+    }
+
+    async fn across_hosts_with<T, F, Fut>(
+        &self,
+        session: &Session,
+        reference: &ModelRef,
+        what: &str,
+        resolving: bool,
+        operation: &mut F,
+    ) -> Result<T, RegistryError>
+    where
+        F: FnMut(Client, Reference, RegistryAuth) -> Fut,
         Fut: std::future::Future<Output = Result<T, Failure>>,
     {
         for mirror in self.config.mirrors.get(reference.registry()).into_iter().flatten() {
             if resolving && !mirror.resolve {
                 continue;
             }
-            let auth = self.credentials.auth_for_host(reference, &mirror.host)?;
-            match operation(reference.on(&mirror.host), auth).await {
+            let auth = session.auth(reference, &mirror.host).await?;
+            match operation(session.client.clone(), reference.on(&mirror.host), auth).await {
                 Ok(value) => return Ok(value),
                 Err(failure) => tracing::debug!(mirror = %mirror.host, reference = %reference, "mirror failed {what}: {failure}"),
             }
         }
-        let auth = self.credentials.auth_for_host(reference, reference.registry())?;
-        self.with_retries(reference, what, || operation(reference.reference.clone(), auth.clone())).await
+        let auth = session.auth(reference, reference.registry()).await?;
+        self.with_retries(reference, what, || operation(session.client.clone(), reference.reference.clone(), auth.clone()))
+            .await
     }
 
     /// Streams the blob `blob` into `ingest`, from the first mirror that has
@@ -416,18 +551,29 @@ impl Registry {
         if blob.size == 0 {
             return Ok(());
         }
+        let session = self.session();
         for mirror in self.config.mirrors.get(reference.registry()).into_iter().flatten() {
-            match self.fetch_blob_at(reference, &mirror.host, blob, ingest, progress, 1).await {
+            match self.fetch_blob_at(&session, reference, &mirror.host, blob, ingest, progress, 1).await {
                 Ok(()) => return Ok(()),
                 Err(error @ RegistryError::Store { .. }) => return Err(error),
                 Err(error) => tracing::debug!(mirror = %mirror.host, blob = %blob.digest.short(), "mirror failed: {error}"),
             }
         }
-        self.fetch_blob_at(reference, reference.registry(), blob, ingest, progress, self.config.attempts).await
+        let origin = reference.registry();
+        match self.fetch_blob_at(&session, reference, origin, blob, ingest, progress, self.config.attempts).await {
+            // What is already written stays: the renewed session resumes it.
+            Err(RegistryError::Denied { .. }) => {
+                let session = self.renew(&session);
+                self.fetch_blob_at(&session, reference, origin, blob, ingest, progress, self.config.attempts).await
+            }
+            other => other,
+        }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn fetch_blob_at(
         &self,
+        session: &Session,
         reference: &ModelRef,
         host: &str,
         blob: &Descriptor,
@@ -436,7 +582,7 @@ impl Registry {
         attempts: u32,
     ) -> Result<(), RegistryError> {
         let store_error = |source| RegistryError::Store { reference: reference.to_string(), source };
-        self.client.store_auth_if_needed(host, &self.credentials.auth_for_host(reference, host)?).await;
+        session.client.store_auth_if_needed(host, &session.auth(reference, host).await?).await;
         let image = reference.on(host);
         let descriptor = OciDescriptor {
             media_type: blob.media_type.clone(),
@@ -451,7 +597,7 @@ impl Registry {
             if offset >= blob.size {
                 return Ok(());
             }
-            let failure = match self.client.pull_blob_stream_partial(&image, &descriptor, offset, None).await {
+            let failure = match session.client.pull_blob_stream_partial(&image, &descriptor, offset, None).await {
                 Ok(response) => {
                     let stream = match response {
                         BlobResponse::Partial(stream) => stream,
@@ -508,15 +654,16 @@ impl Registry {
     where
         S: futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static,
     {
-        let auth = self.credentials.auth_for_host(reference, reference.registry())?;
-        self.client.store_auth_if_needed(reference.registry(), &auth).await;
+        let session = self.session();
+        let client = &session.client;
+        client.store_auth_if_needed(reference.registry(), &session.auth(reference, reference.registry()).await?).await;
         let image = &reference.reference;
-        let exists = self.client.blob_exists(image, &digest.to_string()).await.unwrap_or(false);
+        let exists = client.blob_exists(image, &digest.to_string()).await.unwrap_or(false);
         if exists {
             return Ok(());
         }
         let stream = chunks.map(|chunk| chunk.map_err(OciDistributionError::from));
-        self.client
+        client
             .push_blob_stream(image, stream, &digest.to_string(), Some(size))
             .await
             .map(drop)
@@ -533,12 +680,13 @@ impl Registry {
     /// # Errors
     /// Denied or unavailable.
     pub async fn push_manifest(&self, reference: &ModelRef, manifest: Bytes) -> Result<Digest, RegistryError> {
-        let auth = self.credentials.auth_for_host(reference, reference.registry())?;
-        self.client.store_auth_if_needed(reference.registry(), &auth).await;
+        let session = self.session();
+        let client = &session.client;
+        client.store_auth_if_needed(reference.registry(), &session.auth(reference, reference.registry()).await?).await;
         let digest = Digest::of(&manifest);
         let content_type = reqwest_header(MANIFEST_MEDIA_TYPE);
         self.with_retries(reference, "pushing the manifest", || async {
-            self.client
+            client
                 .push_manifest_raw(&reference.reference, manifest.clone(), content_type.clone())
                 .await
                 .map_err(|error| classify(reference, error))
@@ -624,13 +772,13 @@ fn status_failure(reference: &str, status: u16, error: OciDistributionError) -> 
 }
 
 /// Credentials from a docker `config.json`.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Credentials {
     path: Option<PathBuf>,
     config: DockerConfig,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct DockerConfig {
     #[serde(default)]
@@ -640,7 +788,7 @@ struct DockerConfig {
     creds_store: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 struct DockerAuth {
     auth: Option<String>,
     username: Option<String>,
@@ -655,35 +803,41 @@ struct HelperAnswer {
 }
 
 impl Credentials {
-    fn load(dir: Option<PathBuf>) -> Result<Credentials, RegistryError> {
-        let dir = dir
-            .or_else(|| std::env::var_os("DOCKER_CONFIG").map(PathBuf::from))
-            .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".docker")));
-        let Some(path) = dir.map(|dir| dir.join("config.json")) else {
+    /// The `config.json` in `dir`, else in `$DOCKER_CONFIG`, else in `~/.docker`.
+    fn file(dir: Option<PathBuf>) -> Option<PathBuf> {
+        dir.or_else(|| std::env::var_os("DOCKER_CONFIG").map(PathBuf::from))
+            .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".docker")))
+            .map(|dir| dir.join("config.json"))
+    }
+
+    /// What `file` holds; none (anonymous) when there is no such file.
+    fn read(file: Option<&Path>) -> Result<Credentials, RegistryError> {
+        let Some(path) = file.map(Path::to_owned) else {
             return Ok(Credentials::default());
         };
         let text = match std::fs::read_to_string(&path) {
             Ok(text) => text,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Credentials::default()),
             Err(error) => {
-                return Err(RegistryError::Credentials { reference: String::new(), path, reason: error.to_string() });
+                return Err(RegistryError::Credentials { reference: "registry credentials".into(), path, reason: error.to_string() });
             }
         };
         let config = serde_json::from_str(&text)
-            .map_err(|error| RegistryError::Credentials { reference: String::new(), path: path.clone(), reason: error.to_string() })?;
+            .map_err(|error| RegistryError::Credentials { reference: "registry credentials".into(), path: path.clone(), reason: error.to_string() })?;
         Ok(Credentials { path: Some(path), config })
     }
 
-    fn auth_for_host(&self, reference: &ModelRef, host: &str) -> Result<RegistryAuth, RegistryError> {
-        let error = |reason: String| RegistryError::Credentials {
-            reference: reference.to_string(),
-            path: self.path.clone().unwrap_or_default(),
-            reason,
-        };
+    fn error(&self, reference: &ModelRef, reason: String) -> RegistryError {
+        RegistryError::Credentials { reference: reference.to_string(), path: self.path.clone().unwrap_or_default(), reason }
+    }
+
+    /// What the file says for `host`: credentials, or the helper to ask.
+    fn lookup(&self, reference: &ModelRef, host: &str) -> Result<Lookup, RegistryError> {
+        let error = |reason: String| self.error(reference, reason);
         let helper = self.config.cred_helpers.get(host).or(self.config.creds_store.as_ref());
         if let Some(entry) = self.config.auths.iter().find(|(key, _)| auth_key_host(key) == host).map(|(_, entry)| entry) {
             if let (Some(username), Some(password)) = (&entry.username, &entry.password) {
-                return Ok(RegistryAuth::Basic(username.clone(), password.clone()));
+                return Ok(Lookup::Known(RegistryAuth::Basic(username.clone(), password.clone())));
             }
             if let Some(encoded) = &entry.auth {
                 let decoded = base64::engine::general_purpose::STANDARD
@@ -692,14 +846,22 @@ impl Credentials {
                 let decoded = String::from_utf8(decoded).map_err(|_| error(format!("auths.{host}.auth is not UTF-8")))?;
                 let (username, password) =
                     decoded.split_once(':').ok_or_else(|| error(format!("auths.{host}.auth is not `user:password`")))?;
-                return Ok(RegistryAuth::Basic(username.to_owned(), password.to_owned()));
+                return Ok(Lookup::Known(RegistryAuth::Basic(username.to_owned(), password.to_owned())));
             }
         }
-        match helper {
-            Some(helper) => run_helper(helper, host).map_err(error),
-            None => Ok(RegistryAuth::Anonymous),
-        }
+        Ok(match helper {
+            Some(helper) => Lookup::Helper(helper.clone()),
+            None => Lookup::Known(RegistryAuth::Anonymous),
+        })
     }
+}
+
+/// Where a host's credentials are.
+#[derive(Debug)]
+enum Lookup {
+    Known(RegistryAuth),
+    /// The name of the `docker-credential-NAME` helper to run.
+    Helper(String),
 }
 
 /// `https://host/v1/` and `host` both name `host`.
@@ -785,16 +947,61 @@ mod tests {
             format!(r#"{{"auths": {{"https://one.local/v1/": {{"auth": "{encoded}"}}, "two.local:5000": {{"username": "bob", "password": "pw"}}}}}}"#),
         )
         .unwrap();
-        let credentials = Credentials::load(Some(dir.path().to_owned())).unwrap();
+        let credentials = Credentials::read(Some(&dir.path().join("config.json"))).unwrap();
         let auth = |text: &str| {
             let reference = ModelRef::parse(text).unwrap();
-            credentials.auth_for_host(&reference, reference.registry()).unwrap()
+            match credentials.lookup(&reference, reference.registry()).unwrap() {
+                Lookup::Known(auth) => auth,
+                helper => panic!("{helper:?}"),
+            }
         };
         assert!(matches!(auth("one.local/m:1"), RegistryAuth::Basic(user, password) if user == "alice" && password == "s3cret"));
         assert!(matches!(auth("two.local:5000/m:1"), RegistryAuth::Basic(user, _) if user == "bob"));
         assert!(matches!(auth("three.local/m:1"), RegistryAuth::Anonymous));
         std::fs::write(dir.path().join("config.json"), "{nope").unwrap();
-        assert!(matches!(Credentials::load(Some(dir.path().to_owned())), Err(RegistryError::Credentials { .. })));
+        assert!(matches!(Credentials::read(Some(&dir.path().join("config.json"))), Err(RegistryError::Credentials { .. })));
+    }
+
+    /// A changed credentials file makes a new session with what it now says;
+    /// one that no longer parses keeps the last; a renewal asked for by many
+    /// holders of one refused session happens once.
+    #[tokio::test]
+    async fn sessions_follow_the_credentials_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("config.json");
+        let write = |text: String| {
+            std::fs::write(dir.path().join("next.json"), text).unwrap();
+            std::fs::rename(dir.path().join("next.json"), &file).unwrap();
+        };
+        let basic = |user: &str| format!(r#"{{"auths": {{"one.local": {{"username": "{user}", "password": "pw"}}}}}}"#);
+        let reference = ModelRef::parse("one.local/m:1").unwrap();
+        let auth = async |session: &Session| session.auth(&reference, "one.local").await.unwrap();
+        let user = async |session: &Session| match auth(session).await {
+            RegistryAuth::Basic(user, _) => user,
+            other => panic!("{other:?}"),
+        };
+        write(basic("alice"));
+        let registry = Registry::new(RegistryConfig { docker_config: Some(dir.path().to_owned()), ..RegistryConfig::default() }).unwrap();
+        let first = registry.session();
+        assert!(Arc::ptr_eq(&first, &registry.session()));
+        assert_eq!(user(&first).await, "alice");
+
+        write(basic("bob"));
+        let second = registry.session();
+        assert!(!Arc::ptr_eq(&first, &second));
+        assert_eq!((user(&second).await, user(&first).await), ("bob".to_owned(), "alice".to_owned()));
+
+        write("{ half-written".into());
+        assert!(Arc::ptr_eq(&second, &registry.session()));
+
+        let renewed = registry.renew(&second);
+        assert!(!Arc::ptr_eq(&second, &renewed));
+        assert!(Arc::ptr_eq(&renewed, &registry.renew(&second)));
+        assert_eq!(user(&renewed).await, "bob");
+
+        std::fs::remove_file(&file).unwrap();
+        let anonymous = registry.session();
+        assert!(matches!(auth(&anonymous).await, RegistryAuth::Anonymous));
     }
 
     /// Backoff doubles and is capped.

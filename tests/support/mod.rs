@@ -187,18 +187,30 @@ impl Registry {
 
     /// Starts a registry on a given loopback port (0: any).
     pub fn start_on(port: u16) -> Option<Registry> {
+        Registry::launch(port, None)
+    }
+
+    /// Starts a registry that admits only who `htpasswd` names (one
+    /// `user:bcrypt-hash` line per user; HTTP basic authentication). It reads
+    /// the file again when it changes: see [`Registry::set_htpasswd`].
+    pub fn start_with_htpasswd(htpasswd: &str) -> Option<Registry> {
+        Registry::launch(0, Some(htpasswd))
+    }
+
+    fn launch(port: u16, htpasswd: Option<&str>) -> Option<Registry> {
         use std::io::BufRead;
         let binary = registry_binary()?;
         let storage = tempfile::tempdir().expect("registry storage");
         let config = storage.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:0\n",
-                storage.path().join("data").display()
-            ),
-        )
-        .expect("registry config");
+        let mut yaml = format!(
+            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:0\n",
+            storage.path().join("data").display()
+        );
+        if let Some(htpasswd) = htpasswd {
+            write_htpasswd(storage.path(), htpasswd);
+            yaml += &format!("auth:\n  htpasswd:\n    realm: modelcache-tests\n    path: {}\n", storage.path().join("htpasswd").display());
+        }
+        std::fs::write(&config, yaml).expect("registry config");
         let mut child = Command::new(binary)
             .arg("serve")
             .arg(&config)
@@ -284,11 +296,41 @@ impl Registry {
             .count()
     }
 
+    /// Replaces who is admitted (a registry started with an htpasswd file).
+    pub fn set_htpasswd(&self, htpasswd: &str) {
+        write_htpasswd(self.storage.path(), htpasswd);
+    }
+
     /// The file the registry serves a blob from (to corrupt it on purpose).
     pub fn blob_file(&self, digest: &str) -> PathBuf {
         let hex = digest.trim_start_matches("sha256:");
         self.storage.path().join(format!("data/docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]))
     }
+}
+
+/// `dir/htpasswd`, replaced atomically.
+fn write_htpasswd(dir: &Path, htpasswd: &str) {
+    std::fs::write(dir.join("htpasswd.new"), htpasswd).unwrap();
+    std::fs::rename(dir.join("htpasswd.new"), dir.join("htpasswd")).unwrap();
+}
+
+/// Writes a docker `config.json` under `dir` the way Kubernetes updates a
+/// mounted secret: the new version in a directory of its own, then the
+/// `..data` symlink swapped to it; `config.json` links through `..data`.
+pub fn write_docker_config(dir: &Path, config: &serde_json::Value) {
+    let version = tempfile::Builder::new().prefix("..version-").tempdir_in(dir).unwrap().keep();
+    std::fs::write(version.join("config.json"), config.to_string()).unwrap();
+    let link = dir.join("..data.new");
+    std::os::unix::fs::symlink(version.file_name().unwrap(), &link).unwrap();
+    std::fs::rename(&link, dir.join("..data")).unwrap();
+    if std::fs::symlink_metadata(dir.join("config.json")).is_err() {
+        std::os::unix::fs::symlink("..data/config.json", dir.join("config.json")).unwrap();
+    }
+}
+
+/// A docker config with `user` and `password` for `host`.
+pub fn basic_auth(host: &str, user: &str, password: &str) -> serde_json::Value {
+    serde_json::json!({ "auths": { host: { "username": user, "password": password } } })
 }
 
 impl Drop for Registry {
@@ -328,11 +370,17 @@ pub fn digest_of(bytes: &[u8]) -> String {
 
 /// Pushes the directory `dir` as `reference` with the real binary.
 pub fn push(registry: &Registry, dir: &Path, reference: &str) -> String {
-    let output = modelcache()
-        .arg("push")
-        .arg(dir)
-        .arg(reference)
-        .args(["--insecure-registry", &registry.host()])
+    push_as(registry, dir, reference, None)
+}
+
+/// [`push`] with the credentials of the docker config in `docker_config`.
+pub fn push_as(registry: &Registry, dir: &Path, reference: &str, docker_config: Option<&Path>) -> String {
+    let mut command = modelcache();
+    command.arg("push").arg(dir).arg(reference).args(["--insecure-registry", &registry.host()]);
+    if let Some(docker_config) = docker_config {
+        command.arg("--docker-config").arg(docker_config);
+    }
+    let output = command
         .output()
         .expect("running modelcache push");
     assert!(output.status.success(), "push failed: {}", String::from_utf8_lossy(&output.stderr));
@@ -466,6 +514,8 @@ pub struct Daemon {
     pub root: PathBuf,
     pub metrics: Option<std::net::SocketAddr>,
     pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// Environment variables the process gets besides the test's own.
+    pub env: Vec<(String, std::ffi::OsString)>,
 }
 
 /// A loopback port nobody listens on (for the metrics address).
@@ -477,6 +527,11 @@ impl Daemon {
     /// Starts a daemon with `extra` appended to a config that sets its root,
     /// socket and metrics address; waits until it answers.
     pub fn start(extra: &str) -> Daemon {
+        Daemon::start_with_env(extra, Vec::new())
+    }
+
+    /// [`Daemon::start`] with `env` set for the process.
+    pub fn start_with_env(extra: &str, env: Vec<(String, std::ffi::OsString)>) -> Daemon {
         let dir = tempfile::tempdir().expect("daemon dir");
         let root = dir.path().join("root");
         let socket = dir.path().join("run/modelcache.sock");
@@ -485,7 +540,7 @@ impl Daemon {
             "root = {root:?}\n{extra}\n[api]\nsocket = {socket:?}\nvolume-sockets = {volumes:?}\n[metrics]\naddress = \"{metrics}\"\n",
             volumes = dir.path().join("run/volumes"),
         );
-        let mut daemon = Daemon { child: None, dir, socket, root, metrics: Some(metrics), log: Default::default() };
+        let mut daemon = Daemon { child: None, dir, socket, root, metrics: Some(metrics), log: Default::default(), env };
         std::fs::write(daemon.dir.path().join("modelcache.toml"), config).unwrap();
         daemon.spawn();
         daemon
@@ -497,6 +552,7 @@ impl Daemon {
         let mut child = modelcache()
             .args(["serve", "--config"])
             .arg(self.dir.path().join("modelcache.toml"))
+            .envs(self.env.iter().map(|(name, value)| (name, value)))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
