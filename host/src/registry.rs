@@ -4,9 +4,10 @@
 //!
 //! Plain HTTP is used only for registries configured insecure; everything
 //! else is HTTPS. Credentials come from a docker `config.json` (`auths`,
-//! `credHelpers`, `credsStore`), anonymous otherwise. They are read again
-//! when the file changes (a rotated Kubernetes secret) and when a registry
-//! refuses a request (a helper's token that expired), without a restart.
+//! `credHelpers`, `credsStore`), anonymous otherwise. Without a restart, the
+//! file is read again when it changes (a rotated Kubernetes secret), and a
+//! helper is asked again when the registry refuses what it gave (a token
+//! that expired).
 //! Transient failures (connection errors, timeouts, 429 and 5xx) are retried
 //! with exponential backoff; an interrupted blob resumes with a Range request
 //! from the bytes already written, and is hashed as a whole by the store
@@ -318,7 +319,14 @@ struct Session {
     credentials: Credentials,
     /// Each host's credentials as first worked out: a credential helper runs
     /// once per session and host, not once per blob nor once per caller.
-    auths: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<RegistryAuth>>>>,
+    auths: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<HostAuth>>>>,
+}
+
+#[derive(Clone, Debug)]
+struct HostAuth {
+    auth: RegistryAuth,
+    /// Given by a credential helper, whose answers expire.
+    helped: bool,
 }
 
 impl Session {
@@ -335,25 +343,34 @@ impl Session {
         Session { client, credentials, auths: Mutex::default() }
     }
 
-    /// The credentials for `host`. A helper runs on a blocking thread: some
-    /// ask a cloud API, which can take a second. A failure is not kept.
+    /// The credentials for `host`, worked out once per session: a helper's
+    /// answer (even "none") is kept until a refusal renews the session; a
+    /// helper that cannot be run, or answers nonsense, is asked again.
     async fn auth(&self, reference: &ModelRef, host: &str) -> Result<RegistryAuth, RegistryError> {
+        Ok(self.host_auth(reference, host).await?.auth)
+    }
+
+    async fn host_auth(&self, reference: &ModelRef, host: &str) -> Result<HostAuth, RegistryError> {
         let cell = self.auths.lock().unwrap_or_else(PoisonError::into_inner).entry(host.to_owned()).or_default().clone();
-        let auth = cell
+        let found = cell
             .get_or_try_init(|| async {
-                match self.credentials.lookup(reference, host)? {
-                    Lookup::Known(auth) => Ok(auth),
-                    Lookup::Helper(helper) => {
-                        let host = host.to_owned();
-                        tokio::task::spawn_blocking(move || run_helper(&helper, &host))
-                            .await
-                            .unwrap_or_else(|error| Err(error.to_string()))
-                            .map_err(|reason| self.credentials.error(reference, reason))
-                    }
-                }
+                Ok::<_, RegistryError>(match self.credentials.lookup(reference, host)? {
+                    Lookup::Known(auth) => HostAuth { auth, helped: false },
+                    Lookup::Helper(helper) => HostAuth {
+                        auth: run_helper(&helper, host).await.map_err(|reason| self.credentials.error(reference, reason))?,
+                        helped: true,
+                    },
+                })
             })
             .await?;
-        Ok(auth.clone())
+        Ok(found.clone())
+    }
+
+    /// Whether asking again could give `host` other credentials: only a
+    /// helper's can change while the file stays the same (a changed file
+    /// makes a new session anyway).
+    async fn renewable(&self, reference: &ModelRef, host: &str) -> bool {
+        self.host_auth(reference, host).await.is_ok_and(|found| found.helped)
     }
 }
 
@@ -411,13 +428,20 @@ impl Registry {
 
     /// The session for a request: a new one when the credentials file changed
     /// since it was last read. A file that no longer reads keeps the last
-    /// good credentials in use, with a warning (once per version).
+    /// good credentials in use, with a warning (once per version); a file
+    /// that is gone means anonymous, also with a warning. (Checked under the
+    /// lock, so one change makes one session; a change is rare, and building
+    /// a client costs a few milliseconds.)
     fn session(&self) -> Arc<Session> {
-        let stamp = self.credentials_file.as_deref().and_then(FileStamp::of);
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        let stamp = self.credentials_file.as_deref().and_then(FileStamp::of);
         if stamp != current.read {
             current.read = stamp;
             match Credentials::read(self.credentials_file.as_deref()) {
+                Ok(credentials) if stamp.is_none() => {
+                    tracing::warn!(file = ?self.credentials_file, "registry credentials removed: pulling anonymously");
+                    current.session = Arc::new(Session::new(&self.config, credentials));
+                }
                 Ok(credentials) => {
                     tracing::info!(file = ?self.credentials_file, "registry credentials changed: read again");
                     current.session = Arc::new(Session::new(&self.config, credentials));
@@ -429,8 +453,8 @@ impl Registry {
     }
 
     /// A session with credentials worked out again (helpers asked again) and
-    /// no tokens, after a registry refused `stale`: unless a concurrent
-    /// request already renewed it, which is then shared.
+    /// no tokens, after a registry refused what a helper gave `stale`: unless
+    /// a concurrent request already renewed it, which is then shared.
     fn renew(&self, stale: &Arc<Session>) -> Arc<Session> {
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
         if Arc::ptr_eq(&current.session, stale) {
@@ -486,7 +510,8 @@ impl Registry {
     /// Tries `operation` at each mirror of the reference's registry, once
     /// each, then at the origin with retries. Any failure at a mirror falls
     /// through to the next host, as containerd's hosts.toml mirrors do. When
-    /// the origin refuses, all of it runs once more with a renewed session.
+    /// the origin refuses what a credential helper gave, all of it runs once
+    /// more with a renewed session.
     async fn across_hosts<T, F, Fut>(&self, reference: &ModelRef, what: &str, resolving: bool, mut operation: F) -> Result<T, RegistryError>
     where
         F: FnMut(Client, Reference, RegistryAuth) -> Fut,
@@ -494,8 +519,8 @@ impl Registry {
     {
         let session = self.session();
         match self.across_hosts_with(&session, reference, what, resolving, &mut operation).await {
-            Err(RegistryError::Denied { reason, .. }) => {
-                tracing::debug!(reference = %reference, "refused {what} ({reason}): asking again with credentials read again");
+            Err(RegistryError::Denied { reason, .. }) if session.renewable(reference, reference.registry()).await => {
+                tracing::info!(reference = %reference, "refused {what} ({reason}): asking the credential helper again");
                 self.across_hosts_with(&self.renew(&session), reference, what, resolving, &mut operation).await
             }
             other => other,
@@ -518,11 +543,14 @@ impl Registry {
             if resolving && !mirror.resolve {
                 continue;
             }
-            let auth = session.auth(reference, &mirror.host).await?;
-            match operation(session.client.clone(), reference.on(&mirror.host), auth).await {
-                Ok(value) => return Ok(value),
-                Err(failure) => tracing::debug!(mirror = %mirror.host, reference = %reference, "mirror failed {what}: {failure}"),
-            }
+            let failure = match session.auth(reference, &mirror.host).await {
+                Ok(auth) => match operation(session.client.clone(), reference.on(&mirror.host), auth).await {
+                    Ok(value) => return Ok(value),
+                    Err(failure) => failure.to_string(),
+                },
+                Err(error) => error.to_string(),
+            };
+            tracing::debug!(mirror = %mirror.host, reference = %reference, "mirror failed {what}: {failure}");
         }
         let auth = session.auth(reference, reference.registry()).await?;
         self.with_retries(reference, what, || operation(session.client.clone(), reference.reference.clone(), auth.clone()))
@@ -562,7 +590,7 @@ impl Registry {
         let origin = reference.registry();
         match self.fetch_blob_at(&session, reference, origin, blob, ingest, progress, self.config.attempts).await {
             // What is already written stays: the renewed session resumes it.
-            Err(RegistryError::Denied { .. }) => {
+            Err(RegistryError::Denied { .. }) if session.renewable(reference, origin).await => {
                 let session = self.renew(&session);
                 self.fetch_blob_at(&session, reference, origin, blob, ingest, progress, self.config.attempts).await
             }
@@ -582,8 +610,10 @@ impl Registry {
         attempts: u32,
     ) -> Result<(), RegistryError> {
         let store_error = |source| RegistryError::Store { reference: reference.to_string(), source };
-        session.client.store_auth_if_needed(host, &session.auth(reference, host).await?).await;
         let image = reference.on(host);
+        // Under the name the client looks credentials up by (docker.io's is
+        // index.docker.io), or a blob fetched first would go unauthenticated.
+        session.client.store_auth_if_needed(image.resolve_registry(), &session.auth(reference, host).await?).await;
         let descriptor = OciDescriptor {
             media_type: blob.media_type.clone(),
             digest: blob.digest.to_string(),
@@ -656,7 +686,8 @@ impl Registry {
     {
         let session = self.session();
         let client = &session.client;
-        client.store_auth_if_needed(reference.registry(), &session.auth(reference, reference.registry()).await?).await;
+        let auth = session.auth(reference, reference.registry()).await?;
+        client.store_auth_if_needed(reference.reference.resolve_registry(), &auth).await;
         let image = &reference.reference;
         let exists = client.blob_exists(image, &digest.to_string()).await.unwrap_or(false);
         if exists {
@@ -682,7 +713,8 @@ impl Registry {
     pub async fn push_manifest(&self, reference: &ModelRef, manifest: Bytes) -> Result<Digest, RegistryError> {
         let session = self.session();
         let client = &session.client;
-        client.store_auth_if_needed(reference.registry(), &session.auth(reference, reference.registry()).await?).await;
+        let auth = session.auth(reference, reference.registry()).await?;
+        client.store_auth_if_needed(reference.reference.resolve_registry(), &auth).await;
         let digest = Digest::of(&manifest);
         let content_type = reqwest_header(MANIFEST_MEDIA_TYPE);
         self.with_retries(reference, "pushing the manifest", || async {
@@ -870,20 +902,27 @@ fn auth_key_host(key: &str) -> &str {
     key.split('/').next().unwrap_or(key)
 }
 
-fn run_helper(helper: &str, host: &str) -> Result<RegistryAuth, String> {
-    use std::io::Write;
+/// How long a credential helper may take: some ask a cloud API.
+const HELPER_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn run_helper(helper: &str, host: &str) -> Result<RegistryAuth, String> {
+    use tokio::io::AsyncWriteExt;
     let program = format!("docker-credential-{helper}");
-    let mut child = std::process::Command::new(&program)
+    let mut child = tokio::process::Command::new(&program)
         .arg("get")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
         .spawn()
         .map_err(|error| format!("cannot run {program}: {error}"))?;
     if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(host.as_bytes());
+        let _ = stdin.write_all(host.as_bytes()).await;
     }
-    let output = child.wait_with_output().map_err(|error| format!("{program}: {error}"))?;
+    let output = tokio::time::timeout(HELPER_TIMEOUT, child.wait_with_output())
+        .await
+        .map_err(|_| format!("{program} did not answer within {} s", HELPER_TIMEOUT.as_secs()))?
+        .map_err(|error| format!("{program}: {error}"))?;
     if !output.status.success() {
         // Helpers answer "credentials not found" with a failure: anonymous then.
         return Ok(RegistryAuth::Anonymous);
