@@ -12,8 +12,8 @@ use modelcache::error::ErrorKind;
 use modelcache::plugins::PluginStatus;
 use modelcache::volumes::{VolumeRecord, VolumeState};
 use support::{
-    Daemon, PluginDir, Registry, basic_auth, bytes, digest_of, publish, push, push_as, read_tree, skipping, start_registry,
-    write_docker_config, write_tree,
+    Daemon, PluginDir, Registry, TestAuthority, basic_auth, bytes, digest_of, publish, push, push_as, read_tree, skipping,
+    start_registry, write_docker_config, write_tree,
 };
 
 const MIB: usize = 1 << 20;
@@ -404,6 +404,59 @@ async fn an_expired_helper_token_is_asked_for_again() {
     assert_eq!(read_tree(&record.path), read_tree(second_source.path()));
     assert_eq!(asked_times(), 2);
     assert!(daemon.log_text().contains("asking the credential helper again"), "{}", daemon.log_text());
+}
+
+/// A registry whose certificate a private CA signed: with that CA in
+/// `[registries] ca-certificates` the daemon mounts from it over HTTPS;
+/// without it a mount fails at once (no retries), saying what to add; a CA
+/// file with no certificate in it is refused, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_ca_is_trusted_when_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(tls) = TestAuthority::make(dir.path()) else { return };
+    let Some(registry) = Registry::start_with_tls(&tls) else {
+        skipping("docker-registry is not installed (apt-get install docker-registry)");
+        return;
+    };
+    let source = tempfile::tempdir().unwrap();
+    write_tree(source.path(), &model(31));
+    let reference = registry.reference("models/private:v1");
+    let pushed = support::modelcache()
+        .arg("push")
+        .arg(source.path())
+        .arg(&reference)
+        .arg("--ca-certificate")
+        .arg(&tls.authority)
+        .output()
+        .unwrap();
+    assert!(pushed.status.success(), "{}", String::from_utf8_lossy(&pushed.stderr));
+
+    let daemon = Daemon::start(&format!("[registries]\nca-certificates = [{:?}]\n", tls.authority));
+    let record = mount(&daemon.client(), "pod-1", &reference).await.expect("the configured CA is trusted");
+    assert_eq!(read_tree(&record.path), read_tree(source.path()));
+
+    // The engine in the CLI (no daemon answers on that socket), without the CA.
+    let in_process = |extra: &[&std::ffi::OsStr]| {
+        let root = tempfile::tempdir().unwrap();
+        let output = support::modelcache()
+            .args(["mount", &reference, "--volume", "pod-2", "--socket"])
+            .arg(dir.path().join("nobody.sock"))
+            .arg("--root")
+            .arg(root.path())
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let refused = in_process(&[]);
+    assert!(refused.contains("TLS certificate is not trusted") && refused.contains("ca-certificates"), "{refused}");
+    assert!(!refused.contains("retrying"), "a certificate is not worth asking again about: {refused}");
+
+    std::fs::write(dir.path().join("empty.pem"), "not a certificate\n").unwrap();
+    let empty = dir.path().join("empty.pem");
+    let refused = in_process(&["--ca-certificate".as_ref(), empty.as_os_str()]);
+    assert!(refused.contains("empty.pem") && refused.contains("no PEM certificate"), "{refused}");
 }
 
 fn cli(daemon: &Daemon, args: &[&str]) -> std::process::Output {

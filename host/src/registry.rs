@@ -21,7 +21,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use oci_client::client::{BlobResponse, ClientConfig, ClientProtocol};
+use oci_client::client::{BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
@@ -42,6 +42,9 @@ pub struct RegistryConfig {
     /// The directory holding a docker `config.json`; default `$DOCKER_CONFIG`,
     /// then `~/.docker`.
     pub docker_config: Option<PathBuf>,
+    /// PEM files of certificate authorities trusted for registries' TLS
+    /// certificates, besides the system's (a private registry's own CA).
+    pub ca_certificates: Vec<PathBuf>,
     /// Attempts per request, the first included (default 5).
     pub attempts: u32,
     /// The first backoff; it doubles per attempt up to 10 s (default 200 ms).
@@ -91,6 +94,7 @@ impl Default for RegistryConfig {
         RegistryConfig {
             insecure: Vec::new(),
             docker_config: None,
+            ca_certificates: Vec::new(),
             attempts: 5,
             backoff: Duration::from_millis(200),
             mirrors: BTreeMap::new(),
@@ -274,6 +278,13 @@ pub enum RegistryError {
     ManifestMismatch { reference: String, expected: Digest, actual: Digest },
     #[error("{reference}: the docker config {}: {reason}", path.display())]
     Credentials { reference: String, path: PathBuf, reason: String },
+    #[error("the CA certificates {}: {reason}", path.display())]
+    Certificates { path: PathBuf, reason: String },
+    #[error(
+        "{reference}: the registry's TLS certificate is not trusted ({reason}); if it is signed by a private CA, add \
+         that CA to [registries] ca-certificates (--ca-certificate)"
+    )]
+    Untrusted { reference: String, reason: String },
     #[error("storing a blob of {reference}")]
     Store {
         reference: String,
@@ -290,7 +301,10 @@ impl RegistryError {
             RegistryError::Denied { .. } => ErrorKind::PermissionDenied,
             RegistryError::Unavailable { .. } => ErrorKind::Unavailable,
             RegistryError::Protocol { .. } | RegistryError::ManifestMismatch { .. } => ErrorKind::DataLoss,
-            RegistryError::Credentials { .. } => ErrorKind::InvalidArgument,
+            RegistryError::Credentials { .. } | RegistryError::Certificates { .. } => ErrorKind::InvalidArgument,
+            // Not retried (it cannot get better by itself), but a tag still
+            // mounts what it last named, as in any other outage.
+            RegistryError::Untrusted { .. } => ErrorKind::Unavailable,
             RegistryError::Store { source, .. } => source.kind(),
         }
     }
@@ -299,6 +313,8 @@ impl RegistryError {
 /// A client for OCI registries.
 pub struct Registry {
     config: RegistryConfig,
+    /// The trusted CAs of `config.ca_certificates`, read at start.
+    authorities: Vec<Certificate>,
     /// The docker `config.json` credentials come from, when a directory for
     /// it is known (the file itself may come later).
     credentials_file: Option<PathBuf>,
@@ -330,17 +346,21 @@ struct HostAuth {
 }
 
 impl Session {
-    fn new(config: &RegistryConfig, credentials: Credentials) -> Session {
+    fn new(config: &RegistryConfig, authorities: &[Certificate], credentials: Credentials) -> Result<Session, String> {
         let mut plain_http = config.insecure.clone();
         plain_http.extend(config.mirrors.values().flatten().filter(|mirror| mirror.plain_http).map(|mirror| mirror.host.clone()));
         let protocol = if plain_http.is_empty() { ClientProtocol::Https } else { ClientProtocol::HttpsExcept(plain_http) };
-        let client = Client::new(ClientConfig {
+        // `try_from`, not `Client::new`, which on an error quietly makes a
+        // client with the default configuration instead.
+        let client = Client::try_from(ClientConfig {
             protocol,
             connect_timeout: Some(Duration::from_secs(10)),
             read_timeout: Some(Duration::from_secs(60)),
+            extra_root_certificates: authorities.to_vec(),
             ..ClientConfig::default()
-        });
-        Session { client, credentials, auths: Mutex::default() }
+        })
+        .map_err(|error| format!("cannot make an HTTP client: {error}"))?;
+        Ok(Session { client, credentials, auths: Mutex::default() })
     }
 
     /// The credentials for `host`, worked out once per session: a helper's
@@ -420,10 +440,27 @@ impl Registry {
     pub fn new(config: RegistryConfig) -> Result<Registry, RegistryError> {
         // rustls needs a process-wide crypto provider; a second install is a no-op.
         let _ = rustls::crypto::ring::default_provider().install_default();
+        let authorities = config.ca_certificates.iter().map(|path| read_authorities(path)).collect::<Result<Vec<_>, _>>()?.concat();
         let credentials_file = Credentials::file(config.docker_config.clone());
         let read = credentials_file.as_deref().and_then(FileStamp::of);
-        let session = Arc::new(Session::new(&config, Credentials::read(credentials_file.as_deref())?));
-        Ok(Registry { config, credentials_file, current: Mutex::new(Current { session, read }) })
+        let credentials = Credentials::read(credentials_file.as_deref())?;
+        let session = Session::new(&config, &authorities, credentials).map_err(|reason| RegistryError::Certificates {
+            path: config.ca_certificates.first().cloned().unwrap_or_default(),
+            reason,
+        })?;
+        Ok(Registry { config, authorities, credentials_file, current: Mutex::new(Current { session: Arc::new(session), read }) })
+    }
+
+    /// A session with `credentials`, or (a client that cannot be made, which
+    /// the start-up checks rule out) the current one, with a warning.
+    fn session_with(&self, credentials: Credentials, current: &Arc<Session>) -> Arc<Session> {
+        match Session::new(&self.config, &self.authorities, credentials) {
+            Ok(session) => Arc::new(session),
+            Err(reason) => {
+                tracing::warn!("{reason}; the current registry session stays in use");
+                current.clone()
+            }
+        }
     }
 
     /// The session for a request: a new one when the credentials file changed
@@ -438,13 +475,13 @@ impl Registry {
         if stamp != current.read {
             current.read = stamp;
             match Credentials::read(self.credentials_file.as_deref()) {
-                Ok(credentials) if stamp.is_none() => {
-                    tracing::warn!(file = ?self.credentials_file, "registry credentials removed: pulling anonymously");
-                    current.session = Arc::new(Session::new(&self.config, credentials));
-                }
                 Ok(credentials) => {
-                    tracing::info!(file = ?self.credentials_file, "registry credentials changed: read again");
-                    current.session = Arc::new(Session::new(&self.config, credentials));
+                    if stamp.is_none() {
+                        tracing::warn!(file = ?self.credentials_file, "registry credentials removed: pulling anonymously");
+                    } else {
+                        tracing::info!(file = ?self.credentials_file, "registry credentials changed: read again");
+                    }
+                    current.session = self.session_with(credentials, &current.session);
                 }
                 Err(error) => tracing::warn!("{error}; the credentials read before stay in use"),
             }
@@ -463,7 +500,7 @@ impl Registry {
                 tracing::warn!("{error}; the credentials read before stay in use");
                 stale.credentials.clone()
             });
-            current.session = Arc::new(Session::new(&self.config, credentials));
+            current.session = self.session_with(credentials, stale);
         }
         current.session.clone()
     }
@@ -762,6 +799,9 @@ fn reqwest_header(value: &'static str) -> http::HeaderValue {
 fn classify(reference: &ModelRef, error: OciDistributionError) -> Failure {
     let permanent = |error| Failure::Permanent(error);
     let text = reference.to_string();
+    if let Some(reason) = certificate_refusal(&error) {
+        return permanent(RegistryError::Untrusted { reference: text, reason });
+    }
     match error {
         OciDistributionError::RequestError(ref inner) if inner.is_status() => {
             let status = inner.status().map(|status| status.as_u16()).unwrap_or(0);
@@ -801,6 +841,45 @@ fn status_failure(reference: &str, status: u16, error: OciDistributionError) -> 
         408 | 429 | 500..=599 => Failure::Transient(Box::new(error)),
         _ => Failure::Permanent(RegistryError::Protocol { reference: reference.to_owned(), reason: error.to_string() }),
     }
+}
+
+/// Why TLS refused the registry's certificate, if that is what `error`
+/// comes down to: no retry can change it.
+fn certificate_refusal(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut pending = vec![error];
+    while let Some(current) = pending.pop() {
+        if let Some(tls @ (rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented)) =
+            current.downcast_ref::<rustls::Error>()
+        {
+            return Some(tls.to_string());
+        }
+        // An io::Error's `source` skips the error it wraps (here, an io::Error
+        // wrapping the TLS error): follow both.
+        if let Some(wrapped) = current.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            pending.push(wrapped);
+        }
+        pending.extend(current.source());
+    }
+    None
+}
+
+/// The certificates in the PEM file `path`: at least one, all well formed.
+fn read_authorities(path: &Path) -> Result<Vec<Certificate>, RegistryError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let refuse = |reason: String| RegistryError::Certificates { path: path.to_owned(), reason };
+    let pem = std::fs::read(path).map_err(|error| refuse(error.to_string()))?;
+    let certificates = CertificateDer::pem_slice_iter(&pem)
+        .map(|certificate| {
+            certificate
+                .map(|der| Certificate { encoding: CertificateEncoding::Der, data: der.to_vec() })
+                .map_err(|error| refuse(format!("not a PEM certificate: {error}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if certificates.is_empty() {
+        return Err(refuse("no PEM certificate in it".into()));
+    }
+    Ok(certificates)
 }
 
 /// Credentials from a docker `config.json`.

@@ -187,23 +187,30 @@ impl Registry {
 
     /// Starts a registry on a given loopback port (0: any).
     pub fn start_on(port: u16) -> Option<Registry> {
-        Registry::launch(port, None)
+        Registry::launch(port, "", None)
+    }
+
+    /// Starts a registry serving HTTPS with `tls`'s server certificate.
+    pub fn start_with_tls(tls: &TestAuthority) -> Option<Registry> {
+        let http = format!("  tls:\n    certificate: {}\n    key: {}\n", tls.certificate.display(), tls.key.display());
+        Registry::launch(0, &http, None)
     }
 
     /// Starts a registry that admits only who `htpasswd` names (one
     /// `user:bcrypt-hash` line per user; HTTP basic authentication). It reads
     /// the file again when it changes: see [`Registry::set_htpasswd`].
     pub fn start_with_htpasswd(htpasswd: &str) -> Option<Registry> {
-        Registry::launch(0, Some(htpasswd))
+        Registry::launch(0, "", Some(htpasswd))
     }
 
-    fn launch(port: u16, htpasswd: Option<&str>) -> Option<Registry> {
+    /// `http` is added to the config's `http:` section.
+    fn launch(port: u16, http: &str, htpasswd: Option<&str>) -> Option<Registry> {
         use std::io::BufRead;
         let binary = registry_binary()?;
         let storage = tempfile::tempdir().expect("registry storage");
         let config = storage.path().join("config.yml");
         let mut yaml = format!(
-            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:0\n",
+            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:0\n{http}",
             storage.path().join("data").display()
         );
         if let Some(htpasswd) = htpasswd {
@@ -305,6 +312,40 @@ impl Registry {
     pub fn blob_file(&self, digest: &str) -> PathBuf {
         let hex = digest.trim_start_matches("sha256:");
         self.storage.path().join(format!("data/docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]))
+    }
+}
+
+/// A private certificate authority and a server certificate it signed for
+/// 127.0.0.1, made with the openssl command in `dir`.
+pub struct TestAuthority {
+    /// The authority's certificate (PEM): what a client must trust.
+    pub authority: PathBuf,
+    pub certificate: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TestAuthority {
+    /// `None` (the caller skips, saying why) without an openssl command.
+    pub fn make(dir: &Path) -> Option<TestAuthority> {
+        let openssl = |args: &[&str]| Command::new("openssl").args(args).current_dir(dir).output();
+        if openssl(&["version"]).is_err() {
+            skipping("the openssl command is not installed (apt-get install openssl)");
+            return None;
+        }
+        let p256 = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+        std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").unwrap();
+        for step in [
+            [&["req", "-x509"][..], &p256, &["-subj", "/CN=modelcache test CA", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2"]].concat(),
+            [&["req"][..], &p256, &["-subj", "/CN=127.0.0.1", "-keyout", "server.key", "-out", "server.csr"]].concat(),
+            ["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2"]
+                .into_iter()
+                .chain(["-extfile", "server.ext", "-out", "server.pem"])
+                .collect(),
+        ] {
+            let output = openssl(&step).unwrap();
+            assert!(output.status.success(), "openssl {step:?}: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        Some(TestAuthority { authority: dir.join("ca.pem"), certificate: dir.join("server.pem"), key: dir.join("server.key") })
     }
 }
 

@@ -43,11 +43,19 @@ pub struct RegistryArgs {
     /// The directory holding a docker config.json (default $DOCKER_CONFIG, then ~/.docker).
     #[arg(long, env = "DOCKER_CONFIG")]
     pub docker_config: Option<PathBuf>,
+    /// A PEM file of CAs trusted for registries besides the system's; repeatable.
+    #[arg(long = "ca-certificate", env = "MODELCACHE_CA_CERTIFICATES", value_delimiter = ',')]
+    pub ca_certificates: Vec<PathBuf>,
 }
 
 impl RegistryArgs {
     pub fn config(&self) -> RegistryConfig {
-        RegistryConfig { insecure: self.insecure.clone(), docker_config: self.docker_config.clone(), ..RegistryConfig::default() }
+        RegistryConfig {
+            insecure: self.insecure.clone(),
+            docker_config: self.docker_config.clone(),
+            ca_certificates: self.ca_certificates.clone(),
+            ..RegistryConfig::default()
+        }
     }
 }
 

@@ -81,6 +81,8 @@ struct RawRegistries {
     insecure: Vec<String>,
     docker_config: Option<PathBuf>,
     #[serde(default)]
+    ca_certificates: Vec<PathBuf>,
+    #[serde(default)]
     mirrors: BTreeMap<String, RawMirror>,
     tag_ttl: Option<String>,
 }
@@ -204,6 +206,7 @@ impl ServeConfig {
         engine.registry = RegistryConfig {
             insecure: raw.registries.insecure,
             docker_config: raw.registries.docker_config,
+            ca_certificates: raw.registries.ca_certificates,
             mirrors,
             tag_ttl,
             ..defaults
