@@ -450,7 +450,7 @@ async fn a_private_ca_is_trusted_when_configured() {
         String::from_utf8_lossy(&output.stderr).into_owned()
     };
     let refused = in_process(&[]);
-    assert!(refused.contains("TLS certificate is not trusted") && refused.contains("ca-certificates"), "{refused}");
+    assert!(refused.contains("TLS certificate is not accepted") && refused.contains("ca-certificates"), "{refused}");
     assert!(!refused.contains("retrying"), "a certificate is not worth asking again about: {refused}");
 
     std::fs::write(dir.path().join("empty.pem"), "not a certificate\n").unwrap();

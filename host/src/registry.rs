@@ -8,8 +8,8 @@
 //! file is read again when it changes (a rotated Kubernetes secret), and a
 //! helper is asked again when the registry refuses what it gave (a token
 //! that expired).
-//! Transient failures (connection errors, timeouts, 429 and 5xx) are retried
-//! with exponential backoff; an interrupted blob resumes with a Range request
+//! Transient failures (connection errors, timeouts, 429 and 5xx; not a TLS
+//! certificate that is not accepted) are retried with exponential backoff; an interrupted blob resumes with a Range request
 //! from the bytes already written, and is hashed as a whole by the store
 //! whatever happened.
 
@@ -280,10 +280,9 @@ pub enum RegistryError {
     Credentials { reference: String, path: PathBuf, reason: String },
     #[error("the CA certificates {}: {reason}", path.display())]
     Certificates { path: PathBuf, reason: String },
-    #[error(
-        "{reference}: the registry's TLS certificate is not trusted ({reason}); if it is signed by a private CA, add \
-         that CA to [registries] ca-certificates (--ca-certificate)"
-    )]
+    #[error("cannot set up the registry client: {reason}")]
+    Setup { reason: String },
+    #[error("{reference}: the registry's TLS certificate is not accepted: {reason}")]
     Untrusted { reference: String, reason: String },
     #[error("storing a blob of {reference}")]
     Store {
@@ -302,6 +301,7 @@ impl RegistryError {
             RegistryError::Unavailable { .. } => ErrorKind::Unavailable,
             RegistryError::Protocol { .. } | RegistryError::ManifestMismatch { .. } => ErrorKind::DataLoss,
             RegistryError::Credentials { .. } | RegistryError::Certificates { .. } => ErrorKind::InvalidArgument,
+            RegistryError::Setup { .. } => ErrorKind::Internal,
             // Not retried (it cannot get better by itself), but a tag still
             // mounts what it last named, as in any other outage.
             RegistryError::Untrusted { .. } => ErrorKind::Unavailable,
@@ -359,7 +359,7 @@ impl Session {
             extra_root_certificates: authorities.to_vec(),
             ..ClientConfig::default()
         })
-        .map_err(|error| format!("cannot make an HTTP client: {error}"))?;
+        .map_err(|error| crate::plugins::error_chain(&error))?;
         Ok(Session { client, credentials, auths: Mutex::default() })
     }
 
@@ -444,10 +444,7 @@ impl Registry {
         let credentials_file = Credentials::file(config.docker_config.clone());
         let read = credentials_file.as_deref().and_then(FileStamp::of);
         let credentials = Credentials::read(credentials_file.as_deref())?;
-        let session = Session::new(&config, &authorities, credentials).map_err(|reason| RegistryError::Certificates {
-            path: config.ca_certificates.first().cloned().unwrap_or_default(),
-            reason,
-        })?;
+        let session = Session::new(&config, &authorities, credentials).map_err(|reason| RegistryError::Setup { reason })?;
         Ok(Registry { config, authorities, credentials_file, current: Mutex::new(Current { session: Arc::new(session), read }) })
     }
 
@@ -457,7 +454,7 @@ impl Registry {
         match Session::new(&self.config, &self.authorities, credentials) {
             Ok(session) => Arc::new(session),
             Err(reason) => {
-                tracing::warn!("{reason}; the current registry session stays in use");
+                tracing::warn!("cannot set up a new registry client ({reason}); the current one stays in use");
                 current.clone()
             }
         }
@@ -583,6 +580,12 @@ impl Registry {
             let failure = match session.auth(reference, &mirror.host).await {
                 Ok(auth) => match operation(session.client.clone(), reference.on(&mirror.host), auth).await {
                     Ok(value) => return Ok(value),
+                    // Not a passing fault: the mirror will not serve until
+                    // someone acts, so say so where it is seen.
+                    Err(Failure::Permanent(error @ RegistryError::Untrusted { .. })) => {
+                        tracing::warn!(mirror = %mirror.host, "mirror skipped {what}: {error}");
+                        continue;
+                    }
                     Err(failure) => failure.to_string(),
                 },
                 Err(error) => error.to_string(),
@@ -848,10 +851,16 @@ fn status_failure(reference: &str, status: u16, error: OciDistributionError) -> 
 fn certificate_refusal(error: &(dyn std::error::Error + 'static)) -> Option<String> {
     let mut pending = vec![error];
     while let Some(current) = pending.pop() {
-        if let Some(tls @ (rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented)) =
-            current.downcast_ref::<rustls::Error>()
-        {
-            return Some(tls.to_string());
+        match current.downcast_ref::<rustls::Error>() {
+            Some(tls @ rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)) => {
+                return Some(format!(
+                    "{tls}; if a private CA signed it, add that CA to [registries] ca-certificates (--ca-certificate)"
+                ));
+            }
+            Some(tls @ (rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented)) => {
+                return Some(tls.to_string());
+            }
+            _ => {}
         }
         // An io::Error's `source` skips the error it wraps (here, an io::Error
         // wrapping the TLS error): follow both.
@@ -871,9 +880,12 @@ fn read_authorities(path: &Path) -> Result<Vec<Certificate>, RegistryError> {
     let pem = std::fs::read(path).map_err(|error| refuse(error.to_string()))?;
     let certificates = CertificateDer::pem_slice_iter(&pem)
         .map(|certificate| {
-            certificate
-                .map(|der| Certificate { encoding: CertificateEncoding::Der, data: der.to_vec() })
-                .map_err(|error| refuse(format!("not a PEM certificate: {error}")))
+            let der = certificate.map_err(|error| refuse(format!("not a PEM certificate: {error}")))?;
+            // What the client will do with it, so a bad one is named here.
+            rustls::RootCertStore::empty()
+                .add(der.clone())
+                .map_err(|error| refuse(format!("a certificate in it cannot be used: {error}")))?;
+            Ok(Certificate { encoding: CertificateEncoding::Der, data: der.to_vec() })
         })
         .collect::<Result<Vec<_>, _>>()?;
     if certificates.is_empty() {
@@ -1120,6 +1132,24 @@ mod tests {
         std::fs::remove_file(&file).unwrap();
         let anonymous = registry.session();
         assert!(matches!(auth(&anonymous).await, RegistryAuth::Anonymous));
+    }
+
+    /// A TLS refusal is found however deep it is wrapped, io::Errors
+    /// included (whose `source` skips what they wrap), and only an unknown
+    /// issuer gets the hint about private CAs.
+    #[test]
+    fn certificate_refusals_are_found_in_error_chains() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("connect")]
+        struct Connect(#[source] std::io::Error);
+        let wrapped = |error: rustls::Error| {
+            Connect(std::io::Error::other(std::io::Error::new(std::io::ErrorKind::InvalidData, error)))
+        };
+        let unknown = wrapped(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer));
+        assert!(certificate_refusal(&unknown).is_some_and(|reason| reason.contains("ca-certificates")));
+        let expired = wrapped(rustls::Error::InvalidCertificate(rustls::CertificateError::Expired));
+        assert!(certificate_refusal(&expired).is_some_and(|reason| !reason.contains("ca-certificates")));
+        assert_eq!(certificate_refusal(&Connect(std::io::Error::other("connection refused"))), None);
     }
 
     /// Backoff doubles and is capped.
