@@ -7,11 +7,11 @@
 //! `credHelpers`, `credsStore`), anonymous otherwise. Without a restart, the
 //! file is read again when it changes (a rotated Kubernetes secret), and a
 //! helper is asked again when the registry refuses what it gave (a token
-//! that expired).
-//! Transient failures (connection errors, timeouts, 429 and 5xx; not a TLS
-//! certificate that is not accepted) are retried with exponential backoff; an interrupted blob resumes with a Range request
-//! from the bytes already written, and is hashed as a whole by the store
-//! whatever happened.
+//! that expired). Transient failures (connection errors, timeouts, 429 and
+//! 5xx; not a TLS certificate that is not accepted) are retried with
+//! exponential backoff; an interrupted blob resumes with a Range request from
+//! the bytes already written, and is hashed as a whole by the store whatever
+//! happened.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
