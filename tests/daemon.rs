@@ -408,8 +408,9 @@ async fn an_expired_helper_token_is_asked_for_again() {
 
 /// A registry whose certificate a private CA signed: with that CA in
 /// `[registries] ca-certificates` the daemon mounts from it over HTTPS;
-/// without it a mount fails at once (no retries), saying what to add; a CA
-/// file with no certificate in it is refused, naming it.
+/// without it a mount fails at once (no retries), saying what to add, and as
+/// a mirror it is passed over with a warning; a CA file with no certificate
+/// in it is refused, naming it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_private_ca_is_trusted_when_configured() {
     let dir = tempfile::tempdir().unwrap();
@@ -457,6 +458,19 @@ async fn a_private_ca_is_trusted_when_configured() {
     let empty = dir.path().join("empty.pem");
     let refused = in_process(&["--ca-certificate".as_ref(), empty.as_os_str()]);
     assert!(refused.contains("empty.pem") && refused.contains("no PEM certificate"), "{refused}");
+
+    // A mirror whose certificate is not accepted is passed over, loudly: the
+    // origin serves.
+    let Some(origin) = start_registry() else { return };
+    let (at_origin, origin_source) = publish(&origin, "models/behind-a-mirror:v1", &model(32));
+    let daemon = Daemon::start(&format!(
+        "[registries]\ninsecure = [\"{origin}\"]\n[registries.mirrors.\"{origin}\"]\nendpoints = [\"https://{mirror}\"]\n",
+        origin = origin.host(),
+        mirror = registry.host(),
+    ));
+    let record = mount(&daemon.client(), "pod-3", &at_origin).await.expect("the origin serves");
+    assert_eq!(read_tree(&record.path), read_tree(origin_source.path()));
+    assert!(daemon.log_text().contains("mirror skipped") && daemon.log_text().contains("UnknownIssuer"), "{}", daemon.log_text());
 }
 
 fn cli(daemon: &Daemon, args: &[&str]) -> std::process::Output {
