@@ -118,7 +118,7 @@ impl Default for RegistryConfig {
 #[derive(Debug)]
 pub struct TagMemory {
     ttl: Duration,
-    known: std::sync::Mutex<std::collections::HashMap<String, Recalled>>,
+    known: Mutex<HashMap<String, Recalled>>,
 }
 
 #[derive(Debug)]
@@ -134,11 +134,11 @@ impl TagMemory {
     const KEPT: usize = 1024;
 
     pub fn new(ttl: Duration) -> TagMemory {
-        TagMemory { ttl, known: std::sync::Mutex::new(std::collections::HashMap::new()) }
+        TagMemory { ttl, known: Mutex::default() }
     }
 
-    fn known(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Recalled>> {
-        self.known.lock().unwrap_or_else(|poison| poison.into_inner())
+    fn known(&self) -> std::sync::MutexGuard<'_, HashMap<String, Recalled>> {
+        self.known.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// What `tag` named when the registry said so less than `ttl` ago.
