@@ -16,7 +16,7 @@ use modelcache::link::LinkMethod;
 use modelcache::plugins::exclude::ExcludeOptions;
 use modelcache::registry::{ModelRef, Registry as Client, RegistryConfig};
 use modelcache::volumes::{MountId, VolumeId, VolumeRecord, VolumeState};
-use support::{PluginDir, Registry, Unmount, bytes, digest_of, mount_tmpfs, publish, read_tree, start_registry};
+use support::{PluginDir, Registry, Unmount, bytes, digest_of, mount_tmpfs, publish, read_tree, start_registry, tar_archive};
 
 const MIB: usize = 1 << 20;
 
@@ -413,24 +413,6 @@ async fn corrupt_blob_publishes_nothing() {
     assert_eq!(record.state, VolumeState::Failed);
     assert_eq!(record.error.unwrap().kind, ErrorKind::DataLoss);
     assert!(!record.path.exists(), "no half-made volume");
-}
-
-/// A tar archive built entry by entry, names written raw so hostile ones
-/// survive.
-fn tar_archive(entries: &[(&str, tar::EntryType, &str, &[u8])]) -> Vec<u8> {
-    let mut builder = tar::Builder::new(Vec::new());
-    for (name, kind, link, content) in entries {
-        let mut header = tar::Header::new_gnu();
-        let raw = header.as_gnu_mut().unwrap();
-        raw.name[..name.len()].copy_from_slice(name.as_bytes());
-        raw.linkname[..link.len()].copy_from_slice(link.as_bytes());
-        header.set_entry_type(*kind);
-        header.set_size(content.len() as u64);
-        header.set_mode(if *kind == tar::EntryType::Directory { 0o755 } else { 0o644 });
-        header.set_cksum();
-        builder.append(&header, *content).unwrap();
-    }
-    builder.into_inner().unwrap()
 }
 
 /// Pushes a manifest whose layers are `(path annotation, media type, bytes)`.

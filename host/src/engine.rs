@@ -37,7 +37,7 @@ use crate::plugins::gc::{Candidate, GcInput};
 use crate::plugins::quota::{QuotaInput, QuotaVerdict};
 use crate::plugins::{CompiledCache, PluginHost, Runtime, RuntimeOptions};
 use crate::registry::{ModelRef, Registry, RegistryConfig, RegistryError, TagMemory};
-use crate::store::{EntryKey, EntryLease, Hold, Recovery, Store, StoreError, remove_any, sync_dir, sync_tree};
+use crate::store::{EntryKey, EntryLease, Hold, Recovery, Store, StoreError, UnpackLimits, remove_any, sync_dir, sync_tree};
 use crate::volumes::{MountId, RecordError, VolumeError, VolumeId, VolumeRecord, VolumeState, Volumes};
 
 /// How often a waiting mount writes its progress into its record.
@@ -61,6 +61,25 @@ pub struct EngineConfig {
     /// Temporaries untouched for this long are leftovers GC removes (default 1 h).
     pub gc_grace: Duration,
     pub runtime: RuntimeOptions,
+    pub unpack: UnpackConfig,
+}
+
+/// What one tar layer may expand to (see [`UnpackLimits`]).
+#[derive(Clone, Debug)]
+pub struct UnpackConfig {
+    /// Bytes of files per layer (default 1 TiB).
+    pub layer_bytes: u64,
+    /// Entries per layer (default 1,000,000).
+    pub layer_entries: u64,
+    /// Space (and, as a share, inodes) an unpack leaves free on the store's
+    /// filesystem, besides what pulls have reserved (default 5 %).
+    pub keep_free: modelcache_policy::size::Limit,
+}
+
+impl Default for UnpackConfig {
+    fn default() -> Self {
+        UnpackConfig { layer_bytes: 1 << 40, layer_entries: 1_000_000, keep_free: modelcache_policy::size::Limit::Percent(5.0) }
+    }
 }
 
 impl EngineConfig {
@@ -74,6 +93,7 @@ impl EngineConfig {
             layer_concurrency: 4,
             gc_grace: Duration::from_secs(3600),
             runtime: RuntimeOptions::default(),
+            unpack: UnpackConfig::default(),
         }
     }
 }
@@ -378,6 +398,8 @@ pub struct Engine {
     volumes: Volumes,
     entries: Flights<EntryKey, Built, EngineError>,
     blobs: Flights<Digest, (), EngineError>,
+    /// Tar layers being unpacked, by digest (after their blob's flight).
+    unpacks: Flights<Digest, (), EngineError>,
     downloads: Semaphore,
     reservations: Reservations,
     active: Mutex<HashMap<Slot, ActiveMount>>,
@@ -444,6 +466,7 @@ impl Engine {
             volumes,
             entries: Flights::default(),
             blobs: Flights::default(),
+            unpacks: Flights::default(),
             reservations: Reservations::default(),
             active: Mutex::new(HashMap::new()),
             slots: SlotLocks::default(),
@@ -782,8 +805,16 @@ impl Engine {
         needed.push(model.digest.clone());
         let _hold = self.store.hold(Some(key), &needed);
         let missing: Vec<Layer> = layers.iter().filter(|layer| !self.store.has_layer(layer)).map(|layer| (*layer).clone()).collect();
-        let incoming: u64 =
-            missing.iter().filter(|layer| !self.store.has_blob(&layer.blob.digest)).map(|layer| layer.blob.size).sum();
+        // The same bytes may be both a raw file and an archive of one model:
+        // fetched and counted once, and the archive kept after unpacking.
+        let raw: std::collections::HashSet<&Digest> =
+            layers.iter().filter(|layer| layer.format == LayerFormat::Raw).map(|layer| &layer.blob.digest).collect();
+        let mut counted = std::collections::HashSet::new();
+        let incoming: u64 = missing
+            .iter()
+            .filter(|layer| !self.store.has_blob(&layer.blob.digest) && counted.insert(&layer.blob.digest))
+            .map(|layer| layer.blob.size)
+            .sum();
         progress.set_total(incoming);
         let reservation = Mutex::new(self.admit(reference, model, incoming).await?);
 
@@ -792,8 +823,9 @@ impl Engine {
                 let engine = self.clone();
                 let progress = progress.clone();
                 let reservation = &reservation;
+                let keep_archive = raw.contains(&layer.blob.digest);
                 async move {
-                    engine.ensure_layer(reference, layer, &progress).await?;
+                    engine.ensure_layer(reference, layer, &progress, keep_archive).await?;
                     reservation.lock().unwrap_or_else(|poison| poison.into_inner()).consume(layer.blob.size);
                     Ok(())
                 }
@@ -806,34 +838,76 @@ impl Engine {
         Ok(Built { fetched_bytes: incoming })
     }
 
-    /// Makes one layer's content present: fetched (once node-wide, whoever
-    /// asks) and, for archives, unpacked.
-    async fn ensure_layer(self: &Arc<Self>, reference: &ModelRef, layer: &Layer, progress: &Arc<Progress>) -> Result<(), EngineError> {
+    /// Makes one layer's content present: its blob fetched (once node-wide,
+    /// whoever asks) and, for archives, unpacked (likewise once).
+    async fn ensure_layer(
+        self: &Arc<Self>,
+        reference: &ModelRef,
+        layer: &Layer,
+        progress: &Arc<Progress>,
+        keep_archive: bool,
+    ) -> Result<(), EngineError> {
         if self.store.has_layer(layer) {
             return Ok(());
         }
-        let engine = self.clone();
-        let (flight_reference, flight_layer) = (reference.clone(), layer.clone());
-        let mut ticket = self.blobs.join(layer.blob.digest.clone(), move |blob_progress| async move {
-            engine.fetch_layer(&flight_reference, &flight_layer, &blob_progress).await
-        });
-        ticket.progress().forward_to(progress);
-        ticket.wait().await.map_err(EngineError::Shared)
-    }
-
-    async fn fetch_layer(&self, reference: &ModelRef, layer: &Layer, progress: &Progress) -> Result<(), EngineError> {
-        if !self.store.has_layer(layer) && !self.store.has_blob(&layer.blob.digest) {
-            let _permit = self.downloads.acquire().await.map_err(|_| EngineError::Runtime("the engine is shutting down".into()))?;
-            let mut ingest = self.store.ingest(&layer.blob)?;
-            self.registry.fetch_blob(reference, &layer.blob, &mut ingest, progress).await?;
-            ingest.commit(layer.mode, layer.mtime).await?;
+        if !self.store.has_blob(&layer.blob.digest) {
+            let engine = self.clone();
+            let (flight_reference, blob) = (reference.clone(), layer.blob.clone());
+            let (mode, mtime) = (layer.mode, layer.mtime);
+            let mut ticket = self.blobs.join(layer.blob.digest.clone(), move |blob_progress| async move {
+                engine.fetch_blob(&flight_reference, &blob, mode, mtime, &blob_progress).await
+            });
+            ticket.progress().forward_to(progress);
+            ticket.wait().await.map_err(EngineError::Shared)?;
         }
         if matches!(layer.format, LayerFormat::Tar(_)) {
-            let store = self.store.clone();
-            let layer = layer.clone();
-            tokio::task::spawn_blocking(move || store.unpack(&layer)).await.map_err(join_error)??;
+            let engine = self.clone();
+            let owned = layer.clone();
+            let mut ticket = self.unpacks.join(layer.blob.digest.clone(), move |_| async move {
+                let limits = engine.unpack_limits()?;
+                let store = engine.store.clone();
+                tokio::task::spawn_blocking(move || store.unpack(&owned, &limits, keep_archive)).await.map_err(join_error)??;
+                Ok(())
+            });
+            ticket.wait().await.map_err(EngineError::Shared)?;
         }
         Ok(())
+    }
+
+    async fn fetch_blob(
+        &self,
+        reference: &ModelRef,
+        blob: &crate::modelpack::Descriptor,
+        mode: Option<u32>,
+        mtime: Option<std::time::SystemTime>,
+        progress: &Progress,
+    ) -> Result<(), EngineError> {
+        if self.store.has_blob(&blob.digest) {
+            return Ok(());
+        }
+        let _permit = self.downloads.acquire().await.map_err(|_| EngineError::Runtime("the engine is shutting down".into()))?;
+        let mut ingest = self.store.ingest(blob)?;
+        self.registry.fetch_blob(reference, blob, &mut ingest, progress).await?;
+        ingest.commit(mode, mtime).await?;
+        Ok(())
+    }
+
+    /// What an unpack may take now: the configured per-layer limits, and
+    /// the floor of free space and inodes, raised by what pulls reserved.
+    fn unpack_limits(&self) -> Result<UnpackLimits, EngineError> {
+        let config = &self.config.unpack;
+        let filesystem = self.store.filesystem()?;
+        let (total_inodes, _) = self.store.inodes()?;
+        let inode_floor = match config.keep_free {
+            modelcache_policy::size::Limit::Percent(percent) => (total_inodes as f64 * percent / 100.0) as u64,
+            modelcache_policy::size::Limit::Bytes(_) => 0,
+        };
+        Ok(UnpackLimits {
+            max_bytes: config.layer_bytes,
+            max_entries: config.layer_entries,
+            keep_free_bytes: config.keep_free.bytes_of(filesystem.total_bytes).saturating_add(self.reserved_bytes()),
+            keep_free_inodes: inode_floor,
+        })
     }
 
     /// The quota decision for a pull adding `incoming` bytes, and the

@@ -4,6 +4,7 @@
 //! - [`registry`]: resolve references, fetch manifests and blobs by digest;
 //! - [`modelpack`]: manifests to file lists, and the path rules;
 //! - [`store`]: the content-addressed store and its on-disk layout;
+//! - [`archive`]: tar layers read with every allocation bounded;
 //! - [`flight`]: one download per key, however many ask;
 //! - `memo`: answers kept in memory, bounded;
 //! - [`link`]: hardlink, reflink or copy trees out of the store;
@@ -17,6 +18,7 @@
 //! - [`digest`], [`error`]: the small types everything shares.
 
 pub mod api;
+pub mod archive;
 pub mod daemon;
 pub mod digest;
 pub mod engine;

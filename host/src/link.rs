@@ -1,19 +1,30 @@
 //! Materialising files from the store: hardlinks where possible, a reflink
-//! or a copy where a link cannot be made.
+//! or a copy where a link cannot be made; and building trees that cannot
+//! reach outside their root.
 //!
 //! A hardlink fails across filesystems (EXDEV), past the filesystem's link
 //! limit (EMLINK) and where linking is forbidden (EPERM); then a reflink
 //! (FICLONE) is tried, then a plain copy. A [`Linker`] remembers the method
-//! that last worked, so a tree on another filesystem does not pay for a
-//! failed `link()` per file, and reports the weakest method it had to use.
+//! that last worked for conditions of the whole tree (EXDEV, EPERM), so a
+//! tree on another filesystem does not pay for a failed `link()` per file;
+//! EMLINK is one inode's and only that file falls back. It reports the
+//! weakest method it had to use.
+//!
+//! Every file, directory and symlink is created relative to an open
+//! directory handle, and every directory on the way is opened with
+//! `O_NOFOLLOW | O_DIRECTORY`: whatever symlinks a tree already holds (an
+//! archive's, another layer's), no name is ever resolved through one, so
+//! nothing is created outside the tree's root ([`TreeBuilder`]).
 
+use std::ffi::OsStr;
 use std::fs;
 use std::io;
-use std::ffi::OsStr;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, CWD, FileType, Mode, OFlags};
 
 use serde::{Deserialize, Serialize};
 
@@ -38,13 +49,22 @@ impl LinkMethod {
 
 /// A file or directory that could not be materialised.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot {action} `{}` to `{}`", from.display(), to.display())]
-pub struct LinkError {
-    pub action: &'static str,
-    pub from: PathBuf,
-    pub to: PathBuf,
-    #[source]
-    pub source: io::Error,
+pub enum LinkError {
+    #[error("cannot {action} `{}` to `{}`", from.display(), to.display())]
+    Io {
+        action: &'static str,
+        from: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A name on the way to `path` is a symlink or a file: creating `path`
+    /// would follow it (perhaps out of the tree), so nothing is created.
+    #[error("`{path}` would be created through `{through}`, which is not a directory")]
+    ThroughNonDirectory { path: String, through: String },
+    /// The name is taken already.
+    #[error("`{path}` exists already")]
+    Exists { path: String },
 }
 
 /// What a tree copy did.
@@ -90,7 +110,7 @@ impl LinkReport {
 }
 
 /// Links files one after another, starting each from the method that last
-/// worked.
+/// worked for the whole tree.
 #[derive(Debug)]
 pub struct Linker {
     start: LinkMethod,
@@ -103,6 +123,15 @@ impl Default for Linker {
     }
 }
 
+/// One side of a link: a directory handle and a name in it, with the path
+/// they stand for (for messages only; never opened).
+#[derive(Clone, Copy)]
+struct At<'a> {
+    dir: BorrowedFd<'a>,
+    name: &'a OsStr,
+    path: &'a Path,
+}
+
 impl Linker {
     pub fn new() -> Linker {
         Linker::default()
@@ -112,68 +141,97 @@ impl Linker {
         self.report
     }
 
-    /// Materialises the file `from` at `to` (which must not exist).
-    /// A copy is made read-only like the store's files.
-    ///
-    /// # Errors
-    /// The last method's failure, naming both paths.
-    pub fn link_file(&mut self, from: &Path, to: &Path) -> Result<LinkMethod, LinkError> {
-        let error = |action, source| LinkError { action, from: from.to_owned(), to: to.to_owned(), source };
+    /// Materialises the file `from` as `to` (a name in an open directory,
+    /// which must not exist). Neither side's final name is followed if it
+    /// is a symlink. A copy is made read-only like the store's files.
+    fn link_at(&mut self, from: At<'_>, to: At<'_>) -> Result<LinkMethod, LinkError> {
+        let error = |action, source| LinkError::Io { action, from: from.path.to_owned(), to: to.path.to_owned(), source };
         let mut method = self.start;
+        // Set when this file's hardlink failed for a reason of its own
+        // inode (EMLINK): what its fallbacks find says nothing of the next
+        // file, which tries a hardlink again.
+        let mut one_inode = false;
         loop {
             let attempt = match method {
-                LinkMethod::Hardlink => fs::hard_link(from, to),
+                LinkMethod::Hardlink => {
+                    rustix::fs::linkat(from.dir, from.name, to.dir, to.name, AtFlags::empty()).map_err(io::Error::from)
+                }
                 LinkMethod::Reflink => reflink(from, to),
                 LinkMethod::Copy => copy(from, to),
             };
             match attempt {
                 Ok(()) => break,
                 Err(source) if method != LinkMethod::Copy && falls_back(&source) => {
-                    let next = if method == LinkMethod::Hardlink { LinkMethod::Reflink } else { LinkMethod::Copy };
                     if method == LinkMethod::Hardlink && self.start == LinkMethod::Hardlink {
-                        tracing::debug!(from = %from.display(), to = %to.display(), "hardlink impossible ({source}); falling back");
+                        tracing::debug!(from = %from.path.display(), to = %to.path.display(), "hardlink impossible ({source}); falling back");
                     }
-                    method = next;
+                    one_inode |= source.raw_os_error() == Some(rustix::io::Errno::MLINK.raw_os_error());
+                    if !one_inode {
+                        self.start = if method == LinkMethod::Hardlink { LinkMethod::Reflink } else { LinkMethod::Copy };
+                    }
+                    method = if method == LinkMethod::Hardlink { LinkMethod::Reflink } else { LinkMethod::Copy };
                 }
                 Err(source) => return Err(error(method.as_str(), source)),
             }
         }
-        // EMLINK is about one inode: keep trying hardlinks for the next file.
-        // EXDEV and EPERM hold for the whole tree: start from what worked.
-        let mut copied_bytes = 0;
-        if method != LinkMethod::Hardlink {
-            self.start = method;
-            copied_bytes = fs::symlink_metadata(to).map(|metadata| metadata.len()).unwrap_or(0);
-        }
+        let copied_bytes = if method == LinkMethod::Hardlink {
+            0
+        } else {
+            rustix::fs::statat(to.dir, to.name, AtFlags::SYMLINK_NOFOLLOW).map(|stat| stat.st_size as u64).unwrap_or(0)
+        };
         self.report.count(method, copied_bytes);
         Ok(method)
     }
 
-    /// Recreates the tree under `from` below `to`: directories made, files
-    /// linked, symlinks recreated as they are. Directories that exist are
-    /// merged into; files must not exist.
+    /// Recreates the tree under `from` at `to`, which must not exist or be
+    /// an empty directory: directories made, files linked, symlinks
+    /// recreated as they are (never followed).
     ///
-    /// Works through directory descriptors (`linkat`, `statat` relative to
-    /// the open directories), as `cp -al` does: a warm mount links every file
-    /// of a model, and resolving each long store path afresh cost more than
-    /// the link itself.
+    /// Works through directory descriptors (`linkat` relative to the open
+    /// directories), as `cp -al` does: a warm mount links every file of a
+    /// model, and resolving each long store path afresh cost more than the
+    /// link itself.
     ///
     /// # Errors
     /// The first file or directory that could not be made.
     pub fn link_tree(&mut self, from: &Path, to: &Path) -> Result<(), LinkError> {
-        let error = |action, source| LinkError { action, from: from.to_owned(), to: to.to_owned(), source };
-        create_dir(to).map_err(|source| error("create directory", source))?;
-        let source = open_dir(from).map_err(|source| error("open directory", source))?;
-        let target = open_dir(to).map_err(|source| error("open directory", source))?;
-        self.link_dir(&source, from, &target, to)
+        let error = |action, source| LinkError::Io { action, from: from.to_owned(), to: to.to_owned(), source };
+        match fs::create_dir(to) {
+            Err(source) if source.kind() != io::ErrorKind::AlreadyExists => return Err(error("create directory", source)),
+            _ => {}
+        }
+        let source = open_dir(CWD, from).map_err(|source| error("open directory", source))?;
+        let target = open_dir(CWD, to).map_err(|source| error("open directory", source))?;
+        self.link_dir(&source, from, &target, to, &mut |_, _| Ok(()))
     }
 
-    fn link_dir(&mut self, source: &OwnedFd, from: &Path, target: &OwnedFd, to: &Path) -> Result<(), LinkError> {
-        use rustix::fs::{AtFlags, FileType};
-        let paths = |name: &OsStr| (from.join(name), to.join(name));
-        let error = |action, name: &OsStr, source: io::Error| {
-            let (from, to) = paths(name);
-            LinkError { action, from, to, source }
+    /// Links every entry of the open directory `source` into `target`,
+    /// telling `visit` each name made (relative to `from`) and what it is.
+    fn link_dir(
+        &mut self,
+        source: &OwnedFd,
+        from: &Path,
+        target: &OwnedFd,
+        to: &Path,
+        visit: &mut dyn FnMut(&Path, Entry<'_>) -> Result<(), LinkError>,
+    ) -> Result<(), LinkError> {
+        self.link_dir_below(source, from, target, to, Path::new(""), visit)
+    }
+
+    fn link_dir_below(
+        &mut self,
+        source: &OwnedFd,
+        from: &Path,
+        target: &OwnedFd,
+        to: &Path,
+        relative: &Path,
+        visit: &mut dyn FnMut(&Path, Entry<'_>) -> Result<(), LinkError>,
+    ) -> Result<(), LinkError> {
+        let error = |action, name: &OsStr, source: io::Error| LinkError::Io {
+            action,
+            from: from.join(relative).join(name),
+            to: to.join(relative).join(name),
+            source,
         };
         let entries = rustix::fs::Dir::read_from(source).map_err(|errno| error("read directory", OsStr::new(""), errno.into()))?;
         for entry in entries {
@@ -182,58 +240,248 @@ impl Linker {
             if name == c"." || name == c".." {
                 continue;
             }
-            let name_os = OsStr::from_bytes(name.to_bytes());
+            let name = OsStr::from_bytes(name.to_bytes());
+            let here = relative.join(name);
             let file_type = match entry.file_type() {
                 // Some filesystems leave the type out of directory entries.
                 FileType::Unknown => rustix::fs::statat(source, name, AtFlags::SYMLINK_NOFOLLOW)
                     .map(|stat| FileType::from_raw_mode(stat.st_mode))
-                    .map_err(|errno| error("inspect", name_os, errno.into()))?,
+                    .map_err(|errno| error("inspect", name, errno.into()))?,
                 known => known,
             };
             match file_type {
                 FileType::Directory => {
-                    let (source_path, target_path) = paths(name_os);
-                    self.link_tree(&source_path, &target_path)?;
+                    visit(&here, Entry::Directory)?;
+                    let inner_source = open_dir(source.as_fd(), name).map_err(|errno| error("open directory", name, errno))?;
+                    let inner_target = make_dir(target.as_fd(), name).map_err(|errno| match errno.raw_os_error() {
+                        Some(code) if is_not_a_directory(code) => {
+                            LinkError::ThroughNonDirectory { path: here.display().to_string(), through: here.display().to_string() }
+                        }
+                        _ => error("create directory", name, errno),
+                    })?;
+                    self.link_dir_below(&inner_source, from, &inner_target, to, &here, visit)?;
                 }
                 FileType::Symlink => {
                     let destination = rustix::fs::readlinkat(source, name, Vec::new())
-                        .map_err(|errno| error("read symlink", name_os, errno.into()))?;
-                    rustix::fs::symlinkat(destination.as_c_str(), target, name)
-                        .map_err(|errno| error("create symlink", name_os, errno.into()))?;
-                }
-                _ if self.start == LinkMethod::Hardlink => {
-                    match rustix::fs::linkat(source, name, target, name, AtFlags::empty()) {
-                        Ok(()) => {
-                            self.report.count(LinkMethod::Hardlink, 0);
+                        .map_err(|errno| error("read symlink", name, errno.into()))?;
+                    visit(&here, Entry::Symlink(OsStr::from_bytes(destination.as_bytes())))?;
+                    rustix::fs::symlinkat(destination.as_c_str(), target, name).map_err(|errno| {
+                        if errno == rustix::io::Errno::EXIST {
+                            LinkError::Exists { path: here.display().to_string() }
+                        } else {
+                            error("create symlink", name, errno.into())
                         }
-                        // The path-based walk of the fallbacks decides what is next.
-                        Err(errno) if falls_back(&errno.into()) => {
-                            let (source_path, target_path) = paths(name_os);
-                            self.link_file(&source_path, &target_path)?;
+                    })?;
+                }
+                FileType::RegularFile => {
+                    visit(&here, Entry::File)?;
+                    let (from_path, to_path) = (from.join(&here), to.join(&here));
+                    let linked = self.link_at(
+                        At { dir: source.as_fd(), name, path: &from_path },
+                        At { dir: target.as_fd(), name, path: &to_path },
+                    );
+                    match linked {
+                        Err(LinkError::Io { source, .. }) if source.kind() == io::ErrorKind::AlreadyExists => {
+                            return Err(LinkError::Exists { path: here.display().to_string() });
                         }
-                        Err(errno) => return Err(error("hardlink", name_os, errno.into())),
-                    }
+                        other => other?,
+                    };
                 }
-                _ => {
-                    let (source_path, target_path) = paths(name_os);
-                    self.link_file(&source_path, &target_path)?;
-                }
+                // The store holds only files, directories and symlinks.
+                _ => return Err(error("link", name, io::Error::from(io::ErrorKind::Unsupported))),
             }
         }
         Ok(())
     }
 }
 
-fn open_dir(path: &Path) -> io::Result<OwnedFd> {
-    use rustix::fs::{Mode, OFlags};
-    Ok(rustix::fs::open(path, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?)
+/// What a tree walk found at a name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Entry<'a> {
+    Directory,
+    File,
+    Symlink(&'a OsStr),
 }
 
-fn create_dir(path: &Path) -> io::Result<()> {
-    match fs::create_dir(path) {
-        Err(error) if error.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
-        other => other,
+/// Builds a tree under one root directory without ever following a
+/// symlink: each directory on the way to a name is opened relative to its
+/// parent with `O_NOFOLLOW | O_DIRECTORY`, so a symlink (or a file) where a
+/// directory is expected is an error, never a way out. Paths given to it
+/// are relative and free of `..` (see `modelpack::ModelPath`).
+pub struct TreeBuilder {
+    root: OwnedFd,
+    root_path: PathBuf,
+    linker: Linker,
+    /// The directory the last name was made in: files come in runs.
+    last: Option<(String, OwnedFd)>,
+}
+
+impl TreeBuilder {
+    /// Builds below the existing directory `root`.
+    ///
+    /// # Errors
+    /// When `root` cannot be opened as a directory.
+    pub fn new(root: &Path) -> Result<TreeBuilder, LinkError> {
+        let root_fd = open_dir(CWD, root).map_err(|source| LinkError::Io {
+            action: "open directory",
+            from: root.to_owned(),
+            to: root.to_owned(),
+            source,
+        })?;
+        Ok(TreeBuilder { root: root_fd, root_path: root.to_owned(), linker: Linker::new(), last: None })
     }
+
+    pub fn report(&self) -> LinkReport {
+        self.linker.report()
+    }
+
+    /// The open directory `dir` (relative, `/`-separated; "" is the root),
+    /// made with every missing parent, none followed through a symlink.
+    fn directory_fd(&mut self, dir: &str) -> Result<BorrowedFd<'_>, LinkError> {
+        if dir.is_empty() {
+            return Ok(self.root.as_fd());
+        }
+        if self.last.as_ref().is_none_or(|(path, _)| path != dir) {
+            let mut current: Option<OwnedFd> = None;
+            let mut walked = String::new();
+            for name in dir.split('/') {
+                if !walked.is_empty() {
+                    walked.push('/');
+                }
+                walked.push_str(name);
+                let parent = current.as_ref().map_or(self.root.as_fd(), |fd| fd.as_fd());
+                let opened = make_dir(parent, OsStr::new(name)).map_err(|source| match source.raw_os_error() {
+                    Some(code) if is_not_a_directory(code) => {
+                        LinkError::ThroughNonDirectory { path: dir.to_owned(), through: walked.clone() }
+                    }
+                    _ => LinkError::Io { action: "create directory", from: PathBuf::new(), to: self.root_path.join(&walked), source },
+                })?;
+                current = Some(opened);
+            }
+            self.last = Some((dir.to_owned(), current.expect("a directory has a name")));
+        }
+        Ok(self.last.as_ref().expect("just opened").1.as_fd())
+    }
+
+    /// Makes the directory `path` and its parents.
+    ///
+    /// # Errors
+    /// A symlink or file on the way ([`LinkError::ThroughNonDirectory`]), or I/O.
+    pub fn directory(&mut self, path: &str) -> Result<(), LinkError> {
+        self.directory_fd(path).map(drop)
+    }
+
+    /// Materialises the file `from` (a store path) as `path`.
+    ///
+    /// # Errors
+    /// A symlink or file on the way, a name taken, or I/O.
+    pub fn link_file(&mut self, from: &Path, path: &str) -> Result<LinkMethod, LinkError> {
+        let (dir, name) = split(path);
+        let to_path = self.root_path.join(path);
+        let from_dir = from.parent().unwrap_or(Path::new("/"));
+        let from_name = from.file_name().unwrap_or_default();
+        let source = open_dir(CWD, from_dir).map_err(|source| LinkError::Io {
+            action: "open directory",
+            from: from.to_owned(),
+            to: to_path.clone(),
+            source,
+        })?;
+        let mut linker = std::mem::take(&mut self.linker);
+        let linked = self.directory_fd(dir).and_then(|target| {
+            linker.link_at(
+                At { dir: source.as_fd(), name: from_name, path: from },
+                At { dir: target, name: OsStr::new(name), path: &to_path },
+            )
+        });
+        self.linker = linker;
+        match linked {
+            Err(LinkError::Io { source, .. }) if source.kind() == io::ErrorKind::AlreadyExists => {
+                Err(LinkError::Exists { path: path.to_owned() })
+            }
+            other => other,
+        }
+    }
+
+    /// Creates the new file `path` for writing, with mode 0600 until its
+    /// writer sets the final one.
+    ///
+    /// # Errors
+    /// A symlink or file on the way, a name taken, or I/O.
+    pub fn create_file(&mut self, path: &str) -> Result<fs::File, LinkError> {
+        let (dir, name) = split(path);
+        let to = self.root_path.join(path);
+        let parent = self.directory_fd(dir)?;
+        let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        match rustix::fs::openat(parent, name, flags, Mode::from_raw_mode(0o600)) {
+            Ok(fd) => Ok(fs::File::from(fd)),
+            Err(rustix::io::Errno::EXIST) => Err(LinkError::Exists { path: path.to_owned() }),
+            Err(errno) => Err(LinkError::Io { action: "create", from: PathBuf::new(), to, source: errno.into() }),
+        }
+    }
+
+    /// Creates the symlink `path` pointing at `target` (as written).
+    ///
+    /// # Errors
+    /// A symlink or file on the way, a name taken, or I/O.
+    pub fn symlink(&mut self, path: &str, target: &str) -> Result<(), LinkError> {
+        let (dir, name) = split(path);
+        let to = self.root_path.join(path);
+        let parent = self.directory_fd(dir)?;
+        match rustix::fs::symlinkat(target, parent, name) {
+            Ok(()) => Ok(()),
+            Err(rustix::io::Errno::EXIST) => Err(LinkError::Exists { path: path.to_owned() }),
+            Err(errno) => Err(LinkError::Io { action: "create symlink", from: PathBuf::new(), to, source: errno.into() }),
+        }
+    }
+
+    /// Recreates the tree under `from` at this tree's root, merging into
+    /// directories that exist; `visit` is told each name first (relative,
+    /// `/`-separated) and may refuse it.
+    ///
+    /// # Errors
+    /// What `visit` refused, a name taken, or I/O.
+    pub fn link_tree(&mut self, from: &Path, visit: &mut dyn FnMut(&Path, Entry<'_>) -> Result<(), LinkError>) -> Result<(), LinkError> {
+        let source = open_dir(CWD, from).map_err(|source| LinkError::Io {
+            action: "open directory",
+            from: from.to_owned(),
+            to: self.root_path.clone(),
+            source,
+        })?;
+        let target = rustix::io::fcntl_dupfd_cloexec(&self.root, 0).map_err(|errno| LinkError::Io {
+            action: "open directory",
+            from: from.to_owned(),
+            to: self.root_path.clone(),
+            source: errno.into(),
+        })?;
+        self.last = None;
+        let root_path = self.root_path.clone();
+        self.linker.link_dir(&source, from, &target, &root_path, visit)
+    }
+}
+
+/// `a/b/c` → (`a/b`, `c`); `c` → (``, `c`).
+fn split(path: &str) -> (&str, &str) {
+    path.rsplit_once('/').unwrap_or(("", path))
+}
+
+fn open_dir(parent: impl AsFd, name: impl rustix::path::Arg) -> io::Result<OwnedFd> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    Ok(rustix::fs::openat(parent, name, flags, Mode::empty())?)
+}
+
+/// Opens the directory `name` in `parent`, making it first if missing;
+/// never through a symlink.
+fn make_dir(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {
+    match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o755)) {
+        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+        Err(errno) => return Err(errno.into()),
+    }
+    open_dir(parent, name)
+}
+
+/// What opening a symlink or a file with `O_NOFOLLOW | O_DIRECTORY` says.
+fn is_not_a_directory(code: i32) -> bool {
+    code == rustix::io::Errno::LOOP.raw_os_error() || code == rustix::io::Errno::NOTDIR.raw_os_error()
 }
 
 fn falls_back(error: &io::Error) -> bool {
@@ -248,25 +496,36 @@ fn falls_back(error: &io::Error) -> bool {
     )
 }
 
-/// A copy-on-write clone (btrfs, XFS with reflink, bcachefs …).
-fn reflink(from: &Path, to: &Path) -> io::Result<()> {
-    let source = fs::File::open(from)?;
-    let target = fs::OpenOptions::new().write(true).create_new(true).open(to)?;
-    let cloned = rustix::fs::ioctl_ficlone(&target, &source).map_err(io::Error::from);
-    if let Err(error) = cloned {
-        drop(target);
-        let _ = fs::remove_file(to);
-        return Err(error);
-    }
-    finish_copy(&source, &target)
+/// Opens both sides of a clone or copy: the source for reading, the target
+/// new, neither through a symlink.
+fn open_pair(from: At<'_>, to: At<'_>) -> io::Result<(fs::File, fs::File)> {
+    let source = rustix::fs::openat(from.dir, from.name, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let target = rustix::fs::openat(to.dir, to.name, flags, Mode::from_raw_mode(0o600))?;
+    Ok((fs::File::from(source), fs::File::from(target)))
 }
 
-fn copy(from: &Path, to: &Path) -> io::Result<()> {
-    let mut source = fs::File::open(from)?;
-    let mut target = fs::OpenOptions::new().write(true).create_new(true).open(to)?;
+fn remove_at(to: At<'_>) {
+    let _ = rustix::fs::unlinkat(to.dir, to.name, AtFlags::empty());
+}
+
+/// A copy-on-write clone (btrfs, XFS with reflink, bcachefs …).
+fn reflink(from: At<'_>, to: At<'_>) -> io::Result<()> {
+    let (source, target) = open_pair(from, to)?;
+    let cloned = rustix::fs::ioctl_ficlone(&target, &source).map_err(io::Error::from).and_then(|()| finish_copy(&source, &target));
+    if cloned.is_err() {
+        drop(target);
+        remove_at(to);
+    }
+    cloned
+}
+
+fn copy(from: At<'_>, to: At<'_>) -> io::Result<()> {
+    let (mut source, mut target) = open_pair(from, to)?;
     let copied = io::copy(&mut source, &mut target).and_then(|_| finish_copy(&source, &target));
     if copied.is_err() {
-        let _ = fs::remove_file(to);
+        drop(target);
+        remove_at(to);
     }
     copied
 }
@@ -306,14 +565,100 @@ mod tests {
         assert_eq!(fs::read(to.join("link")).unwrap(), b"beta");
     }
 
-    /// A file that already exists is an error naming both paths.
+    /// A name that already exists is an error naming it.
     #[test]
     fn refuses_to_overwrite() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("a"), b"1").unwrap();
-        fs::write(dir.path().join("b"), b"2").unwrap();
-        let error = Linker::new().link_file(&dir.path().join("a"), &dir.path().join("b")).unwrap_err();
-        assert!(error.to_string().contains("/a` to `") && error.to_string().ends_with("/b`"), "{error}");
+        let tree = dir.path().join("tree");
+        fs::create_dir(&tree).unwrap();
+        let mut builder = TreeBuilder::new(&tree).unwrap();
+        builder.link_file(&dir.path().join("a"), "x/b").unwrap();
+        let error = builder.link_file(&dir.path().join("a"), "x/b").unwrap_err();
+        assert!(matches!(&error, LinkError::Exists { path } if path == "x/b"), "{error}");
+    }
+
+    /// Nothing is created through a symlink or a file, wherever it points:
+    /// the walk refuses the name and the outside stays untouched.
+    #[test]
+    fn trees_are_never_built_through_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        let blob = dir.path().join("blob");
+        fs::write(&blob, b"weights").unwrap();
+        let tree = dir.path().join("tree");
+        fs::create_dir_all(tree.join("real")).unwrap();
+        std::os::unix::fs::symlink(&outside, tree.join("out")).unwrap();
+        std::os::unix::fs::symlink("real", tree.join("inside")).unwrap();
+        fs::write(tree.join("file"), b"").unwrap();
+        let mut builder = TreeBuilder::new(&tree).unwrap();
+        for path in ["out/planted", "out/deeper/planted", "inside/planted", "file/planted", "real/../out/planted"] {
+            let error = builder.link_file(&blob, path).unwrap_err();
+            assert!(matches!(error, LinkError::ThroughNonDirectory { .. } | LinkError::Io { .. }), "{path}: {error}");
+            assert!(builder.directory(path).is_err(), "{path}");
+            assert!(builder.create_file(path).is_err(), "{path}");
+            assert!(builder.symlink(path, "x").is_err(), "{path}");
+        }
+        assert!(fs::read_dir(&outside).unwrap().next().is_none(), "something was created outside the tree");
+        assert!(fs::read_dir(tree.join("real")).unwrap().next().is_none());
+        // The symlink itself is not replaced either.
+        assert!(matches!(builder.symlink("out", "elsewhere").unwrap_err(), LinkError::Exists { .. }));
+        builder.link_file(&blob, "real/deeper/file").unwrap();
+        assert_eq!(fs::read(tree.join("real/deeper/file")).unwrap(), b"weights");
+    }
+
+    /// Linking a tree into one that holds a symlink where the source has a
+    /// directory fails instead of following it.
+    #[test]
+    fn merged_trees_do_not_follow_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        let from = dir.path().join("from");
+        fs::create_dir_all(from.join("pkg")).unwrap();
+        fs::write(from.join("pkg/planted"), b"x").unwrap();
+        let tree = dir.path().join("tree");
+        fs::create_dir(&tree).unwrap();
+        std::os::unix::fs::symlink(&outside, tree.join("pkg")).unwrap();
+        let mut builder = TreeBuilder::new(&tree).unwrap();
+        let error = builder.link_tree(&from, &mut |_, _| Ok(())).unwrap_err();
+        assert!(matches!(error, LinkError::ThroughNonDirectory { .. }), "{error}");
+        assert!(fs::read_dir(&outside).unwrap().next().is_none());
+    }
+
+    /// One inode at its hard-link limit is copied; the files after it are
+    /// still hardlinked.
+    #[test]
+    fn a_full_inode_falls_back_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let from = dir.path().join("from");
+        fs::create_dir(&from).unwrap();
+        for name in ["a", "b", "c"] {
+            fs::write(from.join(name), name).unwrap();
+        }
+        // Fill "b"'s link count until the filesystem refuses (ext4: 65,000).
+        let hoard = dir.path().join("hoard");
+        fs::create_dir(&hoard).unwrap();
+        let mut full = false;
+        for index in 0..70_000 {
+            match fs::hard_link(from.join("b"), hoard.join(index.to_string())) {
+                Ok(()) => {}
+                Err(error) if error.raw_os_error() == Some(rustix::io::Errno::MLINK.raw_os_error()) => {
+                    full = true;
+                    break;
+                }
+                Err(error) => panic!("{error}"),
+            }
+        }
+        if !full {
+            eprintln!("skipped: this filesystem has no hard-link limit below 70,000");
+            return;
+        }
+        let mut linker = Linker::new();
+        linker.link_tree(&from, &dir.path().join("to")).unwrap();
+        let report = linker.report();
+        assert_eq!((report.files, report.hardlinks, report.copies + report.reflinks), (3, 2, 1), "{report:?}");
     }
 
     /// The copy fallback keeps mode and mtime.
@@ -324,7 +669,12 @@ mod tests {
         fs::write(&from, b"data").unwrap();
         fs::set_permissions(&from, fs::Permissions::from_mode(0o444)).unwrap();
         let to = dir.path().join("to");
-        copy(&from, &to).unwrap();
+        let parent = open_dir(CWD, dir.path()).unwrap();
+        copy(
+            At { dir: parent.as_fd(), name: OsStr::new("from"), path: &from },
+            At { dir: parent.as_fd(), name: OsStr::new("to"), path: &to },
+        )
+        .unwrap();
         let (a, b) = (fs::metadata(&from).unwrap(), fs::metadata(&to).unwrap());
         assert_eq!(b.permissions().mode() & 0o777, 0o444);
         assert_eq!(a.modified().unwrap(), b.modified().unwrap());

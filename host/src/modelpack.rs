@@ -20,7 +20,7 @@
 //!   through a symlink. Hardlinks, devices and the like are refused.
 //!   A tar layer is therefore kept or skipped whole.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::time::SystemTime;
 
@@ -573,6 +573,119 @@ fn check_symlink_target(link: &ModelPath, target: &str) -> Result<(), &'static s
     Ok(())
 }
 
+/// What a built tree holds at a path, as far as the symlink rules care.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Node {
+    Directory,
+    File,
+    /// A symlink, with its target as written.
+    Symlink(String),
+}
+
+/// Symlinks followed in one resolution before it counts as a loop, as the
+/// kernel's own limit.
+pub const MAX_SYMLINK_HOPS: usize = 40;
+/// Names walked in one resolution (targets included) before giving up: a
+/// chain of long targets must not cost unbounded work.
+const MAX_RESOLUTION_STEPS: usize = 4096;
+
+/// Why a built tree is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TreeProblem {
+    #[error("symlink `{link}` -> `{target}` resolves outside the model")]
+    Escapes { link: String, target: String },
+    #[error("symlink `{link}` -> `{target}` does not resolve within {MAX_SYMLINK_HOPS} links (a loop?)")]
+    TooManyLinks { link: String, target: String },
+    #[error("symlink `{link}` -> `{target}` takes more than {MAX_RESOLUTION_STEPS} names to resolve")]
+    TooLong { link: String, target: String },
+    #[error("`{path}` lies under `{through}`, which is not a directory")]
+    Through { path: String, through: String },
+}
+
+/// Checks a whole tree as built: nothing lies under a symlink or a file,
+/// and every symlink, resolved the way the kernel resolves it (through the
+/// other symlinks of the tree, `..` taken after them), stays inside the
+/// tree. A target that names nothing (a file of a layer left out) is fine:
+/// it resolves nowhere. `nodes` maps `/`-separated relative paths to what
+/// stands there; directories that only hold other nodes may be left out.
+///
+/// # Errors
+/// The first [`TreeProblem`], naming the symlink or path.
+pub fn check_tree(nodes: &HashMap<String, Node>) -> Result<(), TreeProblem> {
+    let mut directories = HashSet::new();
+    for path in nodes.keys() {
+        let mut ancestor = path.as_str();
+        while let Some((parent, _)) = ancestor.rsplit_once('/') {
+            if matches!(nodes.get(parent), Some(Node::File | Node::Symlink(_))) {
+                return Err(TreeProblem::Through { path: path.clone(), through: parent.to_owned() });
+            }
+            if !directories.insert(parent) {
+                break;
+            }
+            ancestor = parent;
+        }
+    }
+    for (link, node) in nodes {
+        if let Node::Symlink(target) = node {
+            resolve_within(nodes, &directories, link, target)?;
+        }
+    }
+    Ok(())
+}
+
+/// Resolves the symlink `link` -> `target` over `nodes`, failing when any
+/// step climbs above the root.
+fn resolve_within(nodes: &HashMap<String, Node>, directories: &HashSet<&str>, link: &str, target: &str) -> Result<(), TreeProblem> {
+    let problem = |make: fn(String, String) -> TreeProblem| make(link.to_owned(), target.to_owned());
+    let mut at: Vec<&str> = link.split('/').collect();
+    at.pop();
+    let mut pending: std::collections::VecDeque<&str> = target.split('/').collect();
+    let (mut hops, mut steps) = (0, 0);
+    if target.starts_with('/') {
+        return Err(problem(|link, target| TreeProblem::Escapes { link, target }));
+    }
+    while let Some(name) = pending.pop_front() {
+        steps += 1;
+        if steps > MAX_RESOLUTION_STEPS {
+            return Err(problem(|link, target| TreeProblem::TooLong { link, target }));
+        }
+        match name {
+            "" | "." => {}
+            ".." => {
+                if at.pop().is_none() {
+                    return Err(problem(|link, target| TreeProblem::Escapes { link, target }));
+                }
+            }
+            name => {
+                at.push(name);
+                let here = at.join("/");
+                match nodes.get(&here) {
+                    Some(Node::Symlink(next)) => {
+                        hops += 1;
+                        if hops > MAX_SYMLINK_HOPS {
+                            return Err(problem(|link, target| TreeProblem::TooManyLinks { link, target }));
+                        }
+                        if next.starts_with('/') {
+                            return Err(problem(|link, target| TreeProblem::Escapes { link, target }));
+                        }
+                        at.pop();
+                        for part in next.split('/').rev() {
+                            pending.push_front(part);
+                        }
+                    }
+                    // A file with names after it, or a name nothing holds:
+                    // the kernel stops there (ENOTDIR, ENOENT).
+                    Some(Node::File) if pending.iter().any(|part| !part.is_empty() && *part != ".") => return Ok(()),
+                    Some(_) => {}
+                    None if directories.contains(here.as_str()) => {}
+                    None => return Ok(()),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -731,6 +844,46 @@ mod tests {
         assert_eq!(SelectionKey::parse("part-../x"), None);
     }
 
+    fn tree(entries: &[(&str, Option<&str>)]) -> HashMap<String, Node> {
+        entries
+            .iter()
+            .map(|(path, target)| {
+                let node = match target {
+                    None => Node::File,
+                    Some("/") => Node::Directory,
+                    Some(target) => Node::Symlink((*target).to_owned()),
+                };
+                ((*path).to_owned(), node)
+            })
+            .collect()
+    }
+
+    /// Symlinks are resolved through each other, as the kernel does: a
+    /// target that counts as inside by its text but climbs out through
+    /// another link is refused; in-tree chains and dangling links pass.
+    #[test]
+    fn trees_resolve_symlinks_physically() {
+        let escapes = |entries: &[(&str, Option<&str>)]| matches!(check_tree(&tree(entries)), Err(TreeProblem::Escapes { .. }));
+        // `l1` is `pkg` itself, so `l1/../..` is the model's parent.
+        assert!(escapes(&[("pkg/l1", Some(".")), ("pkg/l2", Some("l1/../.."))]));
+        // Through a link in another layer: `shallow` is the root itself.
+        assert!(escapes(&[("a/b/c/shallow", Some("../../..")), ("x/y/z/up", Some("../../../a/b/c/shallow/.."))]));
+        assert!(escapes(&[("pkg/abs", Some("/etc/passwd"))]));
+        assert!(escapes(&[("pkg/hop", Some("../other")), ("other", Some("../.."))]));
+        assert!(escapes(&[("top", Some(".."))]));
+        let fine = |entries: &[(&str, Option<&str>)]| check_tree(&tree(entries));
+        assert_eq!(fine(&[("pkg/lib/a.py", None), ("pkg/current", Some("lib/a.py")), ("pkg/up", Some("../other/file"))]), Ok(()));
+        assert_eq!(fine(&[("pkg/l1", Some(".")), ("pkg/l2", Some("l1/l1/l1/../x"))]), Ok(()));
+        assert_eq!(fine(&[("pkg/dangling", Some("nothing/../../x"))]), Ok(()));
+        assert_eq!(fine(&[("w.bin", None), ("pkg/via-file", Some("../w.bin/../../.."))]), Ok(()));
+        assert!(matches!(
+            fine(&[("pkg/a", Some("b")), ("pkg/b", Some("a"))]),
+            Err(TreeProblem::TooManyLinks { .. }) | Err(TreeProblem::TooLong { .. })
+        ));
+        assert!(matches!(fine(&[("pkg/link", Some(".")), ("pkg/link/file", None)]), Err(TreeProblem::Through { .. })));
+        assert!(matches!(fine(&[("w.bin", None), ("w.bin/inner", None)]), Err(TreeProblem::Through { .. })));
+    }
+
     fn rules_check(entries: &[(&str, TarKind, Option<&str>)]) -> Result<Vec<TarAction>, String> {
         let layer = ModelPath::parse("pkg").unwrap();
         let mut rules = TarRules::new(&layer);
@@ -775,5 +928,172 @@ mod tests {
             "through `pkg/link`",
         );
         refused(&[("pkg/f", TarKind::File, None), ("pkg/f/x", TarKind::File, None)], "through `pkg/f`");
+    }
+}
+
+/// Generated hostile inputs: the kernel is the oracle for symlinks.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A tree of up to 12 names over a three-letter alphabet, 3 deep: each
+    /// a directory, a file or a symlink whose target mixes names, `.` and `..`.
+    fn trees() -> impl Strategy<Value = HashMap<String, Node>> {
+        let name = prop::sample::select(vec!["a", "b", "c"]);
+        let path = prop::collection::vec(name, 1..=3).prop_map(|parts| parts.join("/"));
+        let token = prop::sample::select(vec!["a", "b", "c", ".", "..", ""]);
+        let target = prop::collection::vec(token, 1..=7).prop_map(|parts| parts.join("/"));
+        let node = prop_oneof![Just(Node::Directory), Just(Node::File), target.prop_map(Node::Symlink)];
+        prop::collection::vec((path, node), 1..12).prop_map(|mut nodes| {
+            // Shortest first; a name under a file or symlink is dropped, as
+            // the tree rules would refuse it before any link is resolved.
+            nodes.sort_by_key(|(path, _)| path.len());
+            let mut tree: HashMap<String, Node> = HashMap::new();
+            for (path, node) in nodes {
+                let blocked = path.match_indices('/').any(|(at, _)| matches!(tree.get(&path[..at]), Some(Node::File | Node::Symlink(_))));
+                if !blocked && !tree.contains_key(&path) {
+                    tree.insert(path, node);
+                }
+            }
+            tree
+        })
+    }
+
+    /// Writes `tree` under `root` with plain std calls.
+    fn materialise(root: &std::path::Path, tree: &HashMap<String, Node>) {
+        let mut paths: Vec<&String> = tree.keys().collect();
+        paths.sort_by_key(|path| path.len());
+        for path in paths {
+            let at = root.join(path);
+            std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+            match &tree[path] {
+                Node::Directory => std::fs::create_dir_all(&at).unwrap(),
+                Node::File => std::fs::write(&at, b"").unwrap(),
+                Node::Symlink(target) => std::os::unix::fs::symlink(if target.is_empty() { "." } else { target }, &at).unwrap(),
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        /// Our resolution says a symlink escapes exactly when the kernel,
+        /// asked to resolve it beneath the root (`RESOLVE_BENEATH`), refuses
+        /// with EXDEV; and a link that resolves in-tree for us is never
+        /// refused for escaping by the kernel.
+        #[test]
+        fn symlink_resolution_matches_the_kernel(tree in trees()) {
+            let dir = tempfile::tempdir().unwrap();
+            let tree: HashMap<String, Node> = tree
+                .into_iter()
+                .map(|(path, node)| match node {
+                    Node::Symlink(target) if target.is_empty() => (path, Node::Symlink(".".into())),
+                    other => (path, other),
+                })
+                .collect();
+            materialise(dir.path(), &tree);
+            let root = std::fs::File::open(dir.path()).unwrap();
+            let mut directories = HashSet::new();
+            for path in tree.keys() {
+                let mut ancestor = path.as_str();
+                while let Some((parent, _)) = ancestor.rsplit_once('/') {
+                    directories.insert(parent);
+                    ancestor = parent;
+                }
+            }
+            for (link, node) in &tree {
+                let Node::Symlink(target) = node else { continue };
+                let ours = resolve_within(&tree, &directories, link, target);
+                let kernel = rustix::fs::openat2(
+                    &root,
+                    link.as_str(),
+                    rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC,
+                    rustix::fs::Mode::empty(),
+                    rustix::fs::ResolveFlags::BENEATH,
+                );
+                let kernel_escapes = matches!(kernel, Err(rustix::io::Errno::XDEV));
+                let ours_escapes = matches!(ours, Err(TreeProblem::Escapes { .. }));
+                if !matches!(ours, Err(TreeProblem::TooManyLinks { .. } | TreeProblem::TooLong { .. })) {
+                    prop_assert_eq!(ours_escapes, kernel_escapes, "{} -> {}: ours {:?}, kernel {:?}", link, target, ours, kernel.map(drop));
+                }
+            }
+        }
+
+        /// Every path a validated model path can be is relative, normalised
+        /// and free of `..`; parsing it again gives it back.
+        #[test]
+        fn model_paths_stay_relative(text in "[a-z./]{0,24}") {
+            if let Ok(path) = ModelPath::parse(&text) {
+                prop_assert!(!path.as_str().starts_with('/'));
+                prop_assert!(path.components().all(|name| !name.is_empty() && name != "." && name != ".."));
+                prop_assert_eq!(ModelPath::parse(path.as_str()), Ok(path.clone()));
+            }
+        }
+
+        /// Whatever entries a tar layer lists, what the rules accept lies
+        /// within the layer's path and never under an accepted symlink or file.
+        #[test]
+        fn tar_rules_keep_entries_in_the_layer(
+            entries in prop::collection::vec(
+                (
+                    prop::collection::vec(prop::sample::select(vec!["pkg", "a", "..", ".", "", "/"]), 1..5),
+                    prop::sample::select(vec![TarKind::File, TarKind::Directory, TarKind::Symlink, TarKind::Hardlink]),
+                    prop::collection::vec(prop::sample::select(vec!["a", "..", ".", "/"]), 0..5),
+                ),
+                0..16,
+            )
+        ) {
+            let layer = ModelPath::parse("pkg").unwrap();
+            let mut rules = TarRules::new(&layer);
+            let mut blockers: Vec<ModelPath> = Vec::new();
+            for (parts, kind, target) in entries {
+                let name = parts.concat();
+                let target = target.join("/");
+                let Ok(action) = rules.check(&name, kind, Some(&target)) else { continue };
+                let path = match action {
+                    TarAction::Skip => continue,
+                    TarAction::Directory(path) => path,
+                    TarAction::File(path) => { blockers.push(path.clone()); path }
+                    TarAction::Symlink(path, _) => { blockers.push(path.clone()); path }
+                };
+                prop_assert!(path.is_within(&layer), "{}", path);
+                prop_assert!(!blockers.iter().any(|blocker| path != *blocker && path.is_within(blocker)), "{} under a file or symlink", path);
+            }
+        }
+
+        /// Manifests of any shape are parsed or refused, never a panic, and
+        /// an accepted one's paths are valid, distinct and not nested.
+        #[test]
+        fn manifests_never_panic(
+            paths in prop::collection::vec("[a-z./]{0,12}", 0..6),
+            media in prop::collection::vec(prop::sample::select(vec!["application/vnd.cncf.model.weight.v1.raw", "x.tar", "x.tar+gzip", "junk"]), 6),
+            size in any::<u64>(),
+            garbage in any::<bool>(),
+        ) {
+            let layers: Vec<serde_json::Value> = paths.iter().zip(&media).enumerate().map(|(index, (path, media_type))| serde_json::json!({
+                "mediaType": media_type,
+                "digest": if garbage && index == 0 { "sha256:zz".to_owned() } else { format!("sha256:{}", format!("{index:02x}").repeat(32)) },
+                "size": size,
+                "annotations": { FILEPATH_ANNOTATION: path },
+            })).collect();
+            let bytes = serde_json::to_vec(&serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": MANIFEST_MEDIA_TYPE,
+                "artifactType": ARTIFACT_TYPE,
+                "config": { "mediaType": CONFIG_MEDIA_TYPE, "digest": format!("sha256:{}", "e".repeat(64)), "size": 2 },
+                "layers": layers,
+            })).unwrap();
+            if let Ok(model) = Model::parse(&Digest::of(&bytes), &bytes) {
+                let mut seen = BTreeSet::new();
+                for layer in &model.layers {
+                    prop_assert_eq!(ModelPath::parse(layer.path.as_str()), Ok(layer.path.clone()));
+                    prop_assert!(seen.insert(layer.path.clone()));
+                }
+                for layer in &model.layers {
+                    prop_assert!(!model.layers.iter().any(|other| other.index != layer.index && layer.path.is_within(&other.path)));
+                }
+            }
+        }
     }
 }

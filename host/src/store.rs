@@ -34,10 +34,14 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::archive::{ArchiveError, ArchiveReader, Kind};
 use crate::digest::Digest;
 use crate::error::ErrorKind;
-use crate::link::{LinkError, Linker};
-use crate::modelpack::{Compression, Descriptor, Layer, LayerFormat, Model, ModelPath, Selection, SelectionKey, TarAction, TarKind, TarRules};
+use crate::link::{Entry, LinkError, TreeBuilder};
+use crate::modelpack::{
+    Compression, Descriptor, Layer, LayerFormat, Model, ModelPath, Node, Selection, SelectionKey, TarAction, TarKind, TarRules,
+    TreeProblem, check_tree,
+};
 use crate::plugins::quota::Filesystem;
 
 /// Bytes buffered by a blob writer before each `write(2)`.
@@ -166,6 +170,24 @@ pub enum StoreError {
     DigestMismatch { digest: Digest, actual: Digest },
     #[error("layer {index} ({digest}) at `{path}`: {reason}")]
     Unpack { index: usize, digest: Digest, path: String, reason: String },
+    /// Unpacking went past a limit: the layer, the limit and what it guards.
+    #[error("layer {index} ({digest}) at `{path}`: {limit}")]
+    UnpackLimit { index: usize, digest: Digest, path: String, limit: LimitExceeded },
+    #[error("layer {index} ({digest}) at `{path}`")]
+    Archive {
+        index: usize,
+        digest: Digest,
+        path: String,
+        #[source]
+        source: ArchiveError,
+    },
+    /// The tree the selected layers make together breaks the tree rules.
+    #[error("model tree {key}")]
+    Tree {
+        key: EntryKey,
+        #[source]
+        source: TreeProblem,
+    },
     #[error(transparent)]
     Link(#[from] LinkError),
     #[error("the blob writer stopped unexpectedly")]
@@ -177,7 +199,11 @@ impl StoreError {
         match self {
             StoreError::SizeMismatch { .. } | StoreError::DigestMismatch { .. } => ErrorKind::DataLoss,
             // The archive broke the model's layout rules: not servable as asked.
-            StoreError::Unpack { .. } => ErrorKind::InvalidArgument,
+            StoreError::Unpack { .. } | StoreError::Tree { .. } | StoreError::Archive { .. } => ErrorKind::InvalidArgument,
+            // A name made twice, or made through a symlink: the layers
+            // contradict each other.
+            StoreError::Link(LinkError::Exists { .. } | LinkError::ThroughNonDirectory { .. }) => ErrorKind::InvalidArgument,
+            StoreError::UnpackLimit { limit, .. } => limit.kind(),
             StoreError::Io { .. } | StoreError::Link(_) | StoreError::WriterGone => ErrorKind::Internal,
         }
     }
@@ -186,6 +212,49 @@ impl StoreError {
 fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError + use<> {
     let path = path.to_owned();
     move |source| StoreError::Io { action, path, source }
+}
+
+/// What unpacking one tar layer may take. Counted as it is written, so a
+/// small compressed layer cannot expand past them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnpackLimits {
+    /// Bytes of the layer's files.
+    pub max_bytes: u64,
+    /// Entries (files, directories, symlinks).
+    pub max_entries: u64,
+    /// Unpacking stops before the store's filesystem has less free.
+    pub keep_free_bytes: u64,
+    /// Likewise for inodes (filesystems that count them).
+    pub keep_free_inodes: u64,
+}
+
+impl UnpackLimits {
+    /// No limit but the disk itself.
+    pub const NONE: UnpackLimits = UnpackLimits { max_bytes: u64::MAX, max_entries: u64::MAX, keep_free_bytes: 0, keep_free_inodes: 0 };
+}
+
+/// A limit an unpack went past.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LimitExceeded {
+    #[error("unpacks to more than {limit} bytes of files, the per-layer limit")]
+    Bytes { limit: u64 },
+    #[error("holds more than {limit} entries, the per-layer limit")]
+    Entries { limit: u64 },
+    #[error("unpacking it would leave less than {keep_free} bytes free on the store's filesystem (its floor plus what other pulls reserved)")]
+    Disk { keep_free: u64 },
+    #[error("unpacking it would leave fewer than {keep_free} free inodes on the store's filesystem")]
+    Inodes { keep_free: u64 },
+}
+
+impl LimitExceeded {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            // The artifact is at fault, wherever it is pulled.
+            LimitExceeded::Bytes { .. } | LimitExceeded::Entries { .. } => ErrorKind::InvalidArgument,
+            // This node has no room for it now.
+            LimitExceeded::Disk { .. } | LimitExceeded::Inodes { .. } => ErrorKind::QuotaDenied,
+        }
+    }
 }
 
 /// What start-up recovery removed.
@@ -353,6 +422,21 @@ impl Store {
         })
     }
 
+    /// Inodes of the store's filesystem: `(total, free)`; `(0, 0)` where
+    /// the filesystem does not count them.
+    ///
+    /// # Errors
+    /// When `statvfs` fails.
+    pub fn inodes(&self) -> Result<(u64, u64), StoreError> {
+        let root = self.layout.root();
+        let stats = rustix::fs::statvfs(root).map_err(|errno| StoreError::Io {
+            action: "statvfs",
+            path: root.to_owned(),
+            source: errno.into(),
+        })?;
+        Ok((stats.f_files, stats.f_favail))
+    }
+
     pub fn has_blob(&self, digest: &Digest) -> bool {
         self.layout.blob(digest).is_file()
     }
@@ -449,11 +533,14 @@ impl Store {
     }
 
     /// Unpacks the stored archive of `layer` into `unpacked/`, checking every
-    /// entry against the model's rules, then drops the archive.
+    /// entry against the model's rules and `limits` as it is written, then
+    /// drops the archive unless `keep_archive` (the same bytes are also a
+    /// raw layer of the model being pulled).
     ///
     /// # Errors
-    /// A refused entry (naming it), or I/O.
-    pub fn unpack(&self, layer: &Layer) -> Result<(), StoreError> {
+    /// A refused entry (naming it), a limit passed, or I/O; nothing is
+    /// published then and the partial tree is removed.
+    pub fn unpack(&self, layer: &Layer, limits: &UnpackLimits, keep_archive: bool) -> Result<(), StoreError> {
         let LayerFormat::Tar(compression) = layer.format else {
             return Ok(());
         };
@@ -469,7 +556,7 @@ impl Store {
         let _live = self.live(staging.path());
         // Another unpack of this layer (see `publish_dir`) may publish it,
         // and drop the archive, while this one reads.
-        let bytes = match unpack_archive(&archive, compression, layer, staging.path()).and_then(|bytes| {
+        let bytes = match unpack_archive(&archive, compression, layer, staging.path(), limits).and_then(|bytes| {
             sync_tree(staging.path())?;
             Ok(bytes)
         }) {
@@ -480,9 +567,12 @@ impl Store {
             return Ok(());
         }
         sync_dir(&self.layout.unpacked_dir())?;
-        fs::remove_file(&archive).map_err(io_error("remove", &archive))?;
         let mut state = self.state();
-        state.cache_bytes = state.cache_bytes.saturating_sub(layer.blob.size) + bytes;
+        state.cache_bytes += bytes;
+        if !keep_archive {
+            fs::remove_file(&archive).map_err(io_error("remove", &archive))?;
+            state.cache_bytes = state.cache_bytes.saturating_sub(layer.blob.size);
+        }
         Ok(())
     }
 
@@ -493,8 +583,15 @@ impl Store {
     /// Builds the tree of `key` from stored layers and publishes it whole.
     /// Every selected layer must be stored.
     ///
+    /// The tree is built under a directory handle without following any
+    /// symlink (see [`TreeBuilder`]); an unpacked layer may be reused from
+    /// another manifest, so its names are checked against the path *this*
+    /// manifest gives the layer; and the finished tree is checked whole
+    /// ([`check_tree`]): no symlink resolves outside it, through any other.
+    ///
     /// # Errors
-    /// A link or I/O failure; nothing is published then.
+    /// A layer or tree breaking the rules, a link or I/O failure; nothing
+    /// is published then.
     pub fn build_entry(&self, key: &EntryKey, model: &Model, selection: &Selection) -> Result<EntryInfo, StoreError> {
         let staging = tempfile::Builder::new()
             .prefix("entry-")
@@ -503,18 +600,47 @@ impl Store {
         let _live = self.live(staging.path());
         let tree = staging.path().join("tree");
         fs::create_dir(&tree).map_err(io_error("create", &tree))?;
-        let mut linker = Linker::new();
+        let mut builder = TreeBuilder::new(&tree)?;
+        let mut nodes = HashMap::new();
         let mut layers = Vec::new();
         for layer in selection.layers(model) {
             match layer.format {
                 LayerFormat::Raw => {
-                    let target = tree.join(layer.path.as_str());
-                    if let Some(parent) = target.parent() {
-                        fs::create_dir_all(parent).map_err(io_error("create", parent))?;
-                    }
-                    linker.link_file(&self.layout.blob(&layer.blob.digest), &target)?;
+                    builder.link_file(&self.layout.blob(&layer.blob.digest), layer.path.as_str())?;
+                    nodes.insert(layer.path.to_string(), Node::File);
                 }
-                LayerFormat::Tar(_) => linker.link_tree(&self.layout.unpacked(&layer.blob.digest), &tree)?,
+                LayerFormat::Tar(_) => {
+                    let unpacked = self.layout.unpacked(&layer.blob.digest);
+                    let mut outside = None;
+                    let linked = {
+                    let mut visit = |name: &Path, entry: Entry<'_>| {
+                        let name = name.to_string_lossy();
+                        let within = ModelPath::parse(&name).is_ok_and(|path| path.is_within(&layer.path));
+                        let on_the_way = entry == Entry::Directory && layer.path.ancestors().any(|ancestor| ancestor == name);
+                        if !within && !on_the_way {
+                            outside = Some(name.to_string());
+                            return Err(LinkError::ThroughNonDirectory { path: name.to_string(), through: String::new() });
+                        }
+                        let node = match entry {
+                            Entry::Directory => Node::Directory,
+                            Entry::File => Node::File,
+                            Entry::Symlink(target) => Node::Symlink(target.to_string_lossy().into_owned()),
+                        };
+                        nodes.insert(name.into_owned(), node);
+                        Ok(())
+                    };
+                    builder.link_tree(&unpacked, &mut visit)
+                    };
+                    if let Some(name) = outside {
+                        return Err(StoreError::Unpack {
+                            index: layer.index,
+                            digest: layer.blob.digest.clone(),
+                            path: layer.path.to_string(),
+                            reason: format!("the unpacked layer holds `{name}`, outside the path this manifest gives it"),
+                        });
+                    }
+                    linked?;
+                }
             }
             layers.push(EntryLayer {
                 digest: layer.blob.digest.clone(),
@@ -523,6 +649,7 @@ impl Store {
                 unpacked: layer.format != LayerFormat::Raw,
             });
         }
+        check_tree(&nodes).map_err(|source| StoreError::Tree { key: key.clone(), source })?;
         let info = EntryInfo {
             key: key.clone(),
             bytes: layers.iter().map(|layer| layer.size).sum(),
@@ -960,13 +1087,38 @@ impl Drop for Ingest {
     }
 }
 
+/// Free space is checked again after at most this many bytes written (half
+/// the room above the floor when that is less), and free inodes after this
+/// many entries: a bomb stops at the floor, and a large layer far from it
+/// costs a `statvfs` per 16 MiB.
+const DISK_CHECK_BYTES: u64 = 16 << 20;
+const DISK_CHECK_ENTRIES: u64 = 1024;
+
 /// Unpacks `archive` into `staging`; returns the bytes of the files made.
-fn unpack_archive(archive: &Path, compression: Compression, layer: &Layer, staging: &Path) -> Result<u64, StoreError> {
+fn unpack_archive(
+    archive: &Path,
+    compression: Compression,
+    layer: &Layer,
+    staging: &Path,
+    limits: &UnpackLimits,
+) -> Result<u64, StoreError> {
     let refuse = |reason: String| StoreError::Unpack {
         index: layer.index,
         digest: layer.blob.digest.clone(),
         path: layer.path.to_string(),
         reason,
+    };
+    let over = |limit: LimitExceeded| StoreError::UnpackLimit {
+        index: layer.index,
+        digest: layer.blob.digest.clone(),
+        path: layer.path.to_string(),
+        limit,
+    };
+    let unreadable = |source: ArchiveError| StoreError::Archive {
+        index: layer.index,
+        digest: layer.blob.digest.clone(),
+        path: layer.path.to_string(),
+        source,
     };
     let file = File::open(archive).map_err(io_error("open", archive))?;
     let reader: Box<dyn Read> = match compression {
@@ -974,68 +1126,106 @@ fn unpack_archive(archive: &Path, compression: Compression, layer: &Layer, stagi
         Compression::Gzip => Box::new(flate2::read::GzDecoder::new(BufReader::new(file))),
         Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(file).map_err(io_error("decompress", archive))?),
     };
-    let mut tar = tar::Archive::new(reader);
+    let mut tar = ArchiveReader::new(reader);
     let mut rules = TarRules::new(&layer.path);
-    let mut bytes = 0;
-    let entries = tar.entries().map_err(|error| refuse(format!("not a tar archive: {error}")))?;
-    for entry in entries {
-        let mut entry = entry.map_err(|error| refuse(format!("unreadable archive: {error}")))?;
-        let header = entry.header();
-        let kind = match header.entry_type() {
-            tar::EntryType::Regular | tar::EntryType::Continuous => TarKind::File,
-            tar::EntryType::Directory => TarKind::Directory,
-            tar::EntryType::Symlink => TarKind::Symlink,
-            tar::EntryType::Link => TarKind::Hardlink,
-            // Extended headers are folded into the entries by the reader.
-            tar::EntryType::XGlobalHeader | tar::EntryType::XHeader => continue,
-            _ => TarKind::Other,
+    let mut builder = TreeBuilder::new(staging)?;
+    let mut nodes = HashMap::new();
+    let (mut bytes, mut entries) = (0u64, 0u64);
+    // Returns how many bytes may be written before the next look: half
+    // the room left above the floor, so the checks close in on it.
+    let check_disk = |inodes: bool| -> Result<u64, StoreError> {
+        let stats = rustix::fs::statvfs(staging).map_err(|errno| StoreError::Io {
+            action: "statvfs",
+            path: staging.to_owned(),
+            source: errno.into(),
+        })?;
+        let free = stats.f_bavail.saturating_mul(stats.f_frsize);
+        if free < limits.keep_free_bytes {
+            return Err(over(LimitExceeded::Disk { keep_free: limits.keep_free_bytes }));
+        }
+        // Filesystems that do not count inodes report none at all.
+        if inodes && stats.f_files > 0 && stats.f_favail < limits.keep_free_inodes {
+            return Err(over(LimitExceeded::Inodes { keep_free: limits.keep_free_inodes }));
+        }
+        Ok(((free - limits.keep_free_bytes) / 2).clamp(64 << 10, DISK_CHECK_BYTES))
+    };
+    let mut next_disk_check = check_disk(true)?;
+    let mut buffer = vec![0u8; 256 << 10];
+    while let Some(entry) = tar.next_entry().map_err(unreadable)? {
+        let kind = match entry.kind {
+            Kind::File => TarKind::File,
+            Kind::Directory => TarKind::Directory,
+            Kind::Symlink => TarKind::Symlink,
+            Kind::Hardlink => TarKind::Hardlink,
+            Kind::Other => TarKind::Other,
         };
-        let mode = header.mode().ok();
-        let mtime = header.mtime().ok();
-        let name = String::from_utf8(entry.path_bytes().into_owned()).map_err(|_| refuse("an entry name is not UTF-8".into()))?;
+        let name = String::from_utf8(entry.name).map_err(|_| refuse("an entry name is not UTF-8".into()))?;
         let target = entry
-            .link_name_bytes()
-            .map(|bytes| String::from_utf8(bytes.into_owned()))
+            .link
+            .map(String::from_utf8)
             .transpose()
             .map_err(|_| refuse(format!("entry `{name}` has a link target that is not UTF-8")))?;
+        if kind != TarKind::File && entry.size > 0 {
+            return Err(refuse(format!("entry `{name}` is not a file but carries {} bytes of data", entry.size)));
+        }
         let action = rules.check(&name, kind, target.as_deref()).map_err(refuse)?;
+        if action != TarAction::Skip {
+            entries += 1;
+            if entries > limits.max_entries {
+                return Err(over(LimitExceeded::Entries { limit: limits.max_entries }));
+            }
+            if entries % DISK_CHECK_ENTRIES == 0 {
+                check_disk(true)?;
+            }
+        }
         match action {
             TarAction::Skip => {}
             TarAction::Directory(path) => {
-                let dir = staging.join(path.as_str());
-                fs::create_dir_all(&dir).map_err(io_error("create", &dir))?;
+                builder.directory(path.as_str())?;
+                nodes.insert(path.to_string(), Node::Directory);
             }
             TarAction::File(path) => {
-                let target = create_parent(staging, &path)?;
-                let mut file = fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-                    .mode(0o600)
-                    .open(&target)
-                    .map_err(io_error("create", &target))?;
-                bytes += io::copy(&mut entry, &mut file).map_err(|error| refuse(format!("entry `{name}`: {error}")))?;
-                if let Some(mtime) = mtime {
+                if bytes.saturating_add(entry.size) > limits.max_bytes {
+                    return Err(over(LimitExceeded::Bytes { limit: limits.max_bytes }));
+                }
+                let mut file = builder.create_file(path.as_str())?;
+                let written_path = || staging.join(path.as_str());
+                let mut data = tar.data();
+                loop {
+                    let read = data.read(&mut buffer).map_err(|error| refuse(format!("entry `{name}`: {error}")))?;
+                    if read == 0 {
+                        break;
+                    }
+                    file.write_all(&buffer[..read]).map_err(|source| {
+                        // Something else filled the disk between two looks.
+                        if source.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) {
+                            over(LimitExceeded::Disk { keep_free: limits.keep_free_bytes })
+                        } else {
+                            StoreError::Io { action: "write", path: written_path(), source }
+                        }
+                    })?;
+                    bytes += read as u64;
+                    if bytes >= next_disk_check {
+                        next_disk_check = bytes + check_disk(false)?;
+                    }
+                }
+                if let Some(mtime) = entry.mtime {
                     let _ = file.set_modified(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(mtime));
                 }
-                file.set_permissions(fs::Permissions::from_mode(read_only_mode(mode)))
-                    .map_err(io_error("make read-only", &target))?;
+                file.set_permissions(fs::Permissions::from_mode(read_only_mode(entry.mode)))
+                    .map_err(io_error("make read-only", &written_path()))?;
+                nodes.insert(path.to_string(), Node::File);
             }
             TarAction::Symlink(path, destination) => {
-                let link = create_parent(staging, &path)?;
-                std::os::unix::fs::symlink(&destination, &link).map_err(io_error("create symlink", &link))?;
+                builder.symlink(path.as_str(), &destination)?;
+                nodes.insert(path.to_string(), Node::Symlink(destination));
             }
         }
     }
+    // The layer alone must already keep its symlinks inside the model; the
+    // whole tree is checked again when an entry is built from it.
+    check_tree(&nodes).map_err(|problem| refuse(problem.to_string()))?;
     Ok(bytes)
-}
-
-fn create_parent(staging: &Path, path: &ModelPath) -> Result<PathBuf, StoreError> {
-    let target = staging.join(path.as_str());
-    if let Some(parent) = target.parent() {
-        fs::create_dir_all(parent).map_err(io_error("create", parent))?;
-    }
-    Ok(target)
 }
 
 /// Store files are read-only; executables stay executable.

@@ -66,6 +66,11 @@ pub fn target_dir() -> PathBuf {
 /// The `modelcache` binary under test: this package's, or (for the CSI
 /// shim's tests) built beside them.
 pub fn modelcache_binary() -> PathBuf {
+    // Set when several checkouts build into one target directory, where the
+    // last build's binary would otherwise be the one tested.
+    if let Some(path) = std::env::var_os("MODELCACHE_TEST_BINARY") {
+        return PathBuf::from(path);
+    }
     if let Some(path) = option_env!("CARGO_BIN_EXE_modelcache") {
         return PathBuf::from(path);
     }
@@ -573,8 +578,17 @@ impl Daemon {
 
     /// [`Daemon::start`] with `env` set for the process.
     pub fn start_with_env(extra: &str, env: Vec<(String, std::ffi::OsString)>) -> Daemon {
+        Daemon::start_in(None, extra, env)
+    }
+
+    /// [`Daemon::start`] with its root at `root` (a tmpfs, say).
+    pub fn start_at(root: &Path, extra: &str) -> Daemon {
+        Daemon::start_in(Some(root.to_owned()), extra, Vec::new())
+    }
+
+    fn start_in(root: Option<PathBuf>, extra: &str, env: Vec<(String, std::ffi::OsString)>) -> Daemon {
         let dir = tempfile::tempdir().expect("daemon dir");
-        let root = dir.path().join("root");
+        let root = root.unwrap_or_else(|| dir.path().join("root"));
         let socket = dir.path().join("run/modelcache.sock");
         let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let config = format!(
@@ -677,4 +691,57 @@ impl Drop for Unmount {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-R").arg("-l").arg(&self.0).status();
     }
+}
+
+/// One layer of a hand-built artifact: `(path annotation, media type, bytes)`.
+pub type RawLayer<'a> = (&'a str, &'a str, Vec<u8>);
+
+/// Pushes a manifest built by hand from `layers` (not packed by `modelcache
+/// push`, so hostile layouts survive) as `name`; its reference.
+pub fn push_layers(registry: &Registry, name: &str, layers: &[RawLayer<'_>]) -> String {
+    use modelcache::digest::Digest;
+    use modelcache::registry::{ModelRef, Registry as Client, RegistryConfig};
+    let reference = registry.reference(name);
+    let model_ref = ModelRef::parse(&reference).unwrap();
+    let client = Client::new(RegistryConfig { insecure: vec![registry.host()], ..RegistryConfig::default() }).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let mut descriptors = Vec::new();
+        let config = b"{}".to_vec();
+        let blobs = layers.iter().map(|(_, _, content)| content.clone()).chain([config.clone()]);
+        for content in blobs {
+            let digest = Digest::of(&content);
+            let size = content.len() as u64;
+            let chunk = bytes::Bytes::from(content);
+            client.push_blob(&model_ref, &digest, size, futures_util::stream::once(async { Ok(chunk) })).await.unwrap();
+        }
+        for (path, media_type, content) in layers {
+            descriptors.push(serde_json::json!({
+                "mediaType": media_type,
+                "digest": Digest::of(content).to_string(),
+                "size": content.len(),
+                "annotations": { "org.cncf.model.filepath": path },
+            }));
+        }
+        client.push_manifest(&model_ref, modelcache::pack::manifest_json(&config, descriptors)).await.unwrap();
+    });
+    reference
+}
+
+/// A tar archive built entry by entry, names written raw (GNU headers, no
+/// normalisation) so hostile ones survive: `(name, type, link target, data)`.
+pub fn tar_archive(entries: &[(&str, tar::EntryType, &str, &[u8])]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, kind, link, content) in entries {
+        let mut header = tar::Header::new_gnu();
+        let raw = header.as_gnu_mut().unwrap();
+        raw.name[..name.len()].copy_from_slice(name.as_bytes());
+        raw.linkname[..link.len()].copy_from_slice(link.as_bytes());
+        header.set_entry_type(*kind);
+        header.set_size(content.len() as u64);
+        header.set_mode(if *kind == tar::EntryType::Directory { 0o755 } else { 0o644 });
+        header.set_cksum();
+        builder.append(&header, *content).unwrap();
+    }
+    builder.into_inner().unwrap()
 }

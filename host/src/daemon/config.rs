@@ -65,6 +65,16 @@ struct Raw {
     log: RawLog,
     #[serde(default)]
     shutdown: RawShutdown,
+    #[serde(default)]
+    unpack: RawUnpack,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawUnpack {
+    layer_bytes: Option<String>,
+    layer_entries: Option<u64>,
+    keep_free: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -198,6 +208,17 @@ impl ServeConfig {
         engine.download_concurrency = positive("downloads.concurrency", raw.downloads.concurrency)?;
         engine.layer_concurrency = positive("downloads.layer-concurrency", raw.downloads.layer_concurrency)?;
         engine.gc_grace = duration("gc.grace", raw.gc.grace.as_deref(), DEFAULT_GC_GRACE)?;
+        if let Some(text) = raw.unpack.layer_bytes.as_deref() {
+            engine.unpack.layer_bytes =
+                modelcache_policy::size::parse_size(text).map_err(|reason| ("unpack.layer-bytes".to_owned(), reason))?;
+        }
+        if let Some(entries) = raw.unpack.layer_entries {
+            engine.unpack.layer_entries = entries;
+        }
+        if let Some(text) = raw.unpack.keep_free.as_deref() {
+            engine.unpack.keep_free =
+                modelcache_policy::size::Limit::parse(text).map_err(|reason| ("unpack.keep-free".to_owned(), reason))?;
+        }
         let defaults = RegistryConfig::default();
         let tag_ttl = match raw.registries.tag_ttl.as_deref() {
             None => defaults.tag_ttl,
