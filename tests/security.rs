@@ -71,9 +71,9 @@ fn assert_nothing_writable(root: &Path) {
 /// Artifacts that try, alone and together, to make the tree reach outside
 /// the root — symlink chains that count as inside by their text, an
 /// unpacked layer reused at another path with files under its symlinks,
-/// links across layers, hardlinks, absolute and `..` targets — are refused
-/// in every order, cold and warm; well-formed ones (deep nesting, in-tree
-/// links, one blob used both as a file and as an archive) mount. Nothing is
+/// links across layers, hardlinks, absolute and `..` targets, nesting past
+/// 128 names — are refused in every order, cold and warm; well-formed ones
+/// (128 deep, in-tree links, one blob both a file and an archive) mount. Nothing is
 /// ever created outside the root, and nothing under it is writable.
 #[test]
 fn crafted_trees_stay_inside_the_root() {
@@ -91,15 +91,18 @@ fn crafted_trees_stay_inside_the_root() {
         ("pkg/l1", Symlink, ".", b""),
         ("pkg/esc", Symlink, "l1/l1/l1/l1/l1/../../../../../outside", b""),
     ]);
-    let deep_name = format!("deep/{}file", "d/".repeat(300));
-    let deep = {
+    // The deepest a path may be (128 names), and deeper.
+    let deep_name = format!("deep/{}file", "d/".repeat(126));
+    let deep_tar = |name: &str| {
         let mut builder = tar::Builder::new(Vec::new());
         let mut header = tar::Header::new_gnu();
         header.set_size(13);
         header.set_mode(0o644);
-        builder.append_data(&mut header, &deep_name, &b"at the bottom"[..]).unwrap();
+        builder.append_data(&mut header, name, &b"at the bottom"[..]).unwrap();
         builder.into_inner().unwrap()
     };
+    let deep = deep_tar(&deep_name);
+    let too_deep = deep_tar(&format!("deep/{}file", "d/".repeat(300)));
     let weights = bytes(1, 4096);
     let cases: Vec<(&str, Vec<(&str, &str, Vec<u8>)>, Option<&str>)> = vec![
         ("benign", vec![("pkg", TAR, benign.clone()), ("w.bin", RAW, weights.clone())], None),
@@ -129,6 +132,7 @@ fn crafted_trees_stay_inside_the_root() {
         ("dotdot", vec![("pkg", TAR, tar_archive(&[("pkg/up", Symlink, "../../outside", b"")]))], Some("outside the model")),
         ("deep", vec![("deep", TAR, deep)], None),
         ("file-and-archive", vec![("pkg", TAR, benign.clone()), ("copy.tar", RAW, benign.clone())], None),
+        ("too-deep", vec![("deep", TAR, too_deep)], Some("nested more than 128 directories deep")),
     ];
     let references: Vec<(String, Option<&str>, &str)> = cases
         .iter()

@@ -15,6 +15,8 @@ use std::io::{self, Read};
 pub const MAX_LONG_NAME: u64 = 8 << 10;
 /// A PAX extended header (paths, sizes, times, perhaps xattrs).
 pub const MAX_PAX: u64 = 1 << 20;
+/// All metadata entries of one archive together.
+pub const MAX_METADATA: u64 = 64 << 20;
 
 const BLOCK: u64 = 512;
 
@@ -46,6 +48,8 @@ pub struct EntryHeader {
 pub enum ArchiveError {
     #[error("{what} of {size} bytes is larger than the {limit} bytes allowed")]
     MetadataTooLarge { what: &'static str, size: u64, limit: u64 },
+    #[error("its metadata entries hold more than {MAX_METADATA} bytes in all")]
+    MetadataTotal,
     #[error("not a tar archive: {0}")]
     Malformed(String),
     #[error("the archive cannot be read")]
@@ -60,11 +64,21 @@ pub struct ArchiveReader<R> {
     /// Padding after the current entry's data.
     padding: u64,
     ended: bool,
+    /// Header blocks read, extension headers included.
+    headers: u64,
+    /// Bytes of metadata entries read.
+    metadata: u64,
 }
 
 impl<R: Read> ArchiveReader<R> {
     pub fn new(inner: R) -> ArchiveReader<R> {
-        ArchiveReader { inner, remaining: 0, padding: 0, ended: false }
+        ArchiveReader { inner, remaining: 0, padding: 0, ended: false, headers: 0, metadata: 0 }
+    }
+
+    /// Header blocks read so far, extension headers and entries that
+    /// create nothing included: what bounds the work of reading.
+    pub fn headers(&self) -> u64 {
+        self.headers
     }
 
     /// The next entry, skipping what is left of the current one's data;
@@ -76,10 +90,10 @@ impl<R: Read> ArchiveReader<R> {
         if self.ended {
             return Ok(None);
         }
-        self.skip(self.remaining + self.padding)?;
+        self.skip(self.remaining.saturating_add(self.padding))?;
         self.remaining = 0;
         self.padding = 0;
-        let (mut long_name, mut long_link, mut pax_size) = (None, None, None);
+        let (mut long_name, mut long_link, mut pax_size, mut sparse) = (None, None, None, false);
         loop {
             let mut block = [0u8; BLOCK as usize];
             if !self.read_block(&mut block)? || block.iter().all(|byte| *byte == 0) {
@@ -89,6 +103,7 @@ impl<R: Read> ArchiveReader<R> {
                 }
                 return Ok(None);
             }
+            self.headers += 1;
             let header = tar::Header::from_byte_slice(&block);
             check_sum(&block, header)?;
             let declared = header.entry_size().map_err(|error| ArchiveError::Malformed(error.to_string()))?;
@@ -113,6 +128,9 @@ impl<R: Read> ArchiveReader<R> {
                     match extension.key_bytes() {
                         b"path" => long_name = Some(extension.value_bytes().to_vec()),
                         b"linkpath" => long_link = Some(extension.value_bytes().to_vec()),
+                        // PAX-format GNU sparse files look like plain files
+                        // holding their sparse map: not a file to serve.
+                        key if key.starts_with(b"GNU.sparse.") => sparse = true,
                         b"size" => {
                             let size = std::str::from_utf8(extension.value_bytes()).ok().and_then(|text| text.parse().ok());
                             pax_size = Some(size.ok_or_else(|| ArchiveError::Malformed("a PAX size that is not a number".into()))?);
@@ -122,7 +140,9 @@ impl<R: Read> ArchiveReader<R> {
                 }
                 continue;
             }
-            let kind = if entry_type.is_file() || entry_type.is_contiguous() {
+            let kind = if sparse {
+                Kind::Other
+            } else if entry_type.is_file() || entry_type.is_contiguous() {
                 Kind::File
             } else if entry_type.is_dir() {
                 Kind::Directory
@@ -165,6 +185,10 @@ impl<R: Read> ArchiveReader<R> {
     fn read_metadata(&mut self, what: &'static str, size: u64, limit: u64) -> Result<Vec<u8>, ArchiveError> {
         if size > limit {
             return Err(ArchiveError::MetadataTooLarge { what, size, limit });
+        }
+        self.metadata += size;
+        if self.metadata > MAX_METADATA {
+            return Err(ArchiveError::MetadataTotal);
         }
         let mut bytes = vec![0; size as usize];
         self.inner.read_exact(&mut bytes).map_err(truncated)?;

@@ -253,7 +253,7 @@ impl Linker {
                 FileType::Directory => {
                     visit(&here, Entry::Directory)?;
                     let inner_source = open_dir(source.as_fd(), name).map_err(|errno| error("open directory", name, errno))?;
-                    let inner_target = make_dir(target.as_fd(), name).map_err(|errno| match errno.raw_os_error() {
+                    let inner_target = make_dir(target.as_fd(), name, &mut 0).map_err(|errno| match errno.raw_os_error() {
                         Some(code) if is_not_a_directory(code) => {
                             LinkError::ThroughNonDirectory { path: here.display().to_string(), through: here.display().to_string() }
                         }
@@ -314,6 +314,8 @@ pub struct TreeBuilder {
     linker: Linker,
     /// The directory the last name was made in: files come in runs.
     last: Option<(String, OwnedFd)>,
+    /// Directories made for names on the way (not asked for themselves).
+    made_directories: u64,
 }
 
 impl TreeBuilder {
@@ -328,11 +330,17 @@ impl TreeBuilder {
             to: root.to_owned(),
             source,
         })?;
-        Ok(TreeBuilder { root: root_fd, root_path: root.to_owned(), linker: Linker::new(), last: None })
+        Ok(TreeBuilder { root: root_fd, root_path: root.to_owned(), linker: Linker::new(), last: None, made_directories: 0 })
     }
 
     pub fn report(&self) -> LinkReport {
         self.linker.report()
+    }
+
+    /// Directories made so far, asked for or on the way to a name: each
+    /// costs an inode, as an entry does.
+    pub fn made_directories(&self) -> u64 {
+        self.made_directories
     }
 
     /// The open directory `dir` (relative, `/`-separated; "" is the root),
@@ -350,7 +358,8 @@ impl TreeBuilder {
                 }
                 walked.push_str(name);
                 let parent = current.as_ref().map_or(self.root.as_fd(), |fd| fd.as_fd());
-                let opened = make_dir(parent, OsStr::new(name)).map_err(|source| match source.raw_os_error() {
+                let made = &mut self.made_directories;
+                let opened = make_dir(parent, OsStr::new(name), made).map_err(|source| match source.raw_os_error() {
                     Some(code) if is_not_a_directory(code) => {
                         LinkError::ThroughNonDirectory { path: dir.to_owned(), through: walked.clone() }
                     }
@@ -469,11 +478,12 @@ fn open_dir(parent: impl AsFd, name: impl rustix::path::Arg) -> io::Result<Owned
     Ok(rustix::fs::openat(parent, name, flags, Mode::empty())?)
 }
 
-/// Opens the directory `name` in `parent`, making it first if missing;
-/// never through a symlink.
-fn make_dir(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {
+/// Opens the directory `name` in `parent`, making it first if missing
+/// (counted in `made`); never through a symlink.
+fn make_dir(parent: BorrowedFd<'_>, name: &OsStr, made: &mut u64) -> io::Result<OwnedFd> {
     match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o755)) {
-        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+        Ok(()) => *made += 1,
+        Err(rustix::io::Errno::EXIST) => {}
         Err(errno) => return Err(errno.into()),
     }
     open_dir(parent, name)

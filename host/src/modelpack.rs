@@ -9,8 +9,9 @@
 //! `org.cncf.model.file.metadata+json` when present.
 //!
 //! Layout rules, checked before anything is fetched:
-//! - a path is relative, has no `..`, no NUL, no empty name, at most 255
-//!   bytes per name and 4096 in all; `./` prefixes and `//` are normalised;
+//! - a path is relative, has no `..`, no NUL or other control character,
+//!   no empty name, at most 255 bytes per name, 4096 in all and 128 names
+//!   deep; `./` prefixes and `//` are normalised;
 //! - no two layers share a path, and no layer's path lies inside another's
 //!   (a file cannot also be a directory);
 //! - a tar layer unpacks at the model's root, and every entry must lie at or
@@ -20,7 +21,7 @@
 //!   through a symlink. Hardlinks, devices and the like are refused.
 //!   A tar layer is therefore kept or skipped whole.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::time::SystemTime;
 
@@ -39,6 +40,9 @@ pub const LEGACY_METADATA_ANNOTATION: &str = "org.cnai.model.file.metadata+json"
 
 const MAX_NAME: usize = 255;
 const MAX_PATH: usize = 4096;
+/// Names in one path: deeper trees cost a directory handle per level to
+/// build and walk, and no model needs them.
+pub const MAX_DEPTH: usize = 128;
 
 /// A model: the parsed manifest.
 #[derive(Clone, Debug)]
@@ -149,6 +153,12 @@ pub enum PathProblem {
     ParentComponent,
     #[error("contains a NUL byte")]
     Nul,
+    /// Newlines and the like: paths are joined by newlines where a
+    /// selection is named, and read by people in lists.
+    #[error("contains a control character")]
+    Control,
+    #[error("is nested more than {MAX_DEPTH} directories deep")]
+    TooDeep,
     #[error("has a name longer than 255 bytes")]
     NameTooLong,
     #[error("is longer than 4096 bytes")]
@@ -168,6 +178,9 @@ impl ModelPath {
         if text.contains('\0') {
             return Err(PathProblem::Nul);
         }
+        if text.chars().any(char::is_control) {
+            return Err(PathProblem::Control);
+        }
         if text.starts_with('/') {
             return Err(PathProblem::Absolute);
         }
@@ -185,6 +198,9 @@ impl ModelPath {
         }
         if parts.is_empty() {
             return Err(PathProblem::Empty);
+        }
+        if parts.len() > MAX_DEPTH {
+            return Err(PathProblem::TooDeep);
         }
         Ok(ModelPath(parts.join("/")))
     }
@@ -485,14 +501,14 @@ pub enum TarKind {
 #[derive(Debug)]
 pub struct TarRules<'a> {
     layer: &'a ModelPath,
-    seen: BTreeSet<ModelPath>,
-    symlinks: BTreeSet<ModelPath>,
-    files: BTreeSet<ModelPath>,
+    seen: HashSet<String>,
+    symlinks: HashSet<String>,
+    files: HashSet<String>,
 }
 
 impl<'a> TarRules<'a> {
     pub fn new(layer: &'a ModelPath) -> TarRules<'a> {
-        TarRules { layer, seen: BTreeSet::new(), symlinks: BTreeSet::new(), files: BTreeSet::new() }
+        TarRules { layer, seen: HashSet::new(), symlinks: HashSet::new(), files: HashSet::new() }
     }
 
     /// Judges the next entry.
@@ -508,13 +524,12 @@ impl<'a> TarRules<'a> {
         if !path.is_within(self.layer) {
             return Err(format!("entry `{name}` lies outside the layer's path `{}`", self.layer));
         }
-        if let Some(through) = path.ancestors().find(|ancestor| {
-            let ancestor = ModelPath(ancestor.to_string());
-            self.symlinks.contains(&ancestor) || self.files.contains(&ancestor)
-        }) {
+        if let Some(through) =
+            path.ancestors().find(|ancestor| self.symlinks.contains(*ancestor) || self.files.contains(*ancestor))
+        {
             return Err(format!("entry `{name}` would be created through `{through}`, which is not a directory"));
         }
-        let repeated = self.seen.contains(&path);
+        let repeated = self.seen.contains(path.as_str());
         let action = match kind {
             TarKind::Directory => {
                 if repeated && !self.is_directory(&path) {
@@ -526,7 +541,7 @@ impl<'a> TarRules<'a> {
                 if repeated {
                     return Err(format!("entry `{name}` appears twice"));
                 }
-                self.files.insert(path.clone());
+                self.files.insert(path.to_string());
                 TarAction::File(path.clone())
             }
             TarKind::Symlink => {
@@ -535,18 +550,18 @@ impl<'a> TarRules<'a> {
                 }
                 let target = link_target.unwrap_or_default();
                 check_symlink_target(&path, target).map_err(|reason| format!("symlink `{name}` -> `{target}` {reason}"))?;
-                self.symlinks.insert(path.clone());
+                self.symlinks.insert(path.to_string());
                 TarAction::Symlink(path.clone(), target.to_owned())
             }
             TarKind::Hardlink => return Err(format!("entry `{name}` is a hardlink, which model layers may not hold")),
             TarKind::Other => return Err(format!("entry `{name}` is not a regular file, directory or symlink")),
         };
-        self.seen.insert(path);
+        self.seen.insert(path.0);
         Ok(action)
     }
 
     fn is_directory(&self, path: &ModelPath) -> bool {
-        !self.files.contains(path) && !self.symlinks.contains(path)
+        !self.files.contains(path.as_str()) && !self.symlinks.contains(path.as_str())
     }
 }
 
@@ -625,40 +640,54 @@ pub fn check_tree(nodes: &HashMap<String, Node>) -> Result<(), TreeProblem> {
             ancestor = parent;
         }
     }
+    // Names walked over the whole tree: a few per link in any real model;
+    // many links into one long chain must not cost a link × chain walk.
+    let mut budget = 64 * nodes.len() + MAX_RESOLUTION_STEPS;
     for (link, node) in nodes {
         if let Node::Symlink(target) = node {
-            resolve_within(nodes, &directories, link, target)?;
+            resolve_within(nodes, &directories, link, target, &mut budget)?;
         }
     }
     Ok(())
 }
 
 /// Resolves the symlink `link` -> `target` over `nodes`, failing when any
-/// step climbs above the root.
-fn resolve_within(nodes: &HashMap<String, Node>, directories: &HashSet<&str>, link: &str, target: &str) -> Result<(), TreeProblem> {
+/// step climbs above the root; each name walked spends one of `budget`.
+fn resolve_within(
+    nodes: &HashMap<String, Node>,
+    directories: &HashSet<&str>,
+    link: &str,
+    target: &str,
+    budget: &mut usize,
+) -> Result<(), TreeProblem> {
     let problem = |make: fn(String, String) -> TreeProblem| make(link.to_owned(), target.to_owned());
-    let mut at: Vec<&str> = link.split('/').collect();
-    at.pop();
-    let mut pending: std::collections::VecDeque<&str> = target.split('/').collect();
-    let (mut hops, mut steps) = (0, 0);
     if target.starts_with('/') {
         return Err(problem(|link, target| TreeProblem::Escapes { link, target }));
     }
+    // Where the walk stands, as a path kept in step with its names.
+    let mut here = link.rsplit_once('/').map_or(String::new(), |(parent, _)| parent.to_owned());
+    let mut pending: std::collections::VecDeque<&str> = target.split('/').collect();
+    let (mut hops, mut steps) = (0, 0);
     while let Some(name) = pending.pop_front() {
         steps += 1;
-        if steps > MAX_RESOLUTION_STEPS {
+        if steps > MAX_RESOLUTION_STEPS || *budget == 0 {
             return Err(problem(|link, target| TreeProblem::TooLong { link, target }));
         }
+        *budget -= 1;
         match name {
             "" | "." => {}
             ".." => {
-                if at.pop().is_none() {
+                if here.is_empty() {
                     return Err(problem(|link, target| TreeProblem::Escapes { link, target }));
                 }
+                here.truncate(here.rfind('/').unwrap_or(0));
             }
             name => {
-                at.push(name);
-                let here = at.join("/");
+                let parent_length = here.len();
+                if !here.is_empty() {
+                    here.push('/');
+                }
+                here.push_str(name);
                 match nodes.get(&here) {
                     Some(Node::Symlink(next)) => {
                         hops += 1;
@@ -668,7 +697,7 @@ fn resolve_within(nodes: &HashMap<String, Node>, directories: &HashSet<&str>, li
                         if next.starts_with('/') {
                             return Err(problem(|link, target| TreeProblem::Escapes { link, target }));
                         }
-                        at.pop();
+                        here.truncate(parent_length);
                         for part in next.split('/').rev() {
                             pending.push_front(part);
                         }
@@ -771,6 +800,8 @@ mod tests {
             ("a/../../b", PathProblem::ParentComponent),
             ("/etc/passwd", PathProblem::Absolute),
             ("a\0b", PathProblem::Nul),
+            ("a\nb", PathProblem::Control),
+            ("weights\u{7f}", PathProblem::Control),
             (".", PathProblem::Empty),
             ("", PathProblem::Empty),
         ] {
@@ -786,6 +817,11 @@ mod tests {
             parse(&manifest(&[(&long_name, RAW)])),
             Err(ModelError::Path { problem: PathProblem::NameTooLong, .. })
         ));
+        assert!(matches!(
+            parse(&manifest(&[(&"d/".repeat(MAX_DEPTH + 1), RAW)])),
+            Err(ModelError::Path { problem: PathProblem::TooDeep, .. })
+        ));
+        assert!(parse(&manifest(&[(&"d/".repeat(MAX_DEPTH), RAW)])).is_ok());
         let long_path = "a/".repeat(2100);
         assert!(matches!(parse(&manifest(&[(&long_path, RAW)])), Err(ModelError::Path { problem: PathProblem::TooLong, .. })));
     }
@@ -934,6 +970,8 @@ mod tests {
 /// Generated hostile inputs: the kernel is the oracle for symlinks.
 #[cfg(test)]
 mod properties {
+    use std::collections::BTreeSet;
+
     use super::*;
     use proptest::prelude::*;
 
@@ -1004,7 +1042,8 @@ mod properties {
             }
             for (link, node) in &tree {
                 let Node::Symlink(target) = node else { continue };
-                let ours = resolve_within(&tree, &directories, link, target);
+                let mut budget = usize::MAX;
+                let ours = resolve_within(&tree, &directories, link, target, &mut budget);
                 let kernel = rustix::fs::openat2(
                     &root,
                     link.as_str(),

@@ -238,8 +238,10 @@ impl UnpackLimits {
 pub enum LimitExceeded {
     #[error("unpacks to more than {limit} bytes of files, the per-layer limit")]
     Bytes { limit: u64 },
-    #[error("holds more than {limit} entries, the per-layer limit")]
+    #[error("holds more than {limit} entries (headers and directories made included), the per-layer limit")]
     Entries { limit: u64 },
+    #[error("holds more than {limit} bytes of entry names and link targets")]
+    Names { limit: u64 },
     #[error("unpacking it would leave less than {keep_free} bytes free on the store's filesystem (its floor plus what other pulls reserved)")]
     Disk { keep_free: u64 },
     #[error("unpacking it would leave fewer than {keep_free} free inodes on the store's filesystem")]
@@ -250,7 +252,9 @@ impl LimitExceeded {
     pub fn kind(&self) -> ErrorKind {
         match self {
             // The artifact is at fault, wherever it is pulled.
-            LimitExceeded::Bytes { .. } | LimitExceeded::Entries { .. } => ErrorKind::InvalidArgument,
+            LimitExceeded::Bytes { .. } | LimitExceeded::Entries { .. } | LimitExceeded::Names { .. } => {
+                ErrorKind::InvalidArgument
+            }
             // This node has no room for it now.
             LimitExceeded::Disk { .. } | LimitExceeded::Inodes { .. } => ErrorKind::QuotaDenied,
         }
@@ -263,15 +267,24 @@ impl LimitExceeded {
 pub struct Recovery {
     /// Temporaries and half-built trees found in `tmp/`.
     pub temporaries: Vec<PathBuf>,
-    /// Entry directories without a complete tree.
+    /// Entry directories without a complete tree, or built under older
+    /// tree rules (rebuilt from their layers, and checked, when next asked for).
     pub incomplete_entries: Vec<PathBuf>,
 }
+
+/// The version of the rules an entry's tree was built and checked under
+/// (`EntryInfo::rules`). Raised when the rules grow stricter: trees built
+/// before are removed at start-up, so none is served unchecked.
+pub const TREE_RULES: u32 = 1;
 
 /// What an entry holds, written once when it is built.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct EntryInfo {
     pub key: EntryKey,
+    /// The [`TREE_RULES`] the tree was checked under; 0 before they existed.
+    #[serde(default)]
+    pub rules: u32,
     pub layers: Vec<EntryLayer>,
     /// Bytes of the selected layers as the manifest states them.
     pub bytes: u64,
@@ -569,7 +582,10 @@ impl Store {
         sync_dir(&self.layout.unpacked_dir())?;
         let mut state = self.state();
         state.cache_bytes += bytes;
-        if !keep_archive {
+        // Another pull holding the digest may need the archive as a raw
+        // file; GC drops it once no entry uses it raw.
+        let held_elsewhere = state.blob_leases.get(&layer.blob.digest).is_some_and(|count| *count > 1);
+        if !keep_archive && !held_elsewhere {
             fs::remove_file(&archive).map_err(io_error("remove", &archive))?;
             state.cache_bytes = state.cache_bytes.saturating_sub(layer.blob.size);
         }
@@ -652,6 +668,7 @@ impl Store {
         check_tree(&nodes).map_err(|source| StoreError::Tree { key: key.clone(), source })?;
         let info = EntryInfo {
             key: key.clone(),
+            rules: TREE_RULES,
             bytes: layers.iter().map(|layer| layer.size).sum(),
             layers,
             created_at: time::OffsetDateTime::now_utc(),
@@ -809,13 +826,20 @@ impl Store {
         let mut swept = Vec::new();
         {
             let mut state = self.state();
-            let mut layers = Vec::new();
+            // A tar layer's entry needs it unpacked, not its archive; a raw
+            // layer's needs the blob.
+            let (mut raw, mut unpacked) = (Vec::new(), Vec::new());
             for key in self.entries()? {
                 let info = self.entry_info(&key)?;
-                layers.push((key, info.layers.into_iter().map(|layer| layer.digest).collect::<Vec<_>>()));
+                let (archives, files): (Vec<_>, Vec<_>) = info.layers.into_iter().partition(|layer| layer.unpacked);
+                raw.push((key.clone(), files.into_iter().map(|layer| layer.digest).collect::<Vec<_>>()));
+                unpacked.push((key, archives.into_iter().map(|layer| layer.digest).collect::<Vec<_>>()));
             }
-            let needed = crate::gc::needed_blobs(layers.iter().map(|(key, digests)| (key, &digests[..])), pinned);
-            for (dir, kind) in [(self.layout.blobs(), "blob"), (self.layout.unpacked_dir(), "unpacked")] {
+            let needed_raw = crate::gc::needed_blobs(raw.iter().map(|(key, digests)| (key, &digests[..])), pinned);
+            let needed_unpacked = crate::gc::needed_blobs(unpacked.iter().map(|(key, digests)| (key, &digests[..])), pinned);
+            for (dir, kind, needed) in
+                [(self.layout.blobs(), "blob", &needed_raw), (self.layout.unpacked_dir(), "unpacked", &needed_unpacked)]
+            {
                 for item in fs::read_dir(&dir).map_err(io_error("read", &dir))?.flatten() {
                     let Ok(digest) = format!("sha256:{}", item.file_name().to_string_lossy()).parse::<Digest>() else {
                         continue;
@@ -1093,6 +1117,9 @@ impl Drop for Ingest {
 /// costs a `statvfs` per 16 MiB.
 const DISK_CHECK_BYTES: u64 = 16 << 20;
 const DISK_CHECK_ENTRIES: u64 = 1024;
+/// Bytes of entry names and link targets in one layer: what the rules keep
+/// in memory while it unpacks.
+const MAX_NAME_BYTES: u64 = 64 << 20;
 
 /// Unpacks `archive` into `staging`; returns the bytes of the files made.
 fn unpack_archive(
@@ -1130,7 +1157,7 @@ fn unpack_archive(
     let mut rules = TarRules::new(&layer.path);
     let mut builder = TreeBuilder::new(staging)?;
     let mut nodes = HashMap::new();
-    let (mut bytes, mut entries) = (0u64, 0u64);
+    let (mut bytes, mut entries, mut name_bytes) = (0u64, 0u64, 0u64);
     // Returns how many bytes may be written before the next look: half
     // the room left above the floor, so the checks close in on it.
     let check_disk = |inodes: bool| -> Result<u64, StoreError> {
@@ -1150,6 +1177,7 @@ fn unpack_archive(
         Ok(((free - limits.keep_free_bytes) / 2).clamp(64 << 10, DISK_CHECK_BYTES))
     };
     let mut next_disk_check = check_disk(true)?;
+    let mut next_inode_check = DISK_CHECK_ENTRIES;
     let mut buffer = vec![0u8; 256 << 10];
     while let Some(entry) = tar.next_entry().map_err(unreadable)? {
         let kind = match entry.kind {
@@ -1168,15 +1196,18 @@ fn unpack_archive(
         if kind != TarKind::File && entry.size > 0 {
             return Err(refuse(format!("entry `{name}` is not a file but carries {} bytes of data", entry.size)));
         }
+        name_bytes += (name.len() + target.as_ref().map_or(0, String::len)) as u64;
+        if name_bytes > MAX_NAME_BYTES {
+            return Err(over(LimitExceeded::Names { limit: MAX_NAME_BYTES }));
+        }
         let action = rules.check(&name, kind, target.as_deref()).map_err(refuse)?;
-        if action != TarAction::Skip {
-            entries += 1;
-            if entries > limits.max_entries {
-                return Err(over(LimitExceeded::Entries { limit: limits.max_entries }));
-            }
-            if entries % DISK_CHECK_ENTRIES == 0 {
-                check_disk(true)?;
-            }
+        // A directory made on the way to a name is an inode like an entry;
+        // headers that make nothing (`./`, extensions; up to three for one
+        // entry) are work to read, bounded likewise.
+        // Directories are counted by the builder, which makes them.
+        entries += u64::from(matches!(action, TarAction::File(_) | TarAction::Symlink(..)));
+        if tar.headers() > limits.max_entries.saturating_mul(3) {
+            return Err(over(LimitExceeded::Entries { limit: limits.max_entries }));
         }
         match action {
             TarAction::Skip => {}
@@ -1221,6 +1252,15 @@ fn unpack_archive(
                 nodes.insert(path.to_string(), Node::Symlink(destination));
             }
         }
+        // Counted once made: one name may have made up to 128 directories.
+        if entries + builder.made_directories() > limits.max_entries {
+            return Err(over(LimitExceeded::Entries { limit: limits.max_entries }));
+        }
+        let work = tar.headers() + builder.made_directories();
+        if work >= next_inode_check {
+            next_inode_check = work + DISK_CHECK_ENTRIES;
+            check_disk(true)?;
+        }
     }
     // The layer alone must already keep its symlinks inside the model; the
     // whole tree is checked again when an entry is built from it.
@@ -1242,14 +1282,19 @@ fn recover(layout: &Layout) -> Result<Recovery, StoreError> {
     let tmp = layout.tmp();
     for entry in fs::read_dir(&tmp).map_err(io_error("read", &tmp))?.flatten() {
         let path = entry.path();
-        remove_any(&path)?;
+        // What cannot be removed now is left for the next sweep: a
+        // leftover must not keep the store from opening.
+        if let Err(error) = remove_any(&path) {
+            tracing::warn!("cannot remove a leftover temporary: {error}");
+        }
         recovery.temporaries.push(path);
     }
     let models = layout.models();
     for manifest in fs::read_dir(&models).map_err(io_error("read", &models))?.flatten() {
         for selection in fs::read_dir(manifest.path()).into_iter().flatten().flatten() {
             let path = selection.path();
-            if !path.join("entry.json").is_file() || !path.join("tree").is_dir() {
+            let current = read_json::<EntryInfo>(&path.join("entry.json")).is_ok_and(|info| info.rules >= TREE_RULES);
+            if !current || !path.join("tree").is_dir() {
                 remove_any(&path)?;
                 recovery.incomplete_entries.push(path);
             }
@@ -1453,11 +1498,80 @@ mod tests {
         fs::create_dir_all(layout.tmp().join("entry-half/tree/a")).unwrap();
         let key = EntryKey::new(Digest::of(b"m"), SelectionKey::parse("full").unwrap());
         fs::create_dir_all(layout.tree(&key)).unwrap();
+        // Built under older (no) tree rules, and under the current ones.
+        let entry = |key: &EntryKey, rules: Option<u32>| {
+            fs::create_dir_all(layout.tree(key)).unwrap();
+            let mut info = serde_json::json!({ "key": key, "layers": [], "bytes": 0, "created-at": "2026-01-01T00:00:00Z" });
+            if let Some(rules) = rules {
+                info["rules"] = rules.into();
+            }
+            fs::write(layout.entry(key).join("entry.json"), info.to_string()).unwrap();
+        };
+        let older = EntryKey::new(Digest::of(b"older"), SelectionKey::parse("full").unwrap());
+        let current = EntryKey::new(Digest::of(b"current"), SelectionKey::parse("full").unwrap());
+        entry(&older, None);
+        entry(&current, Some(TREE_RULES));
         let (store, recovery) = Store::open(dir.path()).unwrap();
         assert_eq!(recovery.temporaries.len(), 2);
-        assert_eq!(recovery.incomplete_entries, [layout.entry(&key)]);
+        let mut incomplete = recovery.incomplete_entries.clone();
+        incomplete.sort();
+        let mut expected = vec![layout.entry(&key), layout.entry(&older)];
+        expected.sort();
+        assert_eq!(incomplete, expected);
         assert!(tmp_is_empty(&store));
-        assert!(!layout.entry(&key).exists());
+        assert!(!layout.entry(&key).exists() && !layout.entry(&older).exists());
+        assert_eq!(store.entries().unwrap(), [current]);
+    }
+
+    /// A tar layer stored as a blob, ready to unpack at `pkg`.
+    fn tar_layer(store: &Store, entries: &[(&str, &[u8])]) -> Layer {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (name, content) in entries {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(content.len() as u64);
+            header.set_mode(0o644);
+            builder.append_data(&mut header, name, *content).unwrap();
+        }
+        let bytes = builder.into_inner().unwrap();
+        let blob = Descriptor { media_type: "application/vnd.cncf.model.code.v1.tar".into(), ..descriptor(&bytes) };
+        store.put_blob(&blob.digest, &bytes).unwrap();
+        Layer {
+            index: 0,
+            blob,
+            path: ModelPath::parse("pkg").unwrap(),
+            format: LayerFormat::Tar(Compression::None),
+            mode: None,
+            mtime: None,
+        }
+    }
+
+    /// Directories made on the way to a name count as entries (each is an
+    /// inode), as do headers that make nothing; a layer past the limit is
+    /// refused, naming the limit, and leaves nothing.
+    #[test]
+    fn unpack_limits_count_every_inode() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let limits = UnpackLimits { max_entries: 20, ..UnpackLimits::NONE };
+        // Two entries, each 15 directories deep: 32 inodes.
+        let deep = format!("pkg/{}", "d/".repeat(15));
+        let layer = tar_layer(&store, &[(&format!("{deep}a"), b"1"), (&format!("pkg/e/{}b", "d/".repeat(14)), b"2")]);
+        let error = store.unpack(&layer, &limits, false).unwrap_err();
+        assert!(matches!(&error, StoreError::UnpackLimit { limit: LimitExceeded::Entries { limit: 20 }, .. }), "{error}");
+        assert!(error.to_string().contains("more than 20 entries"), "{error}");
+        assert!(tmp_is_empty(&store));
+        assert!(!store.layout.unpacked(&layer.blob.digest).exists());
+        // Within the limit, the same layer unpacks and drops its archive.
+        let roomy = UnpackLimits { max_entries: 40, ..UnpackLimits::NONE };
+        store.unpack(&layer, &roomy, false).unwrap();
+        assert_eq!(fs::read(store.layout.unpacked(&layer.blob.digest).join(format!("{deep}a"))).unwrap(), b"1");
+        assert!(!store.has_blob(&layer.blob.digest));
+
+        let bytes_limit = UnpackLimits { max_bytes: 4, ..UnpackLimits::NONE };
+        let large = tar_layer(&store, &[("pkg/a", b"abc"), ("pkg/b", b"def")]);
+        let error = store.unpack(&large, &bytes_limit, false).unwrap_err();
+        assert!(matches!(&error, StoreError::UnpackLimit { limit: LimitExceeded::Bytes { limit: 4 }, .. }), "{error}");
+        assert!(tmp_is_empty(&store));
     }
 
     /// Volumes that finish together each count: no use is lost to a race

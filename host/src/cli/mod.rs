@@ -79,6 +79,7 @@ enum Command {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    raise_open_file_limit();
     let outcome = match cli.command {
         Command::Serve(args) => serve::run(args, cli.log_format),
         command => {
@@ -91,6 +92,20 @@ pub fn main() -> ExitCode {
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Raises the soft limit on open files to the hard one: building and
+/// walking a tree holds a few directory handles per level, several trees
+/// may be built at once, and a container's soft limit is often 1,024.
+fn raise_open_file_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = rustix::process::Rlimit { current: limit.maximum, maximum: limit.maximum };
+        if let Err(error) = setrlimit(Resource::Nofile, raised) {
+            tracing::debug!("cannot raise the open-file limit: {error}");
         }
     }
 }
