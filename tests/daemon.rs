@@ -12,8 +12,8 @@ use modelcache::error::ErrorKind;
 use modelcache::plugins::PluginStatus;
 use modelcache::volumes::{VolumeRecord, VolumeState};
 use support::{
-    Daemon, PluginDir, Registry, TestAuthority, basic_auth, bytes, digest_of, publish, push, push_as, read_tree, skipping,
-    start_registry, write_docker_config, write_tree,
+    BlobAnswer, Daemon, HostileBlobProxy, PluginDir, Registry, TestAuthority, basic_auth, bytes, digest_of, publish, push,
+    push_as, read_tree, skipping, start_registry, write_docker_config, write_tree,
 };
 
 const MIB: usize = 1 << 20;
@@ -557,4 +557,77 @@ fn bad_config_names_the_key() {
     let output = support::modelcache().args(["serve", "--config"]).arg(&config).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success() && stderr.contains("sockett"), "{stderr}");
+}
+
+/// A registry that trickles one blob (2 KiB/s) fails that pull within a few
+/// stall limits, with an error naming the blob, the host and both rates, and
+/// leaves no temporaries; meanwhile a mount from a healthy registry gets the
+/// node's only download slot, given back between attempts, and completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickling_registry_is_cut_off_while_others_pull() {
+    let Some(registry) = start_registry() else { return };
+    let slow_files = model(41);
+    let (slow, _slow_source) = publish(&registry, "models/trickled:v1", &slow_files);
+    let (healthy, healthy_source) = publish(&registry, "models/healthy:v1", &model(43));
+    let trickled = digest_of(&slow_files[0].1);
+    let trickle = BlobAnswer::Trickle { bytes: 1024, every: Duration::from_millis(500) };
+    let proxy = HostileBlobProxy::start(registry.port(), &trickled, trickle);
+    let through_proxy = slow.replace(&registry.host(), &proxy.host());
+    let daemon = Daemon::start(&format!(
+        "[downloads]\nconcurrency = 1\n[registries]\ninsecure = [\"{}\", \"{}\"]\nstall-timeout = \"2s\"\nmin-rate = \"16KiB\"\n",
+        registry.host(),
+        proxy.host()
+    ));
+    let client = daemon.client();
+    let started = Instant::now();
+    let answer = client.put::<_, VolumeRecord>("/v1/volumes/slow/default", &mount_body(&through_proxy, 0.0)).await.unwrap();
+    assert_eq!(answer.status.as_u16(), 202);
+    wait_until("the trickled blob is asked for", || async { proxy.blob_gets.load(std::sync::atomic::Ordering::SeqCst) > 0 })
+        .await;
+
+    let record = client.put::<_, VolumeRecord>("/v1/volumes/healthy/default", &mount_body(&healthy, 30.0)).await.unwrap().body;
+    assert_eq!(record.state, VolumeState::Ready, "the healthy mount is not held up by the trickle: {record:?}");
+    assert_eq!(read_tree(&record.path), read_tree(healthy_source.path()));
+    let meanwhile: VolumeRecord = client.get("/v1/volumes/slow/default").await.unwrap();
+    assert_eq!(meanwhile.state, VolumeState::Pulling, "the healthy mount completed while the trickled one went on");
+
+    let failed: VolumeRecord = client.get("/v1/volumes/slow/default?wait-seconds=60").await.unwrap();
+    let elapsed = started.elapsed();
+    assert_eq!(failed.state, VolumeState::Failed);
+    // 5 attempts of one 2 s window each, 3 s of backoff between them.
+    assert!(elapsed < Duration::from_secs(20), "the trickle held on for {elapsed:?}");
+    let error = failed.error.unwrap();
+    assert_eq!(error.kind, ErrorKind::Unavailable);
+    let message = &error.message;
+    assert!(message.contains("too slow") && message.contains("below the floor of 16.0 KiB/s"), "{message}");
+    assert!(message.contains(&trickled) && message.contains(&proxy.host()), "the blob and host are named: {message}");
+    assert!(proxy.blob_gets.load(std::sync::atomic::Ordering::SeqCst) >= 2, "interrupted attempts were resumed");
+    assert!(std::fs::read_dir(daemon.root.join("tmp")).unwrap().next().is_none(), "no temporaries left");
+}
+
+/// A registry that sends more of a blob than the manifest states, without
+/// end, is cut off at once: the mount fails within seconds (not at the stall
+/// limit), as data loss naming the blob and its size, with no retry, and
+/// leaves no temporaries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_sending_past_the_size_is_cut_off() {
+    let Some(registry) = start_registry() else { return };
+    let files = model(45);
+    let (reference, _source) = publish(&registry, "models/endless:v1", &files);
+    let endless = digest_of(&files[0].1);
+    let proxy = HostileBlobProxy::start(registry.port(), &endless, BlobAnswer::Endless);
+    let through_proxy = reference.replace(&registry.host(), &proxy.host());
+    let insecure = format!("insecure = [\"{}\", \"{}\"]", registry.host(), proxy.host());
+    let daemon = Daemon::start(&format!("[registries]\n{insecure}\nstall-timeout = \"60s\"\n"));
+    let client = daemon.client();
+    let started = Instant::now();
+    let answer = client.put::<_, VolumeRecord>("/v1/volumes/long/default", &mount_body(&through_proxy, 30.0)).await;
+    let elapsed = started.elapsed();
+    let Err(ClientError::Api { error, .. }) = answer else { panic!("the mount does not fail: {answer:?}") };
+    assert!(elapsed < Duration::from_secs(10), "cut off after {elapsed:?}");
+    assert_eq!(error.kind, ErrorKind::DataLoss);
+    let size = files[0].1.len();
+    assert!(error.message.contains(&endless) && error.message.contains(&format!("size of {size} bytes")), "{}", error.message);
+    assert_eq!(proxy.blob_gets.load(std::sync::atomic::Ordering::SeqCst), 1, "not asked again");
+    assert!(std::fs::read_dir(daemon.root.join("tmp")).unwrap().next().is_none(), "no temporaries left");
 }

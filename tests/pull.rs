@@ -907,3 +907,49 @@ async fn errors_are_typed() {
     assert_eq!(error.kind(), ErrorKind::InvalidArgument, "{error}");
     assert!(error.to_string().contains("not a ModelPack model"), "{error}");
 }
+
+/// Mounts that joined a pull or a blob download started through a registry
+/// that stalls do not inherit its failure: each tries once more on its own,
+/// from its own registry, and succeeds. The starter fails naming the stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joiners_retry_on_their_own_when_the_flight_fails() {
+    let Some(registry) = start_registry() else { return };
+    let files = small_model(51);
+    let (reference, source) = publish(&registry, "models/joined:v1", &files);
+    // Another model with the same weights: it shares their download only.
+    let mut sibling_files = files.clone();
+    sibling_files.retain(|(path, _)| *path != "config.json");
+    let (sibling, sibling_source) = publish(&registry, "models/sibling:v1", &sibling_files);
+    let weights = digest_of(&files[0].1);
+    let stall = support::BlobAnswer::Trickle { bytes: 64 << 10, every: Duration::from_secs(3600) };
+    let proxy = support::HostileBlobProxy::start(registry.port(), &weights, stall);
+    let stalled = reference.replace(&registry.host(), &proxy.host());
+    let root = tempfile::tempdir().unwrap();
+    let mut config = config_with(root.path(), &registry.host(), None, None);
+    config.registry.insecure.push(proxy.host());
+    config.registry.stall_timeout = Duration::from_secs(1);
+    config.registry.attempts = 2;
+    config.registry.backoff = Duration::from_millis(100);
+    let engine = Engine::open(config).expect("engine");
+
+    let starter = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.mount(request("stalled", &stalled)).await }
+    });
+    let asked = Instant::now();
+    while proxy.blob_gets.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(asked.elapsed() < Duration::from_secs(30), "the weights were never asked for");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (same, other) = tokio::join!(engine.mount(request("same", &reference)), engine.mount(request("other", &sibling)));
+    let same = same.expect("the mount that joined the pull tries on its own");
+    let other = other.expect("the mount that joined the download tries on its own");
+    assert_eq!(read_tree(&same.path), read_tree(source.path()));
+    assert_eq!(read_tree(&other.path), read_tree(sibling_source.path()));
+
+    let error = starter.await.unwrap().unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Unavailable);
+    let message = modelcache::plugins::error_chain(&error);
+    assert!(message.contains("stalled: no bytes for 1 s") && message.contains(&proxy.host()), "{message}");
+    assert!(tmp_is_empty(root.path()));
+}

@@ -36,7 +36,7 @@ use crate::plugins::exclude::{Artifact, ExcludeDecision, ExcludeError, ExcludeIn
 use crate::plugins::gc::{Candidate, GcInput};
 use crate::plugins::quota::{QuotaInput, QuotaVerdict};
 use crate::plugins::{CompiledCache, PluginHost, Runtime, RuntimeOptions};
-use crate::registry::{ModelRef, Registry, RegistryConfig, RegistryError, TagMemory};
+use crate::registry::{DownloadSlot, ModelRef, Registry, RegistryConfig, RegistryError, TagMemory};
 use crate::store::{EntryKey, EntryLease, Hold, Recovery, Store, StoreError, UnpackLimits, remove_any, sync_dir, sync_tree};
 use crate::volumes::{MountId, RecordError, VolumeError, VolumeId, VolumeRecord, VolumeState, Volumes};
 
@@ -706,6 +706,8 @@ impl Engine {
         }
         // GC may evict a finished entry before this request leases it (only
         // when no record holds it, so rarely): build it again, a few times.
+        // One of those may instead be a joiner's own try (`joiner_retries`).
+        let mut retried = false;
         for _ in 0..3 {
             let engine = self.clone();
             let (reference, model, selection, flight_key) =
@@ -718,9 +720,18 @@ impl Engine {
             interval.tick().await;
             let built = loop {
                 tokio::select! {
-                    built = ticket.wait() => break built.map_err(EngineError::Shared)?,
+                    built = ticket.wait() => break built,
                     _ = interval.tick() => tick(ticket.progress())?,
                 }
+            };
+            let built = match built {
+                Err(error) if ticket.coalesced() && !retried && joiner_retries(&error) => {
+                    tracing::info!(reference = %resolved.reference,
+                        "the pull this mount joined failed ({error}); trying on its own");
+                    retried = true;
+                    continue;
+                }
+                built => built.map_err(EngineError::Shared)?,
             };
             let source = if ticket.coalesced() {
                 Source::Joined
@@ -850,7 +861,10 @@ impl Engine {
         if self.store.has_layer(layer) {
             return Ok(());
         }
-        if !self.store.has_blob(&layer.blob.digest) {
+        // A joiner whose download failed for its starter's reasons tries
+        // once on its own (`joiner_retries`).
+        let mut retried = false;
+        while !self.store.has_blob(&layer.blob.digest) {
             let engine = self.clone();
             let (flight_reference, blob) = (reference.clone(), layer.blob.clone());
             let (mode, mtime) = (layer.mode, layer.mtime);
@@ -858,7 +872,19 @@ impl Engine {
                 engine.fetch_blob(&flight_reference, &blob, mode, mtime, &blob_progress).await
             });
             ticket.progress().forward_to(progress);
-            ticket.wait().await.map_err(EngineError::Shared)?;
+            match ticket.wait().await {
+                Err(error) if ticket.coalesced() && !retried && joiner_retries(&error) => {
+                    tracing::info!(reference = %reference, blob = %layer.blob.digest.short(),
+                        "the download this pull joined failed ({error}); trying on its own");
+                    // The failed flight's bytes went with its temporary.
+                    progress.take_back(ticket.progress().done());
+                    retried = true;
+                }
+                other => {
+                    other.map_err(EngineError::Shared)?;
+                    break;
+                }
+            }
         }
         if matches!(layer.format, LayerFormat::Tar(_)) {
             let engine = self.clone();
@@ -885,9 +911,10 @@ impl Engine {
         if self.store.has_blob(&blob.digest) {
             return Ok(());
         }
-        let _permit = self.downloads.acquire().await.map_err(|_| EngineError::Runtime("the engine is shutting down".into()))?;
+        let mut slot =
+            DownloadSlot::acquire(&self.downloads).await.map_err(|_| EngineError::Runtime("the engine is shutting down".into()))?;
         let mut ingest = self.store.ingest(blob)?;
-        self.registry.fetch_blob(reference, blob, &mut ingest, progress).await?;
+        self.registry.fetch_blob(reference, blob, &mut ingest, progress, &mut slot).await?;
         ingest.commit(mode, mtime).await?;
         Ok(())
     }
@@ -1403,6 +1430,21 @@ impl Engine {
         }
         self.resolve(&ModelRef::parse(target)?).await
     }
+}
+
+/// Whether a caller that joined a flight it did not start tries once on its
+/// own after that flight failed. A flight fetches from its starter's
+/// reference: another registry or repository than the joiner's, maybe, which
+/// stalled, was down, lacked the blob, refused its starter or sent wrong
+/// bytes (Unavailable, NotFound, PermissionDenied, DataLoss); Cancelled is a
+/// flight stopped for its own reasons. Those say nothing of the joiner's own
+/// source. The rest (quota, a layer that breaks the rules, the node's own
+/// I/O, a bug) would fail the joiner the same way, so it is shared.
+fn joiner_retries(error: &EngineError) -> bool {
+    matches!(
+        error.kind(),
+        ErrorKind::Unavailable | ErrorKind::Cancelled | ErrorKind::NotFound | ErrorKind::PermissionDenied | ErrorKind::DataLoss
+    )
 }
 
 /// Runs blocking file work (a record's write and fsyncs) from async code

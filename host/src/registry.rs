@@ -12,6 +12,12 @@
 //! exponential backoff; an interrupted blob resumes with a Range request from
 //! the bytes already written, and is hashed as a whole by the store whatever
 //! happened.
+//!
+//! A registry is not trusted to send at any pace or to stop: a blob read with
+//! no byte for `stall_timeout`, or slower than `min_rate` over a window, is an
+//! interrupted attempt (resumed, within `attempts`), and a read that goes past
+//! the size the manifest declared stops at once. The node's download slot is
+//! held only while bytes are read, never through a backoff.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -26,7 +32,10 @@ use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
+use modelcache_policy::size::HumanBytes;
 use serde::Deserialize;
+use tokio::sync::{AcquireError, Semaphore, SemaphorePermit};
+use tokio::time::Instant;
 
 use crate::digest::Digest;
 use crate::error::ErrorKind;
@@ -56,6 +65,15 @@ pub struct RegistryConfig {
     /// How long what a tag named is trusted without asking the registry
     /// again (default 30 s; zero asks every time). See [`TagMemory`].
     pub tag_ttl: Duration,
+    /// How long a blob request may go without a byte (the response's headers
+    /// included) before the attempt counts as interrupted (default 30 s).
+    /// Also the window `min_rate` is measured over.
+    pub stall_timeout: Duration,
+    /// Bytes per second a blob read must average over each `stall_timeout`
+    /// window, else the attempt counts as interrupted (default 16 KiB/s; zero
+    /// turns the floor off). Low on purpose: it is there to cut a registry
+    /// that trickles to hold a download slot, not to judge slow links.
+    pub min_rate: u64,
 }
 
 /// One mirror of a registry; it serves the same repositories at the same paths.
@@ -99,6 +117,10 @@ impl Default for RegistryConfig {
             backoff: Duration::from_millis(200),
             mirrors: BTreeMap::new(),
             tag_ttl: Duration::from_secs(30),
+            stall_timeout: Duration::from_secs(30),
+            // A 1 Mbit/s link shared by the node's 4 download slots gives each
+            // about 30 KiB/s, twice this; below it a 1 GiB layer takes 18 h.
+            min_rate: 16 << 10,
         }
     }
 }
@@ -284,6 +306,13 @@ pub enum RegistryError {
     Setup { reason: String },
     #[error("{reference}: the registry's TLS certificate is not accepted: {reason}")]
     Untrusted { reference: String, reason: String },
+    #[error(
+        "{reference}: blob {digest} from {host} runs to {received} bytes or more, past the size of {expected} bytes the \
+         manifest states; reading stopped"
+    )]
+    Oversized { reference: String, digest: Digest, host: String, expected: u64, received: u64 },
+    #[error("{reference}: no download slot (the engine is stopping)")]
+    Stopped { reference: String },
     #[error("storing a blob of {reference}")]
     Store {
         reference: String,
@@ -299,7 +328,10 @@ impl RegistryError {
             RegistryError::NotFound { .. } => ErrorKind::NotFound,
             RegistryError::Denied { .. } => ErrorKind::PermissionDenied,
             RegistryError::Unavailable { .. } => ErrorKind::Unavailable,
-            RegistryError::Protocol { .. } | RegistryError::ManifestMismatch { .. } => ErrorKind::DataLoss,
+            RegistryError::Protocol { .. } | RegistryError::ManifestMismatch { .. } | RegistryError::Oversized { .. } => {
+                ErrorKind::DataLoss
+            }
+            RegistryError::Stopped { .. } => ErrorKind::Cancelled,
             RegistryError::Credentials { .. } | RegistryError::Certificates { .. } => ErrorKind::InvalidArgument,
             RegistryError::Setup { .. } => ErrorKind::Internal,
             // Not retried (it cannot get better by itself), but a tag still
@@ -355,7 +387,9 @@ impl Session {
         let client = Client::try_from(ClientConfig {
             protocol,
             connect_timeout: Some(Duration::from_secs(10)),
-            read_timeout: Some(Duration::from_secs(60)),
+            // A blob read has its own, tighter, stall limit (`fetch_blob`);
+            // this one bounds every other request.
+            read_timeout: Some(config.stall_timeout.max(Duration::from_secs(60))),
             extra_root_certificates: authorities.to_vec(),
             ..ClientConfig::default()
         })
@@ -415,6 +449,61 @@ impl FileStamp {
             bytes: metadata.len(),
             changed: (metadata.ctime(), metadata.ctime_nsec()),
         })
+    }
+}
+
+/// A blob read that stopped making progress fast enough. Transient: the
+/// next attempt resumes from what was written.
+#[derive(Debug, thiserror::Error)]
+pub enum Slow {
+    #[error("blob {digest} from {host}: stalled: no {awaited} for {}", Seconds(*.waited))]
+    Stalled { digest: Digest, host: String, awaited: &'static str, waited: Duration },
+    #[error("blob {digest} from {host}: too slow: {}/s over the last {}, below the floor of {}/s (min-rate)",
+        HumanBytes(*.measured), Seconds(*.window), HumanBytes(*.floor))]
+    TooSlow { digest: Digest, host: String, measured: u64, window: Duration, floor: u64 },
+}
+
+/// A duration for messages: `30 s`, `1.5 s`.
+struct Seconds(Duration);
+
+impl std::fmt::Display for Seconds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.subsec_millis() {
+            0 => write!(f, "{} s", self.0.as_secs()),
+            _ => write!(f, "{:.1} s", self.0.as_secs_f64()),
+        }
+    }
+}
+
+/// One of the node's download slots, for one blob. It is held while the
+/// blob's bytes are read and given back between attempts, so a registry that
+/// stalls or trickles keeps it only until its attempt fails, never through
+/// the backoff and the retries.
+pub struct DownloadSlot<'a> {
+    slots: &'a Semaphore,
+    held: Option<SemaphorePermit<'a>>,
+}
+
+impl<'a> DownloadSlot<'a> {
+    /// Waits for a free slot of `slots`.
+    ///
+    /// # Errors
+    /// `slots` is closed.
+    pub async fn acquire(slots: &'a Semaphore) -> Result<DownloadSlot<'a>, AcquireError> {
+        let mut slot = DownloadSlot { slots, held: None };
+        slot.hold().await?;
+        Ok(slot)
+    }
+
+    async fn hold(&mut self) -> Result<(), AcquireError> {
+        if self.held.is_none() {
+            self.held = Some(self.slots.acquire().await?);
+        }
+        Ok(())
+    }
+
+    fn release(&mut self) {
+        self.held = None;
     }
 }
 
@@ -600,39 +689,47 @@ impl Registry {
     /// Streams the blob `blob` into `ingest`, from the first mirror that has
     /// it, else the origin, resuming after interruptions with Range requests
     /// from what `ingest` holds (a mirror's partial bytes are kept and the
-    /// next host continues from there).
+    /// next host continues from there). `slot` is held while bytes are read
+    /// and let go during each backoff.
     ///
     /// Every request asks for a range, even from byte 0: a 206 answer is not
     /// hashed by the client library, so the bytes are hashed once, by the
     /// store, off the network task. A registry that answers 200 instead is
     /// followed from the start.
     ///
+    /// An attempt is interrupted (and resumed, up to `attempts`) when no byte
+    /// comes for `stall_timeout`, headers included, or when a
+    /// `stall_timeout` window brings less than `min_rate`. A registry that
+    /// sends more than `blob.size` bytes is not read further.
+    ///
     /// # Errors
-    /// Not found, denied, unavailable, or a store error.
+    /// Not found, denied, unavailable (a stall or a trickle among the
+    /// causes), [`RegistryError::Oversized`], or a store error.
     pub async fn fetch_blob(
         &self,
         reference: &ModelRef,
         blob: &Descriptor,
         ingest: &mut Ingest,
         progress: &Progress,
+        slot: &mut DownloadSlot<'_>,
     ) -> Result<(), RegistryError> {
         if blob.size == 0 {
             return Ok(());
         }
         let session = self.session();
         for mirror in self.config.mirrors.get(reference.registry()).into_iter().flatten() {
-            match self.fetch_blob_at(&session, reference, &mirror.host, blob, ingest, progress, 1).await {
+            match self.fetch_blob_at(&session, reference, &mirror.host, blob, ingest, progress, slot, 1).await {
                 Ok(()) => return Ok(()),
-                Err(error @ RegistryError::Store { .. }) => return Err(error),
+                Err(error @ (RegistryError::Store { .. } | RegistryError::Stopped { .. })) => return Err(error),
                 Err(error) => tracing::debug!(mirror = %mirror.host, blob = %blob.digest.short(), "mirror failed: {error}"),
             }
         }
         let origin = reference.registry();
-        match self.fetch_blob_at(&session, reference, origin, blob, ingest, progress, self.config.attempts).await {
+        match self.fetch_blob_at(&session, reference, origin, blob, ingest, progress, slot, self.config.attempts).await {
             // What is already written stays: the renewed session resumes it.
             Err(RegistryError::Denied { .. }) if session.renewable(reference, origin).await => {
                 let session = self.renew(&session);
-                self.fetch_blob_at(&session, reference, origin, blob, ingest, progress, self.config.attempts).await
+                self.fetch_blob_at(&session, reference, origin, blob, ingest, progress, slot, self.config.attempts).await
             }
             other => other,
         }
@@ -647,6 +744,7 @@ impl Registry {
         blob: &Descriptor,
         ingest: &mut Ingest,
         progress: &Progress,
+        slot: &mut DownloadSlot<'_>,
         attempts: u32,
     ) -> Result<(), RegistryError> {
         let store_error = |source| RegistryError::Store { reference: reference.to_string(), source };
@@ -667,41 +765,11 @@ impl Registry {
             if offset >= blob.size {
                 return Ok(());
             }
-            let failure = match session.client.pull_blob_stream_partial(&image, &descriptor, offset, None).await {
-                Ok(response) => {
-                    let stream = match response {
-                        BlobResponse::Partial(stream) => stream,
-                        BlobResponse::Full(stream) => {
-                            if offset > 0 {
-                                ingest.restart().await.map_err(store_error)?;
-                                progress.take_back(offset);
-                            }
-                            stream
-                        }
-                    };
-                    let mut stream = stream.stream;
-                    let mut failure = None;
-                    while let Some(chunk) = stream.next().await {
-                        match chunk {
-                            Ok(bytes) => {
-                                let length = bytes.len() as u64;
-                                ingest.write(bytes).await.map_err(store_error)?;
-                                progress.add(length);
-                                crate::metrics::metrics().downloaded_bytes.add(length);
-                            }
-                            Err(error) => {
-                                failure = Some(Failure::Transient(Box::new(error)));
-                                break;
-                            }
-                        }
-                    }
-                    match failure {
-                        Some(failure) => failure,
-                        None if ingest.position().await.map_err(store_error)? >= blob.size => return Ok(()),
-                        None => Failure::Transient("the blob stream ended early".into()),
-                    }
-                }
-                Err(error) => classify(reference, error),
+            slot.hold().await.map_err(|_| RegistryError::Stopped { reference: reference.to_string() })?;
+            let read = self.read_blob(session, reference, &image, &descriptor, host, blob, offset, ingest, progress);
+            let failure = match read.await {
+                Ok(()) => return Ok(()),
+                Err(failure) => failure,
             };
             match failure {
                 Failure::Permanent(error) => return Err(error),
@@ -710,8 +778,104 @@ impl Registry {
                 }
                 Failure::Transient(source) => {
                     tracing::warn!(reference = %reference, host, blob = %blob.digest.short(), attempt, "blob download interrupted, resuming: {source}");
+                    slot.release();
                     tokio::time::sleep(self.backoff(attempt)).await;
                 }
+            }
+        }
+    }
+
+    /// One attempt at the rest of `blob` from `host`, from `offset`: every
+    /// wait for the registry is bounded by `stall_timeout`, each window of it
+    /// must bring `min_rate`, and no byte past `blob.size` is read.
+    #[allow(clippy::too_many_arguments)]
+    async fn read_blob(
+        &self,
+        session: &Session,
+        reference: &ModelRef,
+        image: &Reference,
+        descriptor: &OciDescriptor,
+        host: &str,
+        blob: &Descriptor,
+        offset: u64,
+        ingest: &mut Ingest,
+        progress: &Progress,
+    ) -> Result<(), Failure> {
+        let store_error = |source| Failure::Permanent(RegistryError::Store { reference: reference.to_string(), source });
+        let stall = self.config.stall_timeout;
+        let stalled = |awaited, waited| {
+            Failure::Transient(Box::new(Slow::Stalled { digest: blob.digest.clone(), host: host.to_owned(), awaited, waited }))
+        };
+        let oversized = |received| {
+            Failure::Permanent(RegistryError::Oversized {
+                reference: reference.to_string(),
+                digest: blob.digest.clone(),
+                host: host.to_owned(),
+                expected: blob.size,
+                received,
+            })
+        };
+        let response = tokio::time::timeout(stall, session.client.pull_blob_stream_partial(image, descriptor, offset, None))
+            .await
+            .map_err(|_| stalled("response", stall))?
+            .map_err(|error| classify(reference, error))?;
+        let (stream, mut received) = match response {
+            BlobResponse::Partial(stream) => (stream, offset),
+            BlobResponse::Full(stream) => {
+                if offset > 0 {
+                    ingest.restart().await.map_err(store_error)?;
+                    progress.take_back(offset);
+                }
+                (stream, 0)
+            }
+        };
+        if let Some(length) = stream.content_length
+            && received.saturating_add(length) > blob.size
+        {
+            return Err(oversized(received.saturating_add(length)));
+        }
+        let mut stream = stream.stream;
+        let mut last_byte = Instant::now();
+        let (mut window_start, mut window_bytes) = (last_byte, 0u64);
+        loop {
+            let stall_at = last_byte + stall;
+            let window_end = window_start + stall;
+            let deadline = if self.config.min_rate > 0 { stall_at.min(window_end) } else { stall_at };
+            match tokio::time::timeout_at(deadline, stream.next()).await {
+                Ok(Some(Ok(bytes))) => {
+                    let length = bytes.len() as u64;
+                    if received + length > blob.size {
+                        return Err(oversized(received + length));
+                    }
+                    received += length;
+                    ingest.write(bytes).await.map_err(store_error)?;
+                    progress.add(length);
+                    crate::metrics::metrics().downloaded_bytes.add(length);
+                    if length > 0 {
+                        last_byte = Instant::now();
+                        window_bytes += length;
+                    }
+                }
+                Ok(Some(Err(error))) => return Err(Failure::Transient(Box::new(error))),
+                Ok(None) if received >= blob.size => return Ok(()),
+                Ok(None) => return Err(Failure::Transient("the blob stream ended early".into())),
+                Err(_) if Instant::now() >= stall_at => return Err(stalled("bytes", stall)),
+                Err(_) => {}
+            }
+            let now = Instant::now();
+            if self.config.min_rate > 0 && now >= window_end {
+                let window = now - window_start;
+                let measured = (u128::from(window_bytes) * 1000 / window.as_millis().max(1)) as u64;
+                if measured < self.config.min_rate {
+                    return Err(Failure::Transient(Box::new(Slow::TooSlow {
+                        digest: blob.digest.clone(),
+                        host: host.to_owned(),
+                        measured,
+                        window,
+                        floor: self.config.min_rate,
+                    })));
+                }
+                (window_start, window_bytes) = (now, 0);
             }
         }
     }

@@ -46,16 +46,33 @@ pub struct RegistryArgs {
     /// A PEM file of CAs trusted for registries besides the system's; repeatable.
     #[arg(long = "ca-certificate", env = "MODELCACHE_CA_CERTIFICATES", value_delimiter = ',')]
     pub ca_certificates: Vec<PathBuf>,
+    /// How long a blob download may go without a byte before it is resumed (default 30s).
+    #[arg(long, env = "MODELCACHE_STALL_TIMEOUT", value_parser = parse_stall_timeout)]
+    pub stall_timeout: Option<Duration>,
+    /// Bytes per second a blob download must average, or it is resumed (default 16KiB; 0: no floor).
+    #[arg(long, env = "MODELCACHE_MIN_RATE", value_parser = modelcache_policy::size::parse_size)]
+    pub min_rate: Option<u64>,
 }
 
 impl RegistryArgs {
     pub fn config(&self) -> RegistryConfig {
+        let defaults = RegistryConfig::default();
         RegistryConfig {
             insecure: self.insecure.clone(),
             docker_config: self.docker_config.clone(),
             ca_certificates: self.ca_certificates.clone(),
-            ..RegistryConfig::default()
+            stall_timeout: self.stall_timeout.unwrap_or(defaults.stall_timeout),
+            min_rate: self.min_rate.unwrap_or(defaults.min_rate),
+            ..defaults
         }
+    }
+}
+
+/// A stall limit: a duration (`30s`, `2m`) of at least a second.
+fn parse_stall_timeout(text: &str) -> Result<Duration, String> {
+    match modelcache_policy::size::parse_duration(text)? {
+        0 => Err(format!("`{text}`: the stall timeout must be at least 1s")),
+        seconds => Ok(Duration::from_secs(seconds)),
     }
 }
 

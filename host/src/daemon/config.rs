@@ -95,6 +95,8 @@ struct RawRegistries {
     #[serde(default)]
     mirrors: BTreeMap<String, RawMirror>,
     tag_ttl: Option<String>,
+    stall_timeout: Option<String>,
+    min_rate: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -224,12 +226,25 @@ impl ServeConfig {
             None => defaults.tag_ttl,
             text => duration("registries.tag-ttl", text, "")?,
         };
+        let stall_timeout = match raw.registries.stall_timeout.as_deref() {
+            None => defaults.stall_timeout,
+            text => Some(duration("registries.stall-timeout", text, "")?)
+                .filter(|timeout| !timeout.is_zero())
+                .ok_or_else(|| ("registries.stall-timeout".to_owned(), "must be at least 1s".to_owned()))?,
+        };
+        let min_rate = match raw.registries.min_rate.as_deref() {
+            None => defaults.min_rate,
+            Some(text) => modelcache_policy::size::parse_size(text)
+                .map_err(|reason| ("registries.min-rate".to_owned(), format!("{reason} (bytes per second)")))?,
+        };
         engine.registry = RegistryConfig {
             insecure: raw.registries.insecure,
             docker_config: raw.registries.docker_config,
             ca_certificates: raw.registries.ca_certificates,
             mirrors,
             tag_ttl,
+            stall_timeout,
+            min_rate,
             ..defaults
         };
         let gc_interval = duration("gc.interval", raw.gc.interval.as_deref(), DEFAULT_GC_INTERVAL)?;
@@ -278,6 +293,7 @@ mod tests {
         assert_eq!(empty.engine.download_concurrency, 4);
         assert_eq!(empty.shutdown_timeout, Duration::from_secs(30));
         assert_eq!(empty.engine.registry.tag_ttl, Duration::from_secs(30));
+        assert_eq!((empty.engine.registry.stall_timeout, empty.engine.registry.min_rate), (Duration::from_secs(30), 16 << 10));
     }
 
     /// Every key is read.
@@ -295,6 +311,8 @@ mod tests {
             insecure = ["registry.local:5000"]
             docker-config = "/root/.docker"
             tag-ttl = "0"
+            stall-timeout = "2m"
+            min-rate = "1MiB"
             [registries.mirrors."registry.local:5000"]
             endpoints = ["http://127.0.0.1:65001", "https://mirror.local"]
             resolve = false
@@ -322,6 +340,7 @@ mod tests {
         assert_eq!(mirrors[0], Mirror { host: "127.0.0.1:65001".into(), plain_http: true, resolve: false });
         assert!(!mirrors[1].plain_http);
         assert_eq!(config.engine.registry.tag_ttl, Duration::ZERO);
+        assert_eq!((config.engine.registry.stall_timeout, config.engine.registry.min_rate), (Duration::from_secs(120), 1 << 20));
         assert_eq!(config.gc_interval, None);
         assert_eq!(config.engine.gc_grace, Duration::from_secs(1800));
         assert_eq!(config.socket_mode, 0o660);
@@ -338,6 +357,8 @@ mod tests {
         assert_eq!(key("[api]\nmode = \"rwx\"").0, "api.mode");
         assert_eq!(key("[metrics]\naddress = \"localhost\"").0, "metrics.address");
         assert_eq!(key("[downloads]\nconcurrency = 0").0, "downloads.concurrency");
+        assert_eq!(key("[registries]\nstall-timeout = \"0\"").0, "registries.stall-timeout");
+        assert_eq!(key("[registries]\nmin-rate = \"fast\"").0, "registries.min-rate");
         assert_eq!(key("[registries.mirrors.\"r\"]\nendpoints = [\"ftp://m\"]").0, "registries.mirrors.\"r\".endpoints");
         let (line, reason) = key("\n[gc]\nintervl = \"1m\"");
         assert_eq!(line, "line 3");
