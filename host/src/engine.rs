@@ -131,8 +131,7 @@ impl EngineError {
             EngineError::Model(error) => error.kind(),
             EngineError::Store(error) => error.kind(),
             EngineError::Volume(error) => error.kind(),
-            EngineError::Exclude { source: ExcludeError::Unserved, .. } => ErrorKind::InvalidArgument,
-            EngineError::Exclude { source: ExcludeError::Failed(_), .. } => ErrorKind::PolicyFailed,
+            EngineError::Exclude { source, .. } => source.kind(),
             EngineError::QuotaDenied { .. } => ErrorKind::QuotaDenied,
             EngineError::Conflict { .. } => ErrorKind::Conflict,
             EngineError::NotFound { .. } => ErrorKind::NotFound,
@@ -492,6 +491,7 @@ impl Engine {
     /// An invalid reference, or a conflict with what the volume holds.
     pub fn start_mount(self: &Arc<Self>, request: MountRequest) -> Result<MountHandle, EngineError> {
         ModelRef::parse(&request.reference)?;
+        request.options.validate().map_err(|source| EngineError::Exclude { reference: request.reference.clone(), source })?;
         let slot = (request.volume.clone(), request.mount_id.clone());
         let mut active = self.active();
         if let Some(running) = active.get(&slot) {
@@ -728,6 +728,7 @@ impl Engine {
     /// # Errors
     /// As a mount's.
     pub async fn prefetch(self: &Arc<Self>, reference: &str, options: &ExcludeOptions, pin: bool) -> Result<Prefetched, EngineError> {
+        options.validate().map_err(|source| EngineError::Exclude { reference: reference.to_owned(), source })?;
         let resolved = self.resolve_request(reference, options).await?;
         if pin {
             // As `pin`: not while a GC run decides with older pins.
