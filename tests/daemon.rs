@@ -631,3 +631,49 @@ async fn a_registry_sending_past_the_size_is_cut_off() {
     assert_eq!(proxy.blob_gets.load(std::sync::atomic::Ordering::SeqCst), 1, "not asked again");
     assert!(std::fs::read_dir(daemon.root.join("tmp")).unwrap().next().is_none(), "no temporaries left");
 }
+
+/// A request's exclude pattern that does not parse fails the mount with
+/// InvalidArgument naming the pattern and the reason, before anything is
+/// fetched or recorded: through the API (as the CSI node sends its volume
+/// attributes), the CLI through the daemon and the CLI on its own, even
+/// though the exclude plugin's fail mode is `open`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unparsable_exclude_pattern_fails_the_mount() {
+    let Some(registry) = start_registry() else { return };
+    let (reference, _source) = publish(&registry, "models/bad-pattern:v1", &model(41));
+    let plugins = PluginDir::new();
+    plugins.add("exclude-patterns", "exclude-patterns");
+    plugins.configure("exclude-patterns", "[fail-mode]\nexclude = \"open\"\n");
+    let daemon =
+        Daemon::start(&format!("plugin-dir = {:?}\n[registries]\ninsecure = [\"{}\"]\n", plugins.path(), registry.host()));
+    let client = daemon.client();
+
+    let body = MountBody { patterns: vec!["*.md".into(), "weights/[0-9".into()], ..mount_body(&reference, 120.0) };
+    let error = client.put::<_, VolumeRecord>("/v1/volumes/api/default", &body).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::InvalidArgument, "{error}");
+    let message = error.to_string();
+    assert!(message.contains("`weights/[0-9`") && message.contains("unclosed `[`"), "{message}");
+
+    let through_daemon = support::modelcache()
+        .args(["mount", &reference, "--volume", "cli", "--exclude", "*.safetensors", "--exclude", "a\\", "--socket"])
+        .arg(&daemon.socket)
+        .output()
+        .unwrap();
+    let local_root = tempfile::tempdir().unwrap();
+    let local = support::modelcache()
+        .args(["mount", &reference, "--volume", "local", "--exclude", "/", "--insecure-registry", &registry.host()])
+        .args(["--plugins".as_ref(), plugins.path().as_os_str(), "--root".as_ref(), local_root.path().as_os_str()])
+        .arg("--socket")
+        .arg(local_root.path().join("no.sock"))
+        .output()
+        .unwrap();
+    for (output, pattern, reason) in [(through_daemon, "`a\\`", "lone `\\`"), (local, "`/`", "matches nothing")] {
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(pattern) && stderr.contains(reason), "{stderr}");
+    }
+
+    assert!(registry.blob_gets().is_empty(), "nothing was fetched: {:?}", registry.blob_gets());
+    let records: Vec<VolumeRecord> = client.get("/v1/volumes").await.unwrap();
+    assert!(records.is_empty(), "nothing was recorded: {records:?}");
+}

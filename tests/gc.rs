@@ -435,3 +435,40 @@ async fn periodic_gc_collects() {
     }
     periodic.abort();
 }
+
+/// A GC run prunes released records older than the GC grace and the volume
+/// directories they leave empty; ready and younger released volumes keep
+/// theirs, and a pruned volume can be mounted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_prunes_released_records_and_empty_volume_directories() {
+    let Some(registry) = start_registry() else { return };
+    let models = publish_models(&registry, "prune", 1, 1, 8 * KIB);
+    let reference = &models.references[0];
+    let root = tempfile::tempdir().unwrap();
+    let mut config = EngineConfig::new(root.path());
+    config.registry = RegistryConfig { insecure: vec![registry.host()], ..RegistryConfig::default() };
+    config.gc_grace = Duration::from_secs(1);
+    let engine = Engine::open(config).expect("engine");
+    for volume in ["old", "kept", "young"] {
+        engine.mount(request(volume, reference)).await.unwrap();
+    }
+    let old = VolumeId::new("old").unwrap();
+    engine.unmount(&old, &MountId::default()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    engine.unmount(&VolumeId::new("young").unwrap(), &MountId::default()).await.unwrap();
+
+    let report = engine.gc(false, Trigger::OnDemand).await.unwrap();
+    let (records, volumes) = (root.path().join("records"), root.path().join("volumes"));
+    let mut pruned = report.records.clone();
+    pruned.sort();
+    assert_eq!(pruned, [records.join("old"), records.join("old/default.json"), volumes.join("old"), volumes.join("young")]);
+    assert!(!records.join("old").exists() && !volumes.join("old").exists());
+    let listed: Vec<_> = engine.list().into_iter().map(|record| (record.volume.to_string(), record.state)).collect();
+    assert_eq!(listed, [("kept".to_owned(), VolumeState::Ready), ("young".to_owned(), VolumeState::Released)]);
+    assert_eq!(read_tree(&volumes.join("kept/default")), models.trees[0]);
+
+    let dry = engine.gc(true, Trigger::OnDemand).await.unwrap();
+    assert!(dry.records.is_empty(), "a dry run prunes nothing");
+    let again = engine.mount(request("old", reference)).await.unwrap();
+    assert_eq!(read_tree(&again.path), models.trees[0]);
+}

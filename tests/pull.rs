@@ -953,3 +953,83 @@ async fn joiners_retry_on_their_own_when_the_flight_fails() {
     assert!(message.contains("stalled: no bytes for 1 s") && message.contains(&proxy.host()), "{message}");
     assert!(tmp_is_empty(root.path()));
 }
+
+/// A volume whose record file does not parse is not wedged: `ls` lists it
+/// as failed (saying why), `unmount` releases it, and `mount` replaces it;
+/// each broken file is kept aside once, as `<mount-id>.json.broken`.
+#[test]
+fn an_unreadable_record_does_not_wedge_its_volume() {
+    let Some(registry) = start_registry() else { return };
+    let files = small_model(21);
+    let (reference, source) = publish(&registry, "models/broken-record:v1", &files);
+    let root = tempfile::tempdir().unwrap();
+    let output = cli(root.path(), &registry, &["mount", &reference, "--volume", "v"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let record_file = root.path().join("records/v/default.json");
+    let aside = root.path().join("records/v/default.json.broken");
+    let tree = root.path().join("volumes/v/default");
+
+    // Cut short, as a torn write or a bad disk would leave it.
+    let whole = std::fs::read(&record_file).unwrap();
+    std::fs::write(&record_file, &whole[..whole.len() / 2]).unwrap();
+    let output = support::modelcache().args(["ls", "--json", "--root"]).arg(root.path()).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let records: Vec<VolumeRecord> = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(records.len(), 1, "the volume is listed");
+    assert_eq!((records[0].volume.as_str(), records[0].state), ("v", VolumeState::Failed));
+    let error = records[0].error.clone().unwrap();
+    assert_eq!(error.kind, ErrorKind::DataLoss);
+    assert!(error.message.contains("unreadable") && error.message.contains("default.json"), "{}", error.message);
+    let output = support::modelcache().args(["ls", "--root"]).arg(root.path()).output().unwrap();
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(table.lines().any(|line| line.starts_with("v ") && line.contains("failed")), "{table}");
+
+    let output = cli(root.path(), &registry, &["unmount", "--volume", "v", "--json"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(!tree.exists(), "the tree is removed");
+    let released: VolumeRecord = serde_json::from_slice(&std::fs::read(&record_file).unwrap()).unwrap();
+    assert_eq!(released.state, VolumeState::Released);
+    assert_eq!(std::fs::read(&aside).unwrap(), &whole[..whole.len() / 2], "the broken bytes are kept aside");
+
+    // Another shape altogether: a mount replaces it and serves the model.
+    std::fs::write(&record_file, b"[\"not\", \"a record\"]").unwrap();
+    let output = cli(root.path(), &registry, &["mount", &reference, "--volume", "v"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(read_tree(&tree), read_tree(source.path()));
+    let ready: VolumeRecord = serde_json::from_slice(&std::fs::read(&record_file).unwrap()).unwrap();
+    assert_eq!(ready.state, VolumeState::Ready);
+    assert_eq!(std::fs::read(&aside).unwrap(), b"[\"not\", \"a record\"]", "one file aside per mount id, the latest");
+    let names: Vec<_> =
+        std::fs::read_dir(root.path().join("records/v")).unwrap().map(|entry| entry.unwrap().file_name()).collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+}
+
+/// Volume trees copied onto another filesystem count in the `cache-bytes`
+/// quota plugins see: a pull that fits the limit with the store's bytes
+/// alone but not with the copies is denied, and the reason counts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copied_volume_trees_count_against_quota() {
+    skip_unless!(support::is_root(), "mounting a tmpfs needs root");
+    let Some(registry) = start_registry() else { return };
+    let (first, _) = publish(&registry, "models/copied-a:v1", &[("a.bin", bytes(31, 6 * MIB))]);
+    let (second, _) = publish(&registry, "models/copied-b:v1", &[("b.bin", bytes(32, 6 * MIB))]);
+    let volumes = tempfile::tempdir().unwrap();
+    assert!(mount_tmpfs(volumes.path(), "64m"), "mounting a tmpfs failed");
+    let _unmount = Unmount(volumes.path().to_owned());
+    // 6 MiB in the store + 6 MiB copied + 6 MiB incoming > 16 MiB >= 6 + 6.
+    let plugins = PluginDir::new();
+    plugins.add("quota-watermark", "quota-watermark");
+    plugins.configure("quota-watermark", "[settings]\nlimit = \"16MiB\"\n");
+    let root = tempfile::tempdir().unwrap();
+    let engine = engine_with(root.path(), &registry.host(), Some(plugins.path()), Some(volumes.path()));
+    let record = engine.mount(request("copied", &first)).await.unwrap();
+    assert_eq!(record.link.unwrap().copied_bytes, 6 * MIB as u64);
+
+    let error = engine.mount(request("next", &second)).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::QuotaDenied, "{error}");
+    assert!(error.to_string().contains("cache 12.0 MiB"), "{error}");
+
+    // Released, the copy no longer counts and the pull fits.
+    engine.unmount(&record.volume, &record.mount_id).await.unwrap();
+    engine.mount(request("next-again", &second)).await.expect("admitted once the copy is gone");
+}

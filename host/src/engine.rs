@@ -151,8 +151,7 @@ impl EngineError {
             EngineError::Model(error) => error.kind(),
             EngineError::Store(error) => error.kind(),
             EngineError::Volume(error) => error.kind(),
-            EngineError::Exclude { source: ExcludeError::Unserved, .. } => ErrorKind::InvalidArgument,
-            EngineError::Exclude { source: ExcludeError::Failed(_), .. } => ErrorKind::PolicyFailed,
+            EngineError::Exclude { source, .. } => source.kind(),
             EngineError::QuotaDenied { .. } => ErrorKind::QuotaDenied,
             EngineError::Conflict { .. } => ErrorKind::Conflict,
             EngineError::NotFound { .. } => ErrorKind::NotFound,
@@ -238,6 +237,12 @@ impl SlotLocks {
         let mut locks = self.0.lock().unwrap_or_else(|poison| poison.into_inner());
         locks.retain(|_, lock| Arc::strong_count(lock) > 1);
         locks.entry(slot.clone()).or_default().clone()
+    }
+
+    /// Whether something holds or awaits a slot of `volume`.
+    fn busy(&self, volume: &VolumeId) -> bool {
+        let locks = self.0.lock().unwrap_or_else(|poison| poison.into_inner());
+        locks.iter().any(|((held, _), lock)| held == volume && Arc::strong_count(lock) > 1)
     }
 }
 
@@ -515,6 +520,7 @@ impl Engine {
     /// An invalid reference, or a conflict with what the volume holds.
     pub fn start_mount(self: &Arc<Self>, request: MountRequest) -> Result<MountHandle, EngineError> {
         ModelRef::parse(&request.reference)?;
+        request.options.validate().map_err(|source| EngineError::Exclude { reference: request.reference.clone(), source })?;
         let slot = (request.volume.clone(), request.mount_id.clone());
         let mut active = self.active();
         if let Some(running) = active.get(&slot) {
@@ -762,6 +768,7 @@ impl Engine {
     /// # Errors
     /// As a mount's.
     pub async fn prefetch(self: &Arc<Self>, reference: &str, options: &ExcludeOptions, pin: bool) -> Result<Prefetched, EngineError> {
+        options.validate().map_err(|source| EngineError::Exclude { reference: reference.to_owned(), source })?;
         let resolved = self.resolve_request(reference, options).await?;
         if pin {
             // As `pin`: not while a GC run decides with older pins.
@@ -967,7 +974,7 @@ impl Engine {
             reference: reference.to_string(),
             manifest_digest: model.digest.to_string(),
             incoming_bytes: incoming,
-            cache_bytes: self.store.cache_bytes(),
+            cache_bytes: self.store.cache_bytes() + self.volumes.copied_bytes(),
             reserved_bytes: *self.reservations.bytes.lock().unwrap_or_else(|poison| poison.into_inner()),
             filesystem: self.store.filesystem()?,
         };
@@ -1272,6 +1279,7 @@ impl Engine {
     fn collect(&self, dry_run: bool, trigger: Trigger) -> Result<GcReport, EngineError> {
         let before = self.store.cache_bytes();
         let temporaries = if dry_run { Vec::new() } else { self.store.remove_stale_temporaries(self.config.gc_grace)? };
+        let records = if dry_run { Vec::new() } else { self.prune_volumes() };
         let pinned = self.pins.digests();
         let entries = self.store.entries()?;
         let candidates = crate::gc::candidates(&entries, |key| self.protected(key, &pinned));
@@ -1297,7 +1305,7 @@ impl Engine {
         }
         let input = GcInput {
             filesystem: self.store.filesystem()?,
-            cache_bytes: before,
+            cache_bytes: before + self.volumes.copied_bytes(),
             now: now.unix_timestamp().max(0) as u64,
             candidates: offered,
         };
@@ -1341,6 +1349,7 @@ impl Engine {
             evicted,
             blobs,
             temporaries,
+            records,
             freed_bytes,
             failures: decision.failures,
         };
@@ -1353,6 +1362,25 @@ impl Engine {
             metrics.gc_freed_bytes.add(report.freed_bytes);
         }
         Ok(report)
+    }
+
+    /// Prunes every volume no mount, unmount or shutdown is working on (see
+    /// [`Volumes::prune_volume`]): `released` records older than the GC
+    /// grace and then empty volume directories.
+    fn prune_volumes(&self) -> Vec<PathBuf> {
+        let cutoff = std::time::SystemTime::now().checked_sub(self.config.gc_grace).unwrap_or(std::time::UNIX_EPOCH).into();
+        let mut removed = Vec::new();
+        for volume in self.volumes.volume_ids() {
+            // Held while pruning: `start_mount` writes a volume's first
+            // record under it, and every later step on the volume holds its
+            // slot, so none can find its directory gone under it.
+            let active = self.active();
+            if active.keys().any(|(held, _)| *held == volume) || self.slots.busy(&volume) {
+                continue;
+            }
+            removed.extend(self.volumes.prune_volume(&volume, cutoff));
+        }
+        removed
     }
 
     /// Runs GC every `interval` until the engine is dropped.

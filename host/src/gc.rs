@@ -300,6 +300,10 @@ pub struct GcReport {
     /// Blobs and unpacked layers nothing needs any more, with their bytes.
     pub blobs: Vec<(Digest, u64)>,
     pub temporaries: Vec<PathBuf>,
+    /// Released volume records and empty volume directories pruned (see
+    /// `Volumes::prune_volume`); a dry run prunes nothing.
+    #[serde(default)]
+    pub records: Vec<PathBuf>,
     /// Bytes the cache shrank by (for a dry run: would shrink by, at least).
     pub freed_bytes: u64,
     pub failures: Vec<crate::plugins::PluginFailure>,

@@ -10,6 +10,17 @@
 //! its entry. A record says `ready` only once its tree is complete; at
 //! start-up, `pulling` records (whose process is gone: the root lock says so)
 //! turn `failed`, and `ready` records whose tree is missing do too.
+//!
+//! A record file that does not parse (truncated, garbage, another shape, or
+//! naming another volume) reads as a `failed` record with a `data-loss` error
+//! saying so, so it never wedges its volume: a mount replaces it, an unmount
+//! releases it, `ls` and `status` show it. The first write over it keeps the
+//! broken bytes aside as `<mount-id>.json.broken` (one per mount id, replaced
+//! each time) for the operator to look at.
+//!
+//! Pruning ([`Volumes::prune_volume`], run by garbage collection): `released`
+//! records and set-aside broken records older than the GC grace are removed,
+//! then the volume's record and tree directories if they are empty.
 
 use std::fmt;
 use std::fs;
@@ -22,7 +33,7 @@ use crate::error::ErrorKind;
 use crate::link::{LinkMethod, LinkReport};
 use crate::modelpack::SelectionKey;
 use crate::plugins::exclude::{ExcludeOptions, Skip};
-use crate::store::{EntryKey, StoreError, read_json, write_json, write_json_volatile};
+use crate::store::{EntryKey, StoreError, write_json, write_json_volatile};
 
 const MAX_ID: usize = 128;
 
@@ -190,6 +201,16 @@ impl VolumeRecord {
         }
     }
 
+    /// What a record file that does not parse reads as: a `failed` record of
+    /// the volume whose error says why, so the volume can be mounted again
+    /// or released like any failed one.
+    fn unreadable(volume: VolumeId, mount_id: MountId, tree: PathBuf, reason: String) -> Self {
+        let mut record = VolumeRecord::pulling(volume, mount_id, String::new(), ExcludeOptions::default(), tree);
+        record.state = VolumeState::Failed;
+        record.error = Some(RecordError { kind: ErrorKind::DataLoss, message: reason });
+        record
+    }
+
     /// The entry the record holds, once the selection is known.
     pub fn entry(&self) -> Option<EntryKey> {
         Some(EntryKey::new(self.digest.clone()?, self.selection.clone()?))
@@ -224,12 +245,18 @@ pub struct Volumes {
     records: PathBuf,
     trees: PathBuf,
     holding: std::sync::Mutex<std::collections::HashMap<(VolumeId, MountId), EntryKey>>,
+    /// Copied bytes of each `ready` volume (see [`Volumes::copied_bytes`]).
+    copied: std::sync::Mutex<std::collections::HashMap<(VolumeId, MountId), u64>>,
+    /// Slots whose record file [`Volumes::get`] found unreadable: the next
+    /// write keeps the broken file aside before replacing it.
+    unreadable: std::sync::Mutex<std::collections::HashSet<(VolumeId, MountId)>>,
 }
 
 impl Volumes {
     /// The records under `records`, volume trees under `trees`.
     pub fn new(records: PathBuf, trees: PathBuf) -> Volumes {
-        let volumes = Volumes { records, trees, holding: Default::default() };
+        let volumes =
+            Volumes { records, trees, holding: Default::default(), copied: Default::default(), unreadable: Default::default() };
         for record in volumes.list() {
             volumes.index(&record);
         }
@@ -240,9 +267,25 @@ impl Volumes {
         let mut holding = self.holding.lock().unwrap_or_else(|poison| poison.into_inner());
         let slot = (record.volume.clone(), record.mount_id.clone());
         match record.entry().filter(|_| record.state.holds_entry()) {
-            Some(key) => holding.insert(slot, key),
+            Some(key) => holding.insert(slot.clone(), key),
             None => holding.remove(&slot),
         };
+        drop(holding);
+        let mut copied = self.copied.lock().unwrap_or_else(|poison| poison.into_inner());
+        match record.link.map(|link| link.copied_bytes).filter(|bytes| record.state == VolumeState::Ready && *bytes > 0) {
+            Some(bytes) => copied.insert(slot, bytes),
+            None => copied.remove(&slot),
+        };
+    }
+
+    /// Bytes that `ready` volume trees hold of their own: files copied or
+    /// reflinked into them (a volume directory on another filesystem than
+    /// the store) rather than hardlinked to the store's. Kept current by
+    /// every write, so a quota decision adds them to the store's bytes
+    /// without walking the trees. A reflink is counted whole, as it may come
+    /// to own all its blocks.
+    pub fn copied_bytes(&self) -> u64 {
+        self.copied.lock().unwrap_or_else(|poison| poison.into_inner()).values().sum()
     }
 
     /// The volumes whose records hold `key` (pulling or ready).
@@ -272,16 +315,29 @@ impl Volumes {
         self.records.join(volume.as_str()).join(format!("{mount_id}.json"))
     }
 
-    /// The record of a volume's mount, if there is one.
+    /// The record of a volume's mount, if there is one. A record file that
+    /// does not parse reads as a `failed` record saying so (see the module
+    /// documentation) and is logged.
     ///
     /// # Errors
-    /// An unreadable record.
+    /// A record file that cannot be read.
     pub fn get(&self, volume: &VolumeId, mount_id: &MountId) -> Result<Option<VolumeRecord>, VolumeError> {
         let path = self.record_path(volume, mount_id);
-        if !path.exists() {
-            return Ok(None);
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StoreError::Io { action: "read", path, source }.into()),
+        };
+        match parse_record(&bytes, volume, mount_id) {
+            Ok(record) => Ok(Some(record)),
+            Err(reason) => {
+                let reason = format!("the volume's record {} is unreadable: {reason}", path.display());
+                tracing::warn!(volume = %volume, mount_id = %mount_id, "{reason}; it reads as failed until replaced");
+                let slot = (volume.clone(), mount_id.clone());
+                self.unreadable.lock().unwrap_or_else(|poison| poison.into_inner()).insert(slot);
+                Ok(Some(VolumeRecord::unreadable(volume.clone(), mount_id.clone(), self.tree(volume, mount_id), reason)))
+            }
         }
-        Ok(Some(read_json(&path)?))
     }
 
     /// Writes a record (atomically and durably), stamping `updated_at`.
@@ -312,29 +368,106 @@ impl Volumes {
         let path = self.record_path(&record.volume, &record.mount_id);
         let dir = path.parent().expect("records live in a volume directory");
         fs::create_dir_all(dir).map_err(|source| StoreError::Io { action: "create", path: dir.to_owned(), source })?;
+        let slot = (record.volume.clone(), record.mount_id.clone());
+        if self.unreadable.lock().unwrap_or_else(|poison| poison.into_inner()).remove(&slot) {
+            set_aside(&path, &broken_path(&path));
+        }
         if durable { write_json(&path, record)? } else { write_json_volatile(&path, record)? }
         self.index(record);
         Ok(())
     }
 
-    /// Every record, by volume then mount id. Unreadable ones are logged
-    /// and skipped.
+    /// Every record, by volume then mount id. A record file that does not
+    /// parse is listed as the `failed` record [`Volumes::get`] reads it as;
+    /// a file whose name is not a volume's and mount id's is logged and
+    /// skipped.
     pub fn list(&self) -> Vec<VolumeRecord> {
         let mut records = Vec::new();
-        for volume in fs::read_dir(&self.records).into_iter().flatten().flatten() {
-            for file in fs::read_dir(volume.path()).into_iter().flatten().flatten() {
+        for volume_dir in fs::read_dir(&self.records).into_iter().flatten().flatten() {
+            let Ok(volume) = VolumeId::new(&volume_dir.file_name().to_string_lossy()) else { continue };
+            for file in fs::read_dir(volume_dir.path()).into_iter().flatten().flatten() {
                 let path = file.path();
                 if path.extension().is_none_or(|ext| ext != "json") {
                     continue;
                 }
-                match read_json::<VolumeRecord>(&path) {
-                    Ok(record) => records.push(record),
-                    Err(error) => tracing::warn!(path = %path.display(), "skipping an unreadable volume record: {error}"),
-                }
+                let name = file.file_name().to_string_lossy().into_owned();
+                let Ok(mount_id) = MountId::new(name.strip_suffix(".json").unwrap_or_default()) else {
+                    tracing::warn!(path = %path.display(), "skipping a file that is not a volume record");
+                    continue;
+                };
+                let record = match fs::read(&path) {
+                    Ok(bytes) => parse_record(&bytes, &volume, &mount_id).unwrap_or_else(|reason| {
+                        let reason = format!("the volume's record {} is unreadable: {reason}", path.display());
+                        tracing::warn!(volume = %volume, mount_id = %mount_id, "{reason}");
+                        VolumeRecord::unreadable(volume.clone(), mount_id.clone(), self.tree(&volume, &mount_id), reason)
+                    }),
+                    Err(error) => {
+                        tracing::warn!(path = %path.display(), "skipping a volume record that cannot be read: {error}");
+                        continue;
+                    }
+                };
+                records.push(record);
             }
         }
         records.sort_by(|a, b| (&a.volume, &a.mount_id).cmp(&(&b.volume, &b.mount_id)));
         records
+    }
+
+    /// The volumes that have a record directory or a tree directory.
+    pub fn volume_ids(&self) -> Vec<VolumeId> {
+        let mut ids: Vec<VolumeId> = [&self.records, &self.trees]
+            .into_iter()
+            .flat_map(|dir| fs::read_dir(dir).into_iter().flatten().flatten())
+            .filter_map(|entry| VolumeId::new(&entry.file_name().to_string_lossy()).ok())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
+    /// Prunes one volume: removes its `released` records last written
+    /// before `cutoff`, its set-aside broken records and stale record
+    /// temporaries last modified before it, then its record directory and
+    /// its tree directory if they are empty. Returns what it removed. The
+    /// caller makes sure no mount or unmount of the volume runs meanwhile
+    /// (they create these directories and count on them staying).
+    pub fn prune_volume(&self, volume: &VolumeId, cutoff: time::OffsetDateTime) -> Vec<PathBuf> {
+        let mut removed = Vec::new();
+        let dir = self.records.join(volume.as_str());
+        for file in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = file.path();
+            let name = file.file_name().to_string_lossy().into_owned();
+            let modified = || file.metadata().and_then(|metadata| metadata.modified()).map(time::OffsetDateTime::from);
+            let stale = if let Some(mount_id) = name.strip_suffix(".json") {
+                // Only a record that parses and says `released`: anything
+                // else still tells its volume's story.
+                let released = MountId::new(mount_id)
+                    .ok()
+                    .and_then(|mount_id| parse_record(&fs::read(&path).ok()?, volume, &mount_id).ok());
+                released.is_some_and(|record| record.state == VolumeState::Released && record.updated_at < cutoff)
+            } else if name.ends_with(".json.broken") || name.starts_with(".tmp-") {
+                modified().is_ok_and(|modified| modified < cutoff)
+            } else {
+                false
+            };
+            if !stale {
+                continue;
+            }
+            match fs::remove_file(&path) {
+                Ok(()) => removed.push(path),
+                Err(error) => tracing::warn!(path = %path.display(), "cannot prune: {error}"),
+            }
+        }
+        for empty in [dir, self.trees.join(volume.as_str())] {
+            // Fails unless empty, which is the point.
+            if fs::remove_dir(&empty).is_ok() {
+                removed.push(empty);
+            }
+        }
+        if !removed.is_empty() {
+            tracing::info!(volume = %volume, removed = removed.len(), "pruned released records and empty volume directories");
+        }
+        removed
     }
 
     /// After a crash: `pulling` records and `ready` records without a tree
@@ -364,6 +497,38 @@ impl Volumes {
             failed.push(record);
         }
         Ok(failed)
+    }
+}
+
+/// A record file's bytes as the record of `volume`/`mount_id`, or why not.
+fn parse_record(bytes: &[u8], volume: &VolumeId, mount_id: &MountId) -> Result<VolumeRecord, String> {
+    let record: VolumeRecord = serde_json::from_slice(bytes).map_err(|error| format!("it does not parse ({error})"))?;
+    if record.volume != *volume || record.mount_id != *mount_id {
+        return Err(format!("it is the record of {}/{}", record.volume, record.mount_id));
+    }
+    Ok(record)
+}
+
+/// Where an unreadable record file is kept once a write replaces it.
+fn broken_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(".broken");
+    path.with_file_name(name)
+}
+
+/// Moves the unreadable record at `path` to `aside`, dated now so pruning
+/// keeps it for a whole GC grace. Best effort: the write that follows
+/// replaces the record either way.
+fn set_aside(path: &Path, aside: &Path) {
+    let moved = fs::rename(path, aside).and_then(|()| {
+        fs::File::options().write(true).open(aside)?.set_modified(std::time::SystemTime::now())
+    });
+    match moved {
+        Ok(()) => {
+            tracing::warn!(path = %path.display(), aside = %aside.display(), "replacing an unreadable volume record; kept aside");
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => tracing::warn!(path = %path.display(), "cannot keep the unreadable volume record aside: {error}"),
     }
 }
 
@@ -414,5 +579,94 @@ mod tests {
         assert_eq!(states, [VolumeState::Failed, VolumeState::Ready, VolumeState::Failed]);
         assert!(!dir.path().join("trees/b-ready/.tmp-half").exists());
         assert!(volumes.list()[0].error.as_ref().unwrap().message.contains("interrupted"));
+    }
+
+    fn ready(volumes: &Volumes, volume: &str, copied_bytes: u64) -> VolumeRecord {
+        let volume = VolumeId::new(volume).unwrap();
+        let path = volumes.tree(&volume, &MountId::default());
+        fs::create_dir_all(&path).unwrap();
+        let mut record = VolumeRecord::pulling(volume, MountId::default(), "r/m:1".into(), Default::default(), path);
+        record.state = VolumeState::Ready;
+        record.link = Some(LinkReport { files: 1, copied_bytes, copies: 1, ..LinkReport::default() });
+        volumes.put(&mut record).unwrap();
+        record
+    }
+
+    /// A record file that does not parse, or that is another volume's,
+    /// reads and lists as a failed record saying so; the write that
+    /// replaces it keeps the broken bytes aside, one file per mount id.
+    #[test]
+    fn unreadable_records_read_as_failed_and_are_kept_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let volumes = Volumes::new(dir.path().join("records"), dir.path().join("trees"));
+        let mut record = ready(&volumes, "v", 0);
+        let file = dir.path().join("records/v/default.json");
+        let aside = dir.path().join("records/v/default.json.broken");
+        let other = serde_json::to_vec(&VolumeRecord { volume: VolumeId::new("w").unwrap(), ..record.clone() }).unwrap();
+        for broken in [b"{\"volume\": \"v\", \"mount-".to_vec(), b"\x00\xff garbage".to_vec(), b"[1, 2]".to_vec(), other] {
+            fs::write(&file, &broken).unwrap();
+            for read in [volumes.get(&record.volume, &record.mount_id).unwrap().unwrap(), volumes.list().remove(0)] {
+                assert_eq!(read.state, VolumeState::Failed);
+                assert_eq!((read.volume.as_str(), read.mount_id.as_str()), ("v", "default"));
+                assert_eq!(read.path, record.path);
+                let error = read.error.unwrap();
+                assert_eq!(error.kind, ErrorKind::DataLoss);
+                assert!(error.message.contains("unreadable") && error.message.contains("default.json"), "{}", error.message);
+            }
+            volumes.put(&mut record).unwrap();
+            assert_eq!(volumes.get(&record.volume, &record.mount_id).unwrap().unwrap(), record);
+            assert_eq!(fs::read(&aside).unwrap(), broken);
+        }
+        // A write over a record nobody found broken keeps nothing aside.
+        fs::remove_file(&aside).unwrap();
+        volumes.put(&mut record).unwrap();
+        assert!(!aside.exists());
+    }
+
+    /// Pruning removes released records and set-aside ones older than the
+    /// cutoff, then the volume's directories once empty; anything younger,
+    /// or in another state, stays.
+    #[test]
+    fn pruning_removes_old_released_records_and_empty_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let volumes = Volumes::new(dir.path().join("records"), dir.path().join("trees"));
+        for name in ["gone", "young", "failed"] {
+            let mut record = ready(&volumes, name, 0);
+            fs::remove_dir(&record.path).unwrap();
+            record.state = if name == "failed" { VolumeState::Failed } else { VolumeState::Released };
+            volumes.put(&mut record).unwrap();
+        }
+        fs::write(dir.path().join("records/gone/x.json.broken"), b"old").unwrap();
+        let later = time::OffsetDateTime::now_utc() + time::Duration::seconds(5);
+        let records = dir.path().join("records");
+        let trees = dir.path().join("trees");
+
+        let removed = volumes.prune_volume(&VolumeId::new("gone").unwrap(), later);
+        assert_eq!(removed.len(), 4, "{removed:?}");
+        assert!(!records.join("gone").exists() && !trees.join("gone").exists());
+
+        let earlier = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
+        assert_eq!(volumes.prune_volume(&VolumeId::new("young").unwrap(), earlier), [trees.join("young")]);
+        assert!(records.join("young/default.json").exists());
+
+        let removed = volumes.prune_volume(&VolumeId::new("failed").unwrap(), later);
+        assert_eq!(removed, [trees.join("failed")], "a failed record stays, only the empty tree directory goes");
+        assert_eq!(volumes.volume_ids().iter().map(VolumeId::as_str).collect::<Vec<_>>(), ["failed", "young"]);
+    }
+
+    /// The copied bytes of ready volumes are counted, and stop counting once
+    /// a volume is released, fails or is replaced by hard links.
+    #[test]
+    fn copied_bytes_of_ready_volumes_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let volumes = Volumes::new(dir.path().join("records"), dir.path().join("trees"));
+        let mut a = ready(&volumes, "a", 1000);
+        ready(&volumes, "b", 24);
+        ready(&volumes, "c", 0);
+        assert_eq!(volumes.copied_bytes(), 1024);
+        assert_eq!(Volumes::new(dir.path().join("records"), dir.path().join("trees")).copied_bytes(), 1024, "rebuilt at start");
+        a.state = VolumeState::Released;
+        volumes.put(&mut a).unwrap();
+        assert_eq!(volumes.copied_bytes(), 24);
     }
 }

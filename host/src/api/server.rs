@@ -133,24 +133,32 @@ fn router(state: AppState) -> Router {
 
 /// Binds a unix socket at `path` with `mode`, replacing a stale socket file.
 ///
+/// The socket never exists at `path` with any other mode: it is bound in a
+/// fresh staging directory beside `path` (mode 0700 whatever the umask, so
+/// only root reaches what is inside), given its mode there and renamed into
+/// place, which also replaces a stale file in one step. Narrowing the umask
+/// around `bind` instead would race every other thread creating files (the
+/// umask is per process), and a unix socket cannot be `fchmod`ed before
+/// `bind` gives it a file.
+///
 /// # Errors
 /// When the socket cannot be bound (another daemon serves it, or the
 /// directory is not writable).
 pub fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
+    let parent = path.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)?;
+    if path.exists() && std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!("{} is served by another process", path.display()),
+        ));
     }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                format!("{} is served by another process", path.display()),
-            ));
-        }
-        std::fs::remove_file(path)?;
-    }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    // Short names: a socket path has room for 107 bytes only.
+    let staging = tempfile::Builder::new().prefix(".").rand_bytes(4).tempdir_in(parent)?;
+    let staged = staging.path().join("s");
+    let listener = UnixListener::bind(&staged)?;
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))?;
+    std::fs::rename(&staged, path)?;
     Ok(listener)
 }
 
@@ -377,6 +385,42 @@ async fn close_volume_socket(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The socket appears at its path with the mode asked for and its mode
+    /// never changes there afterwards, whatever the umask: the directory's
+    /// inotify events show it arrive by a rename, with no change of
+    /// attributes after. A stale socket file is replaced.
+    #[tokio::test]
+    async fn sockets_appear_with_their_mode() {
+        use rustix::fs::inotify;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let watch = inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC).unwrap();
+        let flags = inotify::WatchFlags::CREATE | inotify::WatchFlags::ATTRIB | inotify::WatchFlags::MOVED_TO;
+        inotify::add_watch(&watch, dir.path(), flags).unwrap();
+
+        let _listener = bind(&path, 0o600).unwrap();
+
+        let metadata = std::fs::metadata(&path).unwrap();
+        assert!(std::os::unix::fs::FileTypeExt::is_socket(&metadata.file_type()));
+        assert_eq!(metadata.permissions().mode() & 0o7777, 0o600);
+        std::os::unix::net::UnixStream::connect(&path).expect("the renamed socket serves");
+        let mut buffer = [std::mem::MaybeUninit::uninit(); 4096];
+        let mut events = inotify::Reader::new(&watch, &mut buffer);
+        let mut seen = Vec::new();
+        loop {
+            match events.next() {
+                Ok(event) if event.file_name().is_some_and(|name| name.to_bytes() == b"api.sock") => seen.push(event.events()),
+                Ok(_) => {}
+                Err(rustix::io::Errno::AGAIN) => break,
+                Err(error) => panic!("reading inotify events: {error}"),
+            }
+        }
+        assert_eq!(seen, [inotify::ReadFlags::MOVED_TO], "the socket must arrive whole, by a rename");
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|entry| entry.unwrap().file_name()).collect();
+        assert_eq!(leftovers, ["api.sock"], "no staging directory is left");
+    }
 
     /// Whatever wait a client sends is clamped to a sane one, never a panic.
     #[test]

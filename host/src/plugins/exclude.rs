@@ -59,6 +59,21 @@ impl ExcludeOptions {
     pub fn is_empty(&self) -> bool {
         !self.exclude_weights && self.patterns.is_empty()
     }
+
+    /// Checks the request's patterns against the gitignore syntax the WIT
+    /// promises plugins (the SDK's parser, which the reference plugin uses).
+    /// A request is checked before anything is fetched: a pattern a plugin
+    /// could not parse would otherwise fail that plugin, and with the
+    /// exclude fail mode `open` (the default) the files the user asked to
+    /// leave out would be pulled.
+    ///
+    /// # Errors
+    /// [`ExcludeError::InvalidPattern`] naming the first bad pattern.
+    pub fn validate(&self) -> Result<(), ExcludeError> {
+        modelcache_policy::pattern::Rules::parse(self.patterns.iter().map(String::as_str))
+            .map(drop)
+            .map_err(ExcludeError::InvalidPattern)
+    }
 }
 
 /// A file to leave out, and who said so.
@@ -89,6 +104,17 @@ pub enum ExcludeError {
          the exclude decision; install exclude-patterns.wasm in the plugin directory"
     )]
     Unserved,
+    #[error("the request's exclude pattern `{}` does not parse: it {}", .0.pattern, .0.reason)]
+    InvalidPattern(modelcache_policy::pattern::PatternError),
+}
+
+impl ExcludeError {
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        match self {
+            ExcludeError::Failed(_) => crate::error::ErrorKind::PolicyFailed,
+            ExcludeError::Unserved | ExcludeError::InvalidPattern(_) => crate::error::ErrorKind::InvalidArgument,
+        }
+    }
 }
 
 /// What a request borrows from an input: the WIT records point into it, so

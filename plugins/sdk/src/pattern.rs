@@ -10,6 +10,15 @@
 //! every file is judged on its own path. A file under an excluded directory can
 //! therefore be re-included (`weights/` then `!weights/config.json`), which git
 //! does not allow.
+//!
+//! Why not `globset`: it builds for wasm32-wasip2, but it matches globs, not
+//! gitignore rules (anchoring, `!`, trailing `/`, last match wins), so this
+//! module's rule layer would stay and only the per-part glob matcher would
+//! go; and it brings `regex-automata`, `aho-corasick` and `bstr` into every
+//! plugin built on the SDK: the exclude-patterns component grew from 168 KB
+//! to 939 KB in the `plugin` profile when it linked globset. The host parses
+//! requests' patterns with this module too (`ExcludeOptions::validate`), so
+//! what it refuses and what the reference plugin accepts cannot drift.
 
 use std::fmt;
 
@@ -141,9 +150,8 @@ impl Rule {
             return Ok(None);
         }
         let negated = body.starts_with('!');
-        if negated {
-            body = &body[1..];
-        } else if body.starts_with("\\!") || body.starts_with("\\#") {
+        // A leading `!` negates; `\!` and `\#` stand for a literal first `!` or `#`.
+        if negated || body.starts_with("\\!") || body.starts_with("\\#") {
             body = &body[1..];
         }
         let dir_only = body.ends_with('/') && !body.ends_with("\\/");
