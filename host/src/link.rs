@@ -151,6 +151,7 @@ impl Linker {
         // inode (EMLINK): what its fallbacks find says nothing of the next
         // file, which tries a hardlink again.
         let mut one_inode = false;
+        let mut renewed = false;
         loop {
             let attempt = match method {
                 LinkMethod::Hardlink => {
@@ -161,6 +162,21 @@ impl Linker {
             };
             match attempt {
                 Ok(()) => break,
+                // The source's inode holds all the links its filesystem
+                // allows (anyone can fill it: a manifest may name one blob
+                // thousands of times). Give the source a fresh inode with
+                // the same bytes and link that, so every later tree links
+                // again instead of copying.
+                Err(source)
+                    if method == LinkMethod::Hardlink && !renewed && source.raw_os_error() == Some(rustix::io::Errno::MLINK.raw_os_error()) =>
+                {
+                    renewed = true;
+                    if let Err(error) = renew_inode(from) {
+                        tracing::debug!(from = %from.path.display(), "cannot give a full inode a fresh copy: {error}");
+                        one_inode = true;
+                        method = LinkMethod::Reflink;
+                    }
+                }
                 Err(source) if method != LinkMethod::Copy && falls_back(&source) => {
                     if method == LinkMethod::Hardlink && self.start == LinkMethod::Hardlink {
                         tracing::debug!(from = %from.path.display(), to = %to.path.display(), "hardlink impossible ({source}); falling back");
@@ -515,6 +531,25 @@ fn open_pair(from: At<'_>, to: At<'_>) -> io::Result<(fs::File, fs::File)> {
     Ok((fs::File::from(source), fs::File::from(target)))
 }
 
+/// Replaces the file `at` by a copy of itself (same bytes, mode and mtime,
+/// flushed, renamed over it): a new inode, with one link.
+fn renew_inode(at: At<'_>) -> io::Result<()> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let temporary = format!(".renew-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+    let temporary = OsStr::new(&temporary);
+    let copy_at = At { dir: at.dir, name: temporary, path: at.path };
+    copy(at, copy_at)?;
+    let renamed = rustix::fs::openat(at.dir, temporary, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
+        .and_then(|fd| rustix::fs::fsync(&fd))
+        .and_then(|()| rustix::fs::renameat(at.dir, temporary, at.dir, at.name));
+    if let Err(errno) = renamed {
+        remove_at(copy_at);
+        return Err(errno.into());
+    }
+    Ok(())
+}
+
 fn remove_at(to: At<'_>) {
     let _ = rustix::fs::unlinkat(to.dir, to.name, AtFlags::empty());
 }
@@ -637,10 +672,12 @@ mod tests {
         assert!(fs::read_dir(&outside).unwrap().next().is_none());
     }
 
-    /// One inode at its hard-link limit is copied; the files after it are
-    /// still hardlinked.
+    /// A source inode at its hard-link limit gets a fresh inode (a copy of
+    /// itself renamed over it) and is linked; the files after it are still
+    /// hardlinked, and nothing is copied into the tree.
     #[test]
-    fn a_full_inode_falls_back_alone() {
+    fn a_full_inode_is_renewed() {
+        use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
         let from = dir.path().join("from");
         fs::create_dir(&from).unwrap();
@@ -665,10 +702,19 @@ mod tests {
             eprintln!("skipped: this filesystem has no hard-link limit below 70,000");
             return;
         }
+        let before = fs::metadata(from.join("b")).unwrap().ino();
         let mut linker = Linker::new();
         linker.link_tree(&from, &dir.path().join("to")).unwrap();
         let report = linker.report();
-        assert_eq!((report.files, report.hardlinks, report.copies + report.reflinks), (3, 2, 1), "{report:?}");
+        assert_eq!((report.files, report.hardlinks, report.copies + report.reflinks), (3, 3, 0), "{report:?}");
+        // `b` has a fresh inode, shared with its new link; the old one
+        // keeps its links and bytes.
+        let renewed = fs::metadata(from.join("b")).unwrap();
+        assert_ne!(renewed.ino(), before);
+        assert_eq!(renewed.ino(), fs::metadata(dir.path().join("to/b")).unwrap().ino());
+        assert_eq!(fs::read(dir.path().join("to/b")).unwrap(), b"b");
+        assert_eq!(fs::metadata(hoard.join("0")).unwrap().ino(), before);
+        assert_eq!(fs::read_dir(&from).unwrap().count(), 3, "no temporary left beside the source");
     }
 
     /// The copy fallback keeps mode and mtime.
