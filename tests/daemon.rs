@@ -178,6 +178,48 @@ async fn plugins_reload_when_their_directory_changes() {
     assert!(plugin_status(&client, "quota-watermark").await.loaded);
 }
 
+/// A quota plugin asleep in WASI holds the admission lock no longer than
+/// its deadline: a concurrent cold pull of another model is admitted within
+/// a few deadlines, and the sleeper's own pull is denied as a timeout (quota
+/// fails closed) instead of waiting out the 30 s sleep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sleeping_quota_plugin_does_not_hold_up_other_pulls() {
+    let Some(registry) = start_registry() else { return };
+    let (sleepy, _) = publish(&registry, "models/sleepy:v1", &model(11));
+    let (other, other_source) = publish(&registry, "models/other:v1", &model(12));
+    let plugins = PluginDir::new();
+    plugins.add("hostile-policy", "sleeper");
+    plugins.configure(
+        "sleeper",
+        "decisions = [\"quota\"]\ntimeout-ms = 500\n[settings]\nmode = \"sleep\"\nonly-reference = \"models/sleepy\"\n",
+    );
+    let daemon = Daemon::start(&format!(
+        "plugin-dir = {:?}\n[registries]\ninsecure = [\"{}\"]\n",
+        plugins.path(),
+        registry.host()
+    ));
+    let client = daemon.client();
+
+    let started = Instant::now();
+    let sleeping = {
+        let (client, sleepy) = (client.clone(), sleepy.clone());
+        tokio::spawn(async move { (mount(&client, "sleepy", &sleepy).await, started.elapsed()) })
+    };
+    // Long enough for the sleepy pull to resolve and enter its quota call.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let asked = Instant::now();
+    let record = mount(&client, "other", &other).await.expect("the other model is admitted");
+    let waited = asked.elapsed();
+    assert_eq!(read_tree(&record.path), read_tree(other_source.path()));
+    assert!(waited < Duration::from_millis(2500), "the other pull took {waited:?} behind a 500 ms deadline");
+
+    let (denied, elapsed) = sleeping.await.unwrap();
+    let error = denied.expect_err("a timed-out quota plugin denies");
+    assert_eq!(error.kind(), ErrorKind::QuotaDenied, "{error}");
+    assert!(error.to_string().contains("sleeper") && error.to_string().contains("timeout"), "{error}");
+    assert!(elapsed < Duration::from_millis(2500), "the sleepy pull took {elapsed:?} under a 500 ms deadline");
+}
+
 /// A status request may wait for a mount under way (a long poll): it is
 /// answered when the mount ends, with the finished record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -255,6 +255,76 @@ fn endless_loop_times_out() {
     assert_eq!(decision.failures[0].cause.label(), "timeout");
 }
 
+/// A plugin asleep in WASI (`std::thread::sleep`, a blocking clock
+/// pollable) is stopped at its deadline like one spinning in wasm: each
+/// decision ends within a few deadlines, not after the 30 s sleep, reported
+/// as a timeout, and the plugin's fail mode applies.
+#[test]
+fn sleeping_in_wasi_times_out() {
+    let dir = PluginDir::new();
+    dir.add("hostile-policy", "sleeper");
+    dir.configure("sleeper", "timeout-ms = 200\n[settings]\nmode = \"sleep\"\n[fail-mode]\nexclude = \"closed\"\n");
+    let host = host(&dir);
+    let set = host.current();
+    let timeout = FailureCause::Timeout(Duration::from_millis(200));
+    let bounded = |what: &str, started: Instant| {
+        let elapsed = started.elapsed();
+        assert!(elapsed < Duration::from_secs(1), "{what} took {elapsed:?} under a 200 ms deadline");
+    };
+
+    // Exclude, configured closed: the decision fails, naming the timeout.
+    let started = Instant::now();
+    let Err(ExcludeError::Failed(failure)) = set.exclude(exclude_input(false, &[])) else {
+        panic!("a closed exclude plugin that times out fails the decision")
+    };
+    bounded("exclude", started);
+    assert_eq!((failure.plugin.as_str(), &failure.cause), ("sleeper", &timeout));
+
+    // Quota fails closed by default: a deny naming the plugin and the timeout.
+    let started = Instant::now();
+    let QuotaVerdict::Deny { reason, plugin } = set.quota(&quota_input(0, 0, 1)).verdict else {
+        panic!("a timed-out quota plugin must deny")
+    };
+    bounded("quota", started);
+    assert_eq!(plugin.as_deref(), Some("sleeper"));
+    assert!(reason.contains("sleeper") && reason.contains("timeout"), "{reason}");
+
+    // GC fails open by default: nothing evicted on its word, the failure reported.
+    let started = Instant::now();
+    let decision = set.gc(gc_input(10 * GIB, vec![candidate("a", 1)]));
+    bounded("gc", started);
+    assert!(decision.evict.is_empty());
+    assert_eq!(decision.failures[0].cause, timeout);
+}
+
+/// A validate-settings asleep in WASI is a timely refusal, so a start or a
+/// reload is not held up by it.
+#[test]
+fn validate_settings_sleeping_in_wasi_times_out() {
+    let dir = PluginDir::new();
+    dir.add("hostile-policy", "slow-start");
+    dir.configure("slow-start", "timeout-ms = 200\n[settings]\nvalidate-mode = \"sleep\"\n");
+    dir.add("hostile-policy", "well");
+    // The first load may compile the components; the sleep is 30 s.
+    let started = Instant::now();
+    let host = host(&dir);
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_secs(10), "loading took {elapsed:?} under a 200 ms deadline");
+    let set = host.current();
+    let status = set.statuses().iter().find(|status| status.name == "slow-start").unwrap();
+    assert!(!status.loaded);
+    let error = status.error.as_deref().unwrap();
+    assert!(error.contains("validate-settings failed: timeout: ran past its 200 ms deadline"), "{error}");
+    assert_eq!(set.plugins().iter().map(|plugin| plugin.name()).collect::<Vec<_>>(), ["well"]);
+
+    // A reload (compiled components now cached) validates again, as quickly.
+    let started = Instant::now();
+    let set = host.reload();
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_secs(1), "reloading took {elapsed:?} under a 200 ms deadline");
+    assert!(!set.statuses().iter().find(|status| status.name == "slow-start").unwrap().loaded);
+}
+
 /// A plugin that grows past its memory cap fails that call only.
 #[test]
 fn memory_cap_fails_the_call_only() {

@@ -4,7 +4,10 @@
 //! the address space can be reserved (instantiation then costs microseconds)
 //! and on-demand allocation otherwise. Each call gets a fresh store and
 //! instance from the plugin's pre-instantiated component, a wall-clock
-//! deadline enforced by epoch interruption, and a memory cap.
+//! deadline and a memory cap. The deadline holds for any guest code: epoch
+//! interruption stops running wasm, and every WASI call that can wait
+//! (`wasi:io/poll`, the blocking stream calls) gives up at the deadline, so a
+//! guest asleep in the host is stopped as surely as one spinning in wasm.
 //!
 //! WASI is deny-all: the linker holds only clocks, random, `wasi:io` and
 //! `wasi:cli` stdio/environment/exit/terminal interfaces. The context grants
@@ -13,14 +16,15 @@
 //! name. A component importing anything else (filesystem, sockets, http) is
 //! refused at load, before it could be linked.
 
+use std::future::Future;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use wasmtime::component::{Component, HasData, Instance, InstancePre, Linker, ResourceTable};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
-use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::config::{Limits, MAX_MEMORY_BYTES};
@@ -30,6 +34,9 @@ use super::error::{BoxError, FailureCause};
 const TICK: Duration = Duration::from_millis(5);
 /// Output kept per stream per call; the rest is dropped (and said so).
 const OUTPUT_CAP: usize = 64 << 10;
+/// The most random bytes one WASI call may ask for: the host makes them
+/// outside the memory cap and the epoch deadline (wasmtime's default is 64 MiB).
+const RANDOM_CAP: u64 = 1 << 20;
 
 /// The WASI interfaces a policy may import, by name without version.
 const GRANTED_IMPORTS: &[&str] = &[
@@ -151,10 +158,11 @@ impl Runtime {
     ) -> Result<R, FailureCause> {
         let stdout = LogPipe::default();
         let stderr = LogPipe::default();
-        let wasi = WasiCtxBuilder::new().stdout(stdout.clone()).stderr(stderr.clone()).build();
+        let wasi = WasiCtxBuilder::new().stdout(stdout.clone()).stderr(stderr.clone()).max_random_size(RANDOM_CAP).build();
         let state = CallState {
             wasi,
             table: ResourceTable::new(),
+            deadline: Instant::now() + limits.timeout,
             limiter: MemoryLimiter { cap: limits.memory_bytes as usize, total: 0, exceeded: false },
         };
         let _ticking = self.ticker.busy();
@@ -171,6 +179,9 @@ impl Runtime {
 }
 
 fn classify(error: &wasmtime::Error, limiter: &MemoryLimiter, limits: Limits) -> FailureCause {
+    if error.downcast_ref::<DeadlinePassed>().is_some() {
+        return FailureCause::Timeout(limits.timeout);
+    }
     match error.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => FailureCause::Timeout(limits.timeout),
         _ if limiter.exceeded => FailureCause::OutOfMemory(limits.memory_bytes),
@@ -299,6 +310,8 @@ impl Drop for Busy<'_> {
 pub(super) struct CallState {
     wasi: WasiCtx,
     table: ResourceTable,
+    /// When the call must have ended; WASI waits give up then.
+    deadline: Instant,
     limiter: MemoryLimiter,
 }
 
@@ -338,6 +351,157 @@ impl HasData for HasTable {
     type Data<'a> = &'a mut ResourceTable;
 }
 
+/// A WASI wait reached the call's deadline. Returned from the host call as a
+/// trap, so the guest never resumes; [`classify`] reports it as a timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("the call's deadline passed while the plugin waited in WASI")]
+struct DeadlinePassed;
+
+/// Runs a WASI wait (on wasmtime-wasi's tokio runtime, as its sync bindings
+/// do), giving up at `deadline`. A wait that is ready at once succeeds even
+/// past the deadline; the epoch stops the guest soon after.
+fn wait_until<T>(deadline: Instant, wait: impl Future<Output = T>) -> Result<T, DeadlinePassed> {
+    wasmtime_wasi::runtime::in_tokio(async { tokio::time::timeout_at(deadline.into(), wait).await.map_err(|_| DeadlinePassed) })
+}
+
+/// A blocking stream call, given up at `deadline` as a trap.
+fn stream_wait_until<T>(deadline: Instant, wait: impl Future<Output = StreamResult<T>>) -> StreamResult<T> {
+    wait_until(deadline, wait).map_err(|passed| StreamError::Trap(passed.into()))?
+}
+
+/// `wasi:io/poll` and `wasi:io/streams` for one call: wasmtime-wasi's own
+/// implementation on the call's resource table, except that every call that
+/// can wait gives up at the call's deadline. The only streams a policy can
+/// reach are its stdio (stdin empty, stdout and stderr [`LogPipe`]s), which
+/// are always ready; the deadline holds regardless of what they are.
+struct DeadlineIo<'a> {
+    table: &'a mut ResourceTable,
+    deadline: Instant,
+}
+
+struct HasDeadlineIo;
+
+impl HasData for HasDeadlineIo {
+    type Data<'a> = DeadlineIo<'a>;
+}
+
+impl CallState {
+    fn io(&mut self) -> DeadlineIo<'_> {
+        DeadlineIo { table: &mut self.table, deadline: self.deadline }
+    }
+}
+
+mod deadline_io {
+    use wasmtime::component::Resource;
+    use wasmtime_wasi::p2::DynPollable;
+    use wasmtime_wasi::p2::bindings::io::poll as async_poll;
+    use wasmtime_wasi::p2::bindings::io::streams as async_streams;
+    use wasmtime_wasi::p2::bindings::sync::io::poll;
+    use wasmtime_wasi::p2::bindings::sync::io::streams::{self, InputStream, OutputStream};
+
+    use super::*;
+
+    impl poll::Host for DeadlineIo<'_> {
+        fn poll(&mut self, pollables: Vec<Resource<DynPollable>>) -> wasmtime::Result<Vec<u32>> {
+            wait_until(self.deadline, async_poll::Host::poll(&mut *self.table, pollables))?
+        }
+    }
+
+    impl poll::HostPollable for DeadlineIo<'_> {
+        fn ready(&mut self, pollable: Resource<DynPollable>) -> wasmtime::Result<bool> {
+            poll::HostPollable::ready(&mut *self.table, pollable)
+        }
+
+        fn block(&mut self, pollable: Resource<DynPollable>) -> wasmtime::Result<()> {
+            wait_until(self.deadline, async_poll::HostPollable::block(&mut *self.table, pollable))?
+        }
+
+        fn drop(&mut self, pollable: Resource<DynPollable>) -> wasmtime::Result<()> {
+            poll::HostPollable::drop(&mut *self.table, pollable)
+        }
+    }
+
+    impl streams::Host for DeadlineIo<'_> {
+        fn convert_stream_error(&mut self, error: StreamError) -> wasmtime::Result<streams::StreamError> {
+            streams::Host::convert_stream_error(&mut *self.table, error)
+        }
+    }
+
+    impl streams::HostInputStream for DeadlineIo<'_> {
+        fn drop(&mut self, stream: Resource<InputStream>) -> wasmtime::Result<()> {
+            wait_until(self.deadline, async_streams::HostInputStream::drop(&mut *self.table, stream))?
+        }
+
+        fn read(&mut self, stream: Resource<InputStream>, len: u64) -> StreamResult<Vec<u8>> {
+            streams::HostInputStream::read(&mut *self.table, stream, len)
+        }
+
+        fn blocking_read(&mut self, stream: Resource<InputStream>, len: u64) -> StreamResult<Vec<u8>> {
+            stream_wait_until(self.deadline, async_streams::HostInputStream::blocking_read(&mut *self.table, stream, len))
+        }
+
+        fn skip(&mut self, stream: Resource<InputStream>, len: u64) -> StreamResult<u64> {
+            streams::HostInputStream::skip(&mut *self.table, stream, len)
+        }
+
+        fn blocking_skip(&mut self, stream: Resource<InputStream>, len: u64) -> StreamResult<u64> {
+            stream_wait_until(self.deadline, async_streams::HostInputStream::blocking_skip(&mut *self.table, stream, len))
+        }
+
+        fn subscribe(&mut self, stream: Resource<InputStream>) -> wasmtime::Result<Resource<DynPollable>> {
+            streams::HostInputStream::subscribe(&mut *self.table, stream)
+        }
+    }
+
+    impl streams::HostOutputStream for DeadlineIo<'_> {
+        fn drop(&mut self, stream: Resource<OutputStream>) -> wasmtime::Result<()> {
+            wait_until(self.deadline, async_streams::HostOutputStream::drop(&mut *self.table, stream))?
+        }
+
+        fn check_write(&mut self, stream: Resource<OutputStream>) -> StreamResult<u64> {
+            streams::HostOutputStream::check_write(&mut *self.table, stream)
+        }
+
+        fn write(&mut self, stream: Resource<OutputStream>, bytes: Vec<u8>) -> StreamResult<()> {
+            streams::HostOutputStream::write(&mut *self.table, stream, bytes)
+        }
+
+        fn blocking_write_and_flush(&mut self, stream: Resource<OutputStream>, bytes: Vec<u8>) -> StreamResult<()> {
+            let table = &mut *self.table;
+            stream_wait_until(self.deadline, async_streams::HostOutputStream::blocking_write_and_flush(table, stream, bytes))
+        }
+
+        fn subscribe(&mut self, stream: Resource<OutputStream>) -> wasmtime::Result<Resource<DynPollable>> {
+            streams::HostOutputStream::subscribe(&mut *self.table, stream)
+        }
+
+        fn write_zeroes(&mut self, stream: Resource<OutputStream>, len: u64) -> StreamResult<()> {
+            streams::HostOutputStream::write_zeroes(&mut *self.table, stream, len)
+        }
+
+        fn blocking_write_zeroes_and_flush(&mut self, stream: Resource<OutputStream>, len: u64) -> StreamResult<()> {
+            let table = &mut *self.table;
+            stream_wait_until(self.deadline, async_streams::HostOutputStream::blocking_write_zeroes_and_flush(table, stream, len))
+        }
+
+        fn flush(&mut self, stream: Resource<OutputStream>) -> StreamResult<()> {
+            streams::HostOutputStream::flush(&mut *self.table, stream)
+        }
+
+        fn blocking_flush(&mut self, stream: Resource<OutputStream>) -> StreamResult<()> {
+            stream_wait_until(self.deadline, async_streams::HostOutputStream::blocking_flush(&mut *self.table, stream))
+        }
+
+        fn splice(&mut self, dst: Resource<OutputStream>, src: Resource<InputStream>, len: u64) -> StreamResult<u64> {
+            streams::HostOutputStream::splice(&mut *self.table, dst, src, len)
+        }
+
+        fn blocking_splice(&mut self, dst: Resource<OutputStream>, src: Resource<InputStream>, len: u64) -> StreamResult<u64> {
+            stream_wait_until(self.deadline, async_streams::HostOutputStream::blocking_splice(&mut *self.table, dst, src, len))
+        }
+    }
+}
+
 /// Links exactly the granted interfaces (see [`GRANTED_IMPORTS`]).
 fn add_granted_wasi(linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
     use wasmtime_wasi::cli::{WasiCli, WasiCliView};
@@ -347,8 +511,8 @@ fn add_granted_wasi(linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
     use wasmtime_wasi::random::{WasiRandom, WasiRandomView};
 
     wasmtime_wasi::p2::bindings::io::error::add_to_linker::<CallState, HasTable>(linker, |state| &mut state.table)?;
-    sync_io::poll::add_to_linker::<CallState, HasTable>(linker, |state| &mut state.table)?;
-    sync_io::streams::add_to_linker::<CallState, HasTable>(linker, |state| &mut state.table)?;
+    sync_io::poll::add_to_linker::<CallState, HasDeadlineIo>(linker, CallState::io)?;
+    sync_io::streams::add_to_linker::<CallState, HasDeadlineIo>(linker, CallState::io)?;
     clocks::wall_clock::add_to_linker::<CallState, WasiClocks>(linker, CallState::clocks)?;
     clocks::monotonic_clock::add_to_linker::<CallState, WasiClocks>(linker, CallState::clocks)?;
     random::random::add_to_linker::<CallState, WasiRandom>(linker, CallState::random)?;
@@ -461,6 +625,82 @@ impl tokio::io::AsyncWrite for LogPipe {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A pollable that is never ready, and an output stream that never has room.
+    struct Stuck;
+
+    /// A pollable that is always ready.
+    struct Ready;
+
+    #[wasmtime_wasi::async_trait]
+    impl Pollable for Ready {
+        async fn ready(&mut self) {}
+    }
+
+    #[wasmtime_wasi::async_trait]
+    impl Pollable for Stuck {
+        async fn ready(&mut self) {
+            std::future::pending::<()>().await
+        }
+    }
+
+    impl OutputStream for Stuck {
+        fn write(&mut self, _bytes: Bytes) -> StreamResult<()> {
+            Err(StreamError::Trap(wasmtime::format_err!("no room was offered")))
+        }
+
+        fn flush(&mut self) -> StreamResult<()> {
+            Ok(())
+        }
+
+        fn check_write(&mut self) -> StreamResult<usize> {
+            Ok(0)
+        }
+    }
+
+    /// Every WASI wait gives up at the call's deadline with an error that
+    /// is reported as the call's timeout, whatever it waits on; a wait that
+    /// is ready at once still succeeds.
+    #[test]
+    fn wasi_waits_give_up_at_the_deadline() {
+        use wasmtime::component::Resource;
+        use wasmtime_wasi::p2::bindings::sync::io::{poll, streams};
+
+        let limits = Limits { timeout: Duration::from_millis(100), memory_bytes: 1 << 20 };
+        let limiter = MemoryLimiter { cap: 1 << 20, total: 0, exceeded: false };
+        let mut table = ResourceTable::new();
+        let stuck = table.push(Stuck).unwrap();
+        let never = wasmtime_wasi::p2::subscribe(&mut table, stuck).unwrap();
+        let output: Resource<Box<dyn OutputStream>> = table.push(Box::new(Stuck) as Box<dyn OutputStream>).unwrap();
+        fn borrow<T: 'static>(resource: &Resource<T>) -> Resource<T> {
+            Resource::new_borrow(resource.rep())
+        }
+
+        let started = Instant::now();
+        let mut io = DeadlineIo { table: &mut table, deadline: started + limits.timeout };
+        let blocked = poll::HostPollable::block(&mut io, borrow(&never)).unwrap_err();
+        let elapsed = started.elapsed();
+        assert!(elapsed >= limits.timeout && elapsed < Duration::from_secs(1), "block gave up after {elapsed:?}");
+        assert_eq!(classify(&blocked, &limiter, limits), FailureCause::Timeout(limits.timeout));
+
+        let mut io = DeadlineIo { table: &mut table, deadline: Instant::now() + limits.timeout };
+        let polled = poll::Host::poll(&mut io, vec![borrow(&never), borrow(&never)]).unwrap_err();
+        assert_eq!(classify(&polled, &limiter, limits), FailureCause::Timeout(limits.timeout));
+
+        let mut io = DeadlineIo { table: &mut table, deadline: Instant::now() + limits.timeout };
+        let Err(StreamError::Trap(written)) =
+            streams::HostOutputStream::blocking_write_and_flush(&mut io, borrow(&output), vec![1])
+        else {
+            panic!("a blocking write to a stream without room must give up at the deadline")
+        };
+        assert_eq!(classify(&written, &limiter, limits), FailureCause::Timeout(limits.timeout));
+
+        // Past the deadline, a pollable that is ready at once is still reported ready.
+        let past = table.push(Ready).unwrap();
+        let past = wasmtime_wasi::p2::subscribe(&mut table, past).unwrap();
+        let mut io = DeadlineIo { table: &mut table, deadline: Instant::now() - Duration::from_millis(1) };
+        assert_eq!(poll::Host::poll(&mut io, vec![borrow(&never), borrow(&past)]).unwrap(), [1]);
+    }
 
     /// The epoch moves while a call runs and stands still between calls, and
     /// the thread ends with the engine.

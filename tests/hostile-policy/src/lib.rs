@@ -6,9 +6,12 @@
 //! - `panic`: panics (a trap);
 //! - `lie`: answers with a path or key that is not in the input;
 //! - `refuse`: answers `err(...)`;
-//! - `chatty`: prints to stdout and stderr, then behaves well.
+//! - `chatty`: prints to stdout and stderr, then behaves well;
+//! - `sleep`: sleeps 30 s (a blocking WASI clock pollable), then behaves well.
 //!
-//! `validate-mode` applies the same to `validate-settings`.
+//! `validate-mode` applies the same to `validate-settings`. `only-reference`,
+//! when set, limits `mode` to the exclude and quota requests whose reference
+//! contains it; the others are served well.
 
 modelcache_policy::generate!("full-policy");
 
@@ -20,6 +23,17 @@ use serde::Deserialize;
 struct Settings {
     mode: Option<String>,
     validate_mode: Option<String>,
+    only_reference: Option<String>,
+}
+
+impl Settings {
+    /// The mode for a request about `reference`.
+    fn mode_for(&self, reference: &str) -> Option<&str> {
+        match &self.only_reference {
+            Some(only) if !reference.contains(only.as_str()) => None,
+            _ => self.mode.as_deref(),
+        }
+    }
 }
 
 fn parse(settings: &str) -> Settings {
@@ -49,6 +63,10 @@ fn misbehave(mode: Option<&str>) -> Result<(), String> {
             eprintln!("hello from the policy's stderr");
             Ok(())
         }
+        "sleep" => {
+            std::thread::sleep(std::time::Duration::from_secs(30));
+            Ok(())
+        }
         _ => Ok(()),
     }
 }
@@ -63,9 +81,10 @@ impl settings::Guest for Policy {
 
 impl exclude::Guest for Policy {
     fn decide(request: exclude::Request) -> Result<Vec<exclude::Skip>, String> {
-        let mode = parse(&request.settings).mode;
-        misbehave(mode.as_deref())?;
-        if mode.as_deref() == Some("lie") {
+        let settings = parse(&request.settings);
+        let mode = settings.mode_for(&request.artifact.reference);
+        misbehave(mode)?;
+        if mode == Some("lie") {
             return Ok(vec![exclude::Skip { path: "../not-in-the-model".into(), reason: "lies".into() }]);
         }
         Ok(request
@@ -79,7 +98,7 @@ impl exclude::Guest for Policy {
 
 impl quota::Guest for Policy {
     fn decide(request: quota::Request) -> Result<quota::Verdict, String> {
-        misbehave(parse(&request.settings).mode.as_deref())?;
+        misbehave(parse(&request.settings).mode_for(&request.reference))?;
         Ok(quota::Verdict::Admit)
     }
 }
