@@ -120,7 +120,17 @@ impl RootArgs {
                 tracing::debug!(socket = %self.socket.display(), "using the daemon");
                 runtime(Threads::One)?.block_on(work(Backend::Daemon(client)))
             }
-            None => runtime(Threads::Workers)?.block_on(async { work(Backend::Local(self.open()?)).await }),
+            // Opened before the runtime runs anything: loading plugins calls
+            // `validate-settings`, whose WASI waits block on the runtime and
+            // may not run on one of its own threads.
+            None => {
+                let runtime = runtime(Threads::Workers)?;
+                let engine = {
+                    let _entered = runtime.enter();
+                    self.open()?
+                };
+                runtime.block_on(work(Backend::Local(engine)))
+            }
         }
     }
 
@@ -279,7 +289,12 @@ impl Backend {
     pub async fn plugins(&self, reload: bool) -> anyhow::Result<Vec<PluginStatus>> {
         Ok(match self {
             Backend::Local(engine) => {
-                let set = if reload { engine.plugins().reload() } else { engine.plugins().current() };
+                let set = if reload {
+                    let engine = engine.clone();
+                    tokio::task::spawn_blocking(move || engine.plugins().reload()).await?
+                } else {
+                    engine.plugins().current()
+                };
                 set.statuses().to_vec()
             }
             Backend::Daemon(client) if reload => client.post("/v1/plugins/reload", &()).await?.body,
