@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::io::Read;
 
 use libfuzzer_sys::fuzz_target;
-use modelcache_fuzz::archive::{ArchiveReader, Kind};
-use modelcache_fuzz::modelpack::{ModelPath, Node, TarAction, TarKind, TarRules, check_tree};
+use modelcache_fuzz::archive::ArchiveReader;
+use modelcache_fuzz::modelpack::{ModelPath, Node, TarAction, TarRules, check_tree};
 
 fuzz_target!(|bytes: &[u8]| {
     let layer = ModelPath::parse("pkg").unwrap();
@@ -16,13 +16,7 @@ fuzz_target!(|bytes: &[u8]| {
     let mut reader = ArchiveReader::new(bytes);
     let mut nodes = HashMap::new();
     while let Ok(Some(entry)) = reader.next_entry() {
-        let kind = match entry.kind {
-            Kind::File => TarKind::File,
-            Kind::Directory => TarKind::Directory,
-            Kind::Symlink => TarKind::Symlink,
-            Kind::Hardlink => TarKind::Hardlink,
-            Kind::Other => TarKind::Other,
-        };
+        let kind = entry.kind;
         let (Ok(name), Ok(link)) = (String::from_utf8(entry.name), entry.link.map(String::from_utf8).transpose()) else {
             break;
         };

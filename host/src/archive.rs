@@ -6,10 +6,13 @@
 //! decode fields), refuses a metadata entry larger than its cap *before*
 //! reading it, and applies GNU long names and PAX `path`, `linkpath` and
 //! `size` to the entry they describe. Anything that is not a file,
-//! directory, symlink or hardlink comes out as [`Kind::Other`], for the
-//! layer rules to refuse.
+//! directory, symlink or hardlink (devices, FIFOs, sparse files, GNU dump
+//! directories) comes out as [`TarKind::Other`], for the layer rules to
+//! refuse.
 
 use std::io::{self, Read};
+
+use crate::modelpack::TarKind;
 
 /// A GNU long name or link name: a path is at most 4,096 bytes.
 pub const MAX_LONG_NAME: u64 = 8 << 10;
@@ -20,22 +23,11 @@ pub const MAX_METADATA: u64 = 64 << 20;
 
 const BLOCK: u64 = 512;
 
-/// What an entry is, as far as unpacking cares.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    File,
-    Directory,
-    Symlink,
-    Hardlink,
-    /// Devices, FIFOs, sparse files, GNU dump directories and the like.
-    Other,
-}
-
 /// One entry's header, extensions applied.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EntryHeader {
     pub name: Vec<u8>,
-    pub kind: Kind,
+    pub kind: TarKind,
     pub link: Option<Vec<u8>>,
     /// Bytes of data that follow.
     pub size: u64,
@@ -141,17 +133,17 @@ impl<R: Read> ArchiveReader<R> {
                 continue;
             }
             let kind = if sparse {
-                Kind::Other
+                TarKind::Other
             } else if entry_type.is_file() || entry_type.is_contiguous() {
-                Kind::File
+                TarKind::File
             } else if entry_type.is_dir() {
-                Kind::Directory
+                TarKind::Directory
             } else if entry_type.is_symlink() {
-                Kind::Symlink
+                TarKind::Symlink
             } else if entry_type.is_hard_link() {
-                Kind::Hardlink
+                TarKind::Hardlink
             } else {
-                Kind::Other
+                TarKind::Other
             };
             let size = pax_size.unwrap_or(declared);
             self.remaining = size;
@@ -288,7 +280,7 @@ mod tests {
         let names: Vec<String> = found.iter().map(|(entry, _)| String::from_utf8(entry.name.clone()).unwrap()).collect();
         assert_eq!(names, ["a/skipped", long.as_str(), "a/link", "a/pax-read"]);
         assert_eq!(found[1].1, b"hello");
-        assert_eq!(found[2].0.kind, Kind::Symlink);
+        assert_eq!(found[2].0.kind, TarKind::Symlink);
         assert_eq!(found[2].0.link.as_deref(), Some(&b"skipped"[..]));
         assert_eq!(found[3].1, b"hi");
     }

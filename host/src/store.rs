@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::archive::{ArchiveError, ArchiveReader, Kind};
+use crate::archive::{ArchiveError, ArchiveReader};
 use crate::digest::Digest;
 use crate::error::ErrorKind;
 use crate::link::{Entry, LinkError, TreeBuilder};
@@ -423,12 +423,7 @@ impl Store {
     /// # Errors
     /// When `statvfs` fails.
     pub fn filesystem(&self) -> Result<Filesystem, StoreError> {
-        let root = self.layout.root();
-        let stats = rustix::fs::statvfs(root).map_err(|errno| StoreError::Io {
-            action: "statvfs",
-            path: root.to_owned(),
-            source: errno.into(),
-        })?;
+        let stats = self.statvfs()?;
         Ok(Filesystem {
             total_bytes: stats.f_blocks * stats.f_frsize,
             free_bytes: stats.f_bavail * stats.f_frsize,
@@ -441,13 +436,13 @@ impl Store {
     /// # Errors
     /// When `statvfs` fails.
     pub fn inodes(&self) -> Result<(u64, u64), StoreError> {
-        let root = self.layout.root();
-        let stats = rustix::fs::statvfs(root).map_err(|errno| StoreError::Io {
-            action: "statvfs",
-            path: root.to_owned(),
-            source: errno.into(),
-        })?;
+        let stats = self.statvfs()?;
         Ok((stats.f_files, stats.f_favail))
+    }
+
+    fn statvfs(&self) -> Result<rustix::fs::StatVfs, StoreError> {
+        let root = self.layout.root();
+        rustix::fs::statvfs(root).map_err(|errno| StoreError::Io { action: "statvfs", path: root.to_owned(), source: errno.into() })
     }
 
     pub fn has_blob(&self, digest: &Digest) -> bool {
@@ -1180,13 +1175,7 @@ fn unpack_archive(
     let mut next_inode_check = DISK_CHECK_ENTRIES;
     let mut buffer = vec![0u8; 256 << 10];
     while let Some(entry) = tar.next_entry().map_err(unreadable)? {
-        let kind = match entry.kind {
-            Kind::File => TarKind::File,
-            Kind::Directory => TarKind::Directory,
-            Kind::Symlink => TarKind::Symlink,
-            Kind::Hardlink => TarKind::Hardlink,
-            Kind::Other => TarKind::Other,
-        };
+        let kind = entry.kind;
         let name = String::from_utf8(entry.name).map_err(|_| refuse("an entry name is not UTF-8".into()))?;
         let target = entry
             .link

@@ -17,6 +17,7 @@ pub mod bindings;
 pub mod cache;
 pub mod cases;
 pub mod config;
+mod deadline;
 pub mod error;
 pub mod exclude;
 pub mod gc;
