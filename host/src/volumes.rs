@@ -438,17 +438,20 @@ impl Volumes {
             let path = file.path();
             let name = file.file_name().to_string_lossy().into_owned();
             let modified = || file.metadata().and_then(|metadata| metadata.modified()).map(time::OffsetDateTime::from);
-            let stale = if let Some(mount_id) = name.strip_suffix(".json") {
+            // A file written since the cutoff is not stale, whatever it
+            // says: one `stat`, so GC runs do not parse every live record.
+            let old = modified().is_ok_and(|modified| modified < cutoff);
+            let stale = if !old {
+                false
+            } else if let Some(mount_id) = name.strip_suffix(".json") {
                 // Only a record that parses and says `released`: anything
                 // else still tells its volume's story.
                 let released = MountId::new(mount_id)
                     .ok()
                     .and_then(|mount_id| parse_record(&fs::read(&path).ok()?, volume, &mount_id).ok());
                 released.is_some_and(|record| record.state == VolumeState::Released && record.updated_at < cutoff)
-            } else if name.ends_with(".json.broken") || name.starts_with(".tmp-") {
-                modified().is_ok_and(|modified| modified < cutoff)
             } else {
-                false
+                name.ends_with(".json.broken") || name.starts_with(".tmp-")
             };
             if !stale {
                 continue;
