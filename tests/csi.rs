@@ -67,7 +67,11 @@ impl Drop for Shim {
         let _ = self.child.kill();
         let _ = self.child.wait();
         // The shim stages its bind mounts in a private mount of its own.
-        let _ = std::process::Command::new("umount").arg("-l").arg(self.state.join("stage")).stderr(std::process::Stdio::null()).status();
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.state.join("stage"))
+            .stderr(std::process::Stdio::null())
+            .status();
     }
 }
 
@@ -148,10 +152,7 @@ async fn identity_and_node_information() {
 async fn publish_errors_are_typed() {
     let Some(registry) = start_registry() else { return };
     let later_port = support::free_port();
-    let daemon = Daemon::start(&format!(
-        "[registries]\ninsecure = [\"{}\", \"127.0.0.1:{later_port}\"]\n",
-        registry.host()
-    ));
+    let daemon = Daemon::start(&format!("[registries]\ninsecure = [\"{}\", \"127.0.0.1:{later_port}\"]\n", registry.host()));
     let shim = Shim::start(daemon.dir.path(), &daemon.socket, 100);
     let mut node = NodeClient::new(shim.channel().await);
     let target = daemon.dir.path().join("pods/p1/volumes/model/mount");
@@ -180,7 +181,11 @@ async fn publish_errors_are_typed() {
     );
 
     let status = node
-        .node_publish_volume(publish_request("v", &target, &[("modelcache.io/reference", &registry.reference("models/absent:v1"))]))
+        .node_publish_volume(publish_request(
+            "v",
+            &target,
+            &[("modelcache.io/reference", &registry.reference("models/absent:v1"))],
+        ))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
@@ -227,10 +232,8 @@ async fn publish_and_unpublish() {
 
     node.node_publish_volume(publish_request(volume, &target, &context)).await.unwrap();
     assert_eq!(mounts_at(&target).len(), 1, "publishing again mounts nothing more");
-    let status = node
-        .node_publish_volume(publish_request(volume, &target, &[("modelcache.io/reference", &other)]))
-        .await
-        .unwrap_err();
+    let status =
+        node.node_publish_volume(publish_request(volume, &target, &[("modelcache.io/reference", &other)])).await.unwrap_err();
     assert_eq!(status.code(), Code::AlreadyExists);
     let mut writable = publish_request(volume, &target, &context);
     writable.readonly = false;
@@ -305,7 +308,8 @@ async fn every_peer_of_a_shared_pods_dir_gets_a_read_only_volume() {
     let shim = Shim::start(daemon.dir.path(), &daemon.socket, 100);
     let mut node = NodeClient::new(shim.channel().await);
     let (pods, runtime_view) = (daemon.dir.path().join("pods"), daemon.dir.path().join("runtime-view"));
-    let mount = |args: &[&str]| assert!(std::process::Command::new("mount").args(args).status().unwrap().success(), "mount {args:?}");
+    let mount =
+        |args: &[&str]| assert!(std::process::Command::new("mount").args(args).status().unwrap().success(), "mount {args:?}");
     std::fs::create_dir_all(&pods).unwrap();
     std::fs::create_dir_all(&runtime_view).unwrap();
     assert!(support::mount_tmpfs(&pods, "16m"), "mounting a tmpfs failed");
@@ -337,8 +341,7 @@ async fn slow_pulls_are_retried_and_released() {
     let Some(registry) = start_registry() else { return };
     let files = vec![("big.safetensors", bytes(4, 192 * MIB)), ("config.json", b"{}".to_vec())];
     let (reference, source) = publish(&registry, "models/slow:v1", &files);
-    let (abandoned, _abandoned_source) =
-        publish(&registry, "models/abandoned:v1", &[("huge.safetensors", bytes(5, 192 * MIB))]);
+    let (abandoned, _abandoned_source) = publish(&registry, "models/abandoned:v1", &[("huge.safetensors", bytes(5, 192 * MIB))]);
     let daemon = Daemon::start(&format!("[registries]\ninsecure = [\"{}\"]\n", registry.host()));
     let shim = Shim::start(daemon.dir.path(), &daemon.socket, 100);
     let mut node = NodeClient::new(shim.channel().await);

@@ -43,11 +43,8 @@ async fn concurrent_mounts_through_the_api() {
     let files = model(1);
     let (reference, source) = publish(&registry, "models/api:v1", &files);
     let plugins = PluginDir::reference();
-    let daemon = Daemon::start(&format!(
-        "plugin-dir = {:?}\n[registries]\ninsecure = [\"{}\"]\n",
-        plugins.path(),
-        registry.host()
-    ));
+    let daemon =
+        Daemon::start(&format!("plugin-dir = {:?}\n[registries]\ninsecure = [\"{}\"]\n", plugins.path(), registry.host()));
     let client = daemon.client();
 
     let tasks: Vec<_> = (0..32)
@@ -74,7 +71,9 @@ async fn concurrent_mounts_through_the_api() {
     assert_eq!(value("modelcache_pulls_started_total"), 1.0);
     assert_eq!(value("modelcache_pulls_succeeded_total"), 1.0);
     assert_eq!(
-        value("modelcache_cache_misses_total") + value("modelcache_coalesced_waiters_total") + value("modelcache_cache_hits_total"),
+        value("modelcache_cache_misses_total")
+            + value("modelcache_coalesced_waiters_total")
+            + value("modelcache_cache_hits_total"),
         32.0
     );
     assert_eq!(value("modelcache_cache_misses_total"), 1.0);
@@ -100,8 +99,7 @@ async fn volume_sockets_are_bound_to_their_volume() {
     let daemon = Daemon::start(&format!("[registries]\ninsecure = [\"{}\"]\n", registry.host()));
     let admin = daemon.client();
     mount(&admin, "pod-b", &reference).await.unwrap();
-    let socket: VolumeSocket =
-        admin.post("/v1/volume-sockets", &VolumeSocketBody { volume: "pod-a".into() }).await.unwrap().body;
+    let socket: VolumeSocket = admin.post("/v1/volume-sockets", &VolumeSocketBody { volume: "pod-a".into() }).await.unwrap().body;
     let bound = Client::new(&socket.path);
 
     assert_eq!(mount(&bound, "pod-a", &reference).await.unwrap().state, VolumeState::Ready);
@@ -121,7 +119,9 @@ async fn volume_sockets_are_bound_to_their_volume() {
     refused(bound.delete::<VolumeRecord>("/v1/volumes/pod-b/default").await.map(drop));
     refused(bound.post::<_, serde_json::Value>("/v1/gc", &serde_json::json!({})).await.map(drop));
     refused(bound.get::<serde_json::Value>("/v1/plugins").await.map(drop));
-    refused(bound.post::<_, serde_json::Value>("/v1/volume-sockets", &VolumeSocketBody { volume: "pod-b".into() }).await.map(drop));
+    refused(
+        bound.post::<_, serde_json::Value>("/v1/volume-sockets", &VolumeSocketBody { volume: "pod-b".into() }).await.map(drop),
+    );
     refused(bound.get::<serde_json::Value>("/v1/du").await.map(drop));
     let _: serde_json::Value = bound.get("/v1/health").await.unwrap();
 
@@ -193,11 +193,8 @@ async fn a_sleeping_quota_plugin_does_not_hold_up_other_pulls() {
         "sleeper",
         "decisions = [\"quota\"]\ntimeout-ms = 500\n[settings]\nmode = \"sleep\"\nonly-reference = \"models/sleepy\"\n",
     );
-    let daemon = Daemon::start(&format!(
-        "plugin-dir = {:?}\n[registries]\ninsecure = [\"{}\"]\n",
-        plugins.path(),
-        registry.host()
-    ));
+    let daemon =
+        Daemon::start(&format!("plugin-dir = {:?}\n[registries]\ninsecure = [\"{}\"]\n", plugins.path(), registry.host()));
     let client = daemon.client();
 
     let started = Instant::now();
@@ -246,7 +243,8 @@ async fn sigterm_mid_pull_leaves_a_clean_store() {
     let Some(registry) = start_registry() else { return };
     let files = vec![("big.safetensors", bytes(3, 256 * MIB)), ("config.json", b"{}".to_vec())];
     let (reference, source) = publish(&registry, "models/shutdown:v1", &files);
-    let mut daemon = Daemon::start(&format!("[registries]\ninsecure = [\"{}\"]\n[shutdown]\ntimeout = \"0s\"\n", registry.host()));
+    let mut daemon =
+        Daemon::start(&format!("[registries]\ninsecure = [\"{}\"]\n[shutdown]\ntimeout = \"0s\"\n", registry.host()));
     let client = daemon.client();
     let answer = client.put::<_, VolumeRecord>("/v1/volumes/pod/default", &mount_body(&reference, 0.0)).await.unwrap();
     assert_eq!(answer.status.as_u16(), 202);
@@ -369,8 +367,7 @@ async fn rotated_credentials_are_used_without_a_restart() {
     let host = guarded.registry.host();
     let secret = tempfile::tempdir().unwrap();
     write_docker_config(secret.path(), &basic_auth(&host, "alice", "first"));
-    let daemon =
-        Daemon::start(&format!("[registries]\ninsecure = [\"{host}\"]\ndocker-config = {:?}\n", secret.path()));
+    let daemon = Daemon::start(&format!("[registries]\ninsecure = [\"{host}\"]\ndocker-config = {:?}\n", secret.path()));
     let client = daemon.client();
     let (first, first_source) = guarded.publish("models/first:v1", 11);
     let record = mount(&client, "pod-1", &first).await.expect("the password in the secret is admitted");
@@ -542,11 +539,8 @@ fn the_cli_goes_through_the_daemon() {
     let files = model(6);
     let (reference, source) = publish(&registry, "models/cli:v1", &files);
     let plugins = PluginDir::reference();
-    let daemon = Daemon::start(&format!(
-        "plugin-dir = {:?}\n[registries]\ninsecure = [\"{}\"]\n",
-        plugins.path(),
-        registry.host()
-    ));
+    let daemon =
+        Daemon::start(&format!("plugin-dir = {:?}\n[registries]\ninsecure = [\"{}\"]\n", plugins.path(), registry.host()));
     let run = |args: &[&str]| {
         let output = cli(&daemon, args);
         assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));

@@ -56,9 +56,8 @@ fn publish_models(registry: &Registry, prefix: &str, count: usize, files: usize,
     let mut models = Models { references: Vec::new(), trees: Vec::new(), _dirs: Vec::new() };
     for index in 0..count {
         let dir = tempfile::tempdir().unwrap();
-        let contents: Vec<(String, Vec<u8>)> = (0..files)
-            .map(|file| (format!("part-{file:03}.bin"), bytes((index * 1000 + file) as u64 + 1, size)))
-            .collect();
+        let contents: Vec<(String, Vec<u8>)> =
+            (0..files).map(|file| (format!("part-{file:03}.bin"), bytes((index * 1000 + file) as u64 + 1, size))).collect();
         let borrowed: Vec<(&str, Vec<u8>)> = contents.iter().map(|(path, content)| (path.as_str(), content.clone())).collect();
         write_tree(dir.path(), &borrowed);
         let reference = registry.reference(&format!("models/{prefix}-{index}:v1"));
@@ -163,7 +162,11 @@ async fn stress_gc_never_takes_what_is_used() {
     // How many entries GC finds unused depends on scheduling (9 to 25 seen
     // on 2 cores, the fewer the busier the machine); what matters is that
     // evictions raced the mounts at all.
-    assert!(*evictions.lock().unwrap() >= 5, "GC must really have evicted: {} evictions in {runs} runs", evictions.lock().unwrap());
+    assert!(
+        *evictions.lock().unwrap() >= 5,
+        "GC must really have evicted: {} evictions in {runs} runs",
+        evictions.lock().unwrap()
+    );
     for (volume, model) in still_mounted {
         let record = engine.status(&VolumeId::new(&volume).unwrap(), &MountId::default()).unwrap();
         assert_eq!(record.state, VolumeState::Ready);
@@ -362,7 +365,8 @@ fn pins_dry_runs_and_du() {
     let du: serde_json::Value = serde_json::from_str(&run(&["du", "--json"])).unwrap();
     let entries = du["entries"].as_array().unwrap();
     assert_eq!(entries.len(), 3);
-    let referenced: Vec<&serde_json::Value> = entries.iter().filter(|entry| !entry["referenced-by"].as_array().unwrap().is_empty()).collect();
+    let referenced: Vec<&serde_json::Value> =
+        entries.iter().filter(|entry| !entry["referenced-by"].as_array().unwrap().is_empty()).collect();
     assert_eq!(referenced.len(), 1);
     assert_eq!(referenced[0]["referenced-by"][0], "v0/default");
     for entry in entries {
@@ -376,7 +380,8 @@ fn pins_dry_runs_and_du() {
     let du_total: u64 = String::from_utf8_lossy(&output.stdout).split_whitespace().next().unwrap().parse().unwrap();
     let totals = &du["totals"];
     assert_eq!(totals["total"].as_u64().unwrap(), du_total, "reconciles with du -sb");
-    let parts: u64 = ["entries", "unreferenced", "volume-copies", "metadata"].iter().map(|part| totals[part].as_u64().unwrap()).sum();
+    let parts: u64 =
+        ["entries", "unreferenced", "volume-copies", "metadata"].iter().map(|part| totals[part].as_u64().unwrap()).sum();
     assert_eq!(parts, du_total);
     assert!(run(&["du"]).contains("v0/default"));
 

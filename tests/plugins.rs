@@ -9,9 +9,7 @@ use std::time::{Duration, Instant};
 use modelcache::plugins::exclude::{Artifact, ExcludeError, ExcludeInput, ExcludeOptions, ModelFile};
 use modelcache::plugins::gc::{Candidate, GcInput};
 use modelcache::plugins::quota::{Filesystem, QuotaInput, QuotaVerdict};
-use modelcache::plugins::{
-    CompiledCache, Decision, FailureCause, PluginError, PluginHost, PluginSet, Runtime, RuntimeOptions,
-};
+use modelcache::plugins::{CompiledCache, Decision, FailureCause, PluginError, PluginHost, PluginSet, Runtime, RuntimeOptions};
 use support::PluginDir;
 
 const GIB: u64 = 1 << 30;
@@ -90,8 +88,7 @@ fn reference_plugins_decide() {
     let dir = PluginDir::reference();
     let host = host(&dir);
     let set = host.current();
-    let loaded: Vec<(&str, Vec<Decision>)> =
-        set.plugins().iter().map(|plugin| (plugin.name(), plugin.decisions())).collect();
+    let loaded: Vec<(&str, Vec<Decision>)> = set.plugins().iter().map(|plugin| (plugin.name(), plugin.decisions())).collect();
     assert_eq!(
         loaded,
         [
@@ -330,7 +327,10 @@ fn validate_settings_sleeping_in_wasi_times_out() {
 fn memory_cap_fails_the_call_only() {
     let dir = PluginDir::new();
     dir.add("hostile-policy", "grower");
-    dir.configure("grower", "decisions = [\"exclude\"]\nmemory-mib = 32\n[settings]\nmode = \"grow\"\n[fail-mode]\nexclude = \"closed\"\n");
+    dir.configure(
+        "grower",
+        "decisions = [\"exclude\"]\nmemory-mib = 32\n[settings]\nmode = \"grow\"\n[fail-mode]\nexclude = \"closed\"\n",
+    );
     dir.add("hostile-policy", "well");
     dir.configure("well", "decisions = [\"quota\"]\n");
     let host = host(&dir);
@@ -366,7 +366,9 @@ fn traps_lies_and_refusals_fail_the_call() {
 
     let gc = set.gc(gc_input(GIB, vec![candidate("a", 1)]));
     assert!(gc.evict.is_empty());
-    assert!(gc.failures.iter().any(|failure| matches!(&failure.cause, FailureCause::InvalidOutput(m) if m.contains("no-such-key"))));
+    assert!(
+        gc.failures.iter().any(|failure| matches!(&failure.cause, FailureCause::InvalidOutput(m) if m.contains("no-such-key")))
+    );
 }
 
 /// A validate-settings that loops is a refusal, not a hang.
@@ -547,8 +549,14 @@ fn cli_runs_one_decision() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
-    assert!(stderr.lines().any(|line| line.contains("hello from the policy's stdout") && line.contains("plugin=chatty")), "{stderr}");
-    assert!(stderr.lines().any(|line| line.contains("hello from the policy's stderr") && line.contains("stream=stderr")), "{stderr}");
+    assert!(
+        stderr.lines().any(|line| line.contains("hello from the policy's stdout") && line.contains("plugin=chatty")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.lines().any(|line| line.contains("hello from the policy's stderr") && line.contains("stream=stderr")),
+        "{stderr}"
+    );
 
     let panicky = dir.add("hostile-policy", "panicky");
     dir.configure("panicky", "[settings]\nmode = \"panic\"\n");

@@ -136,7 +136,15 @@ async fn a_herd_asking_for_one_tag_resolves_it_once() {
     let through_proxy = reference.replace(&registry.host(), &proxy.host());
     let root = tempfile::tempdir().unwrap();
     let engine = engine_with(root.path(), &proxy.host(), None, None);
-    let heads = || proxy.requests.lock().unwrap().iter().filter(|(line, _)| line.starts_with("HEAD ") && line.contains("/manifests/v1")).count();
+    let heads = || {
+        proxy
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(line, _)| line.starts_with("HEAD ") && line.contains("/manifests/v1"))
+            .count()
+    };
 
     let tasks: Vec<_> = (0..16)
         .map(|index| {
@@ -185,7 +193,15 @@ async fn an_outage_is_asked_about_once_per_ttl() {
     let (tagged, _source) = publish(&registry, "models/down:v1", &[("a.bin", bytes(26, 1000))]);
     let proxy = support::FlakyProxy::start(registry.port(), usize::MAX);
     let through_proxy = tagged.replace(&registry.host(), &proxy.host());
-    let heads = || proxy.requests.lock().unwrap().iter().filter(|(line, _)| line.starts_with("HEAD ") && line.contains("/manifests/v1")).count();
+    let heads = || {
+        proxy
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(line, _)| line.starts_with("HEAD ") && line.contains("/manifests/v1"))
+            .count()
+    };
     let root = tempfile::tempdir().unwrap();
     let mut config = config_with(root.path(), &proxy.host(), None, None);
     config.registry.tag_ttl = Duration::from_secs(2);
@@ -362,10 +378,8 @@ async fn one_digest_two_selections() {
     let root = tempfile::tempdir().unwrap();
     let engine = engine_with(root.path(), &registry.host(), Some(plugins.path()), None);
 
-    let (full, light) = tokio::join!(
-        engine.mount(request("full", &reference)),
-        engine.mount(excluding("light", &reference, true, &[]))
-    );
+    let (full, light) =
+        tokio::join!(engine.mount(request("full", &reference)), engine.mount(excluding("light", &reference, true, &[])));
     let (full, light) = (full.unwrap(), light.unwrap());
     assert_ne!(full.selection, light.selection);
     assert_eq!(full.selection.as_ref().unwrap().as_str(), "full");
@@ -380,7 +394,8 @@ async fn one_digest_two_selections() {
     let before = registry.blob_gets();
     let again = engine.mount(excluding("light-2", &reference, true, &[])).await.unwrap();
     assert!(again.reused_from_cache);
-    let other_partial = engine.mount(excluding("docs-only", &reference, false, &["*.safetensors", "*.bin", "*.json"])).await.unwrap();
+    let other_partial =
+        engine.mount(excluding("docs-only", &reference, false, &["*.safetensors", "*.bin", "*.json"])).await.unwrap();
     assert!(other_partial.reused_from_cache || other_partial.bytes_done == other_partial.bytes_total);
     assert_eq!(registry.blob_gets(), before, "partial trees come from stored blobs");
     assert_eq!(engine.store().entries().unwrap().len(), 3);
@@ -424,7 +439,10 @@ async fn push_raw(registry: &Registry, name: &str, layers: &[(&str, &str, Vec<u8
     for (path, media_type, content) in layers {
         let digest = modelcache::digest::Digest::of(content);
         let chunk = bytes::Bytes::from(content.clone());
-        client.push_blob(&model_ref, &digest, content.len() as u64, futures_util::stream::once(async { Ok(chunk) })).await.unwrap();
+        client
+            .push_blob(&model_ref, &digest, content.len() as u64, futures_util::stream::once(async { Ok(chunk) }))
+            .await
+            .unwrap();
         descriptors.push(serde_json::json!({
             "mediaType": media_type,
             "digest": digest.to_string(),
@@ -460,30 +478,14 @@ async fn hostile_artifacts_are_refused() {
             vec![("pkg", TAR, tar_archive(&[("pkg/", Directory, "", b""), ("pkg/link", Symlink, "../../../outside", b"")]))],
             "points outside the model",
         ),
-        (
-            "tar-hardlink",
-            vec![("pkg", TAR, tar_archive(&[("pkg/passwd", Link, "/etc/passwd", b"")]))],
-            "is a hardlink",
-        ),
-        (
-            "tar-dotdot",
-            vec![("pkg", TAR, tar_archive(&[("pkg/../../escape", Regular, "", b"evil")]))],
-            "climbs out",
-        ),
+        ("tar-hardlink", vec![("pkg", TAR, tar_archive(&[("pkg/passwd", Link, "/etc/passwd", b"")]))], "is a hardlink"),
+        ("tar-dotdot", vec![("pkg", TAR, tar_archive(&[("pkg/../../escape", Regular, "", b"evil")]))], "climbs out"),
         (
             "tar-through-symlink",
-            vec![(
-                "pkg",
-                TAR,
-                tar_archive(&[("pkg/up", Symlink, "..", b""), ("pkg/up/planted", Regular, "", b"evil")]),
-            )],
+            vec![("pkg", TAR, tar_archive(&[("pkg/up", Symlink, "..", b""), ("pkg/up/planted", Regular, "", b"evil")]))],
             "through `pkg/up`",
         ),
-        (
-            "tar-elsewhere",
-            vec![("pkg", TAR, tar_archive(&[("other/file", Regular, "", b"evil")]))],
-            "outside the layer's path",
-        ),
+        ("tar-elsewhere", vec![("pkg", TAR, tar_archive(&[("other/file", Regular, "", b"evil")]))], "outside the layer's path"),
     ];
     let parent = tempfile::tempdir().unwrap();
     let root = parent.path().join("root");
@@ -498,8 +500,10 @@ async fn hostile_artifacts_are_refused() {
         assert!(tmp_is_empty(&root), "{name} left temporaries");
         assert!(!engine.volumes().tree(&VolumeId::new(name).unwrap(), &MountId::default()).exists());
     }
-    let outside: Vec<String> =
-        std::fs::read_dir(parent.path()).unwrap().map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let outside: Vec<String> = std::fs::read_dir(parent.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     assert_eq!(outside, ["root"], "nothing was written beside the root");
     assert!(engine.store().entries().unwrap().is_empty());
     assert!(std::fs::read_dir(root.join("unpacked/sha256")).unwrap().next().is_none());
@@ -529,11 +533,15 @@ async fn tar_layers_unpack() {
         ],
     )
     .await;
-    let gz_reference =
-        push_raw(&registry, "models/tars-gz:v1", &[("tok", "application/vnd.cncf.model.weight.config.v1.tar+gzip", gzip.finish().unwrap())])
-            .await;
+    let gz_reference = push_raw(
+        &registry,
+        "models/tars-gz:v1",
+        &[("tok", "application/vnd.cncf.model.weight.config.v1.tar+gzip", gzip.finish().unwrap())],
+    )
+    .await;
     let zstd_reference =
-        push_raw(&registry, "models/tars-zstd:v1", &[("tok", "application/vnd.cncf.model.weight.config.v1.tar+zstd", zstd)]).await;
+        push_raw(&registry, "models/tars-zstd:v1", &[("tok", "application/vnd.cncf.model.weight.config.v1.tar+zstd", zstd)])
+            .await;
 
     let root = tempfile::tempdir().unwrap();
     let engine = engine(root.path(), &registry);
@@ -569,10 +577,7 @@ async fn cross_filesystem_volumes_are_copied() {
     assert!(record.path.starts_with(volumes.path()));
     assert_eq!(read_tree(&record.path), read_tree(source.path()));
     use std::os::unix::fs::MetadataExt;
-    assert_ne!(
-        std::fs::metadata(record.path.join("config.json")).unwrap().dev(),
-        std::fs::metadata(root.path()).unwrap().dev()
-    );
+    assert_ne!(std::fs::metadata(record.path.join("config.json")).unwrap().dev(), std::fs::metadata(root.path()).unwrap().dev());
     let mode = std::fs::metadata(record.path.join("config.json")).unwrap().mode() & 0o777;
     assert_eq!(mode & 0o222, 0, "copies are read-only like the store");
 }
@@ -756,13 +761,7 @@ async fn interrupted_blobs_resume_with_range() {
 }
 
 fn cli(root: &Path, registry: &Registry, args: &[&str]) -> std::process::Output {
-    support::modelcache()
-        .args(args)
-        .arg("--root")
-        .arg(root)
-        .args(["--insecure-registry", &registry.host()])
-        .output()
-        .unwrap()
+    support::modelcache().args(args).arg("--root").arg(root).args(["--insecure-registry", &registry.host()]).output().unwrap()
 }
 
 /// The CLI end to end: inspect, mount, mount again (no download), a

@@ -87,10 +87,7 @@ fn crafted_trees_stay_inside_the_root() {
     ]);
     // `l1` is `pkg` itself: by its text `esc` climbs five and descends five;
     // resolved, it climbs five levels above `pkg`.
-    let chain = tar_archive(&[
-        ("pkg/l1", Symlink, ".", b""),
-        ("pkg/esc", Symlink, "l1/l1/l1/l1/l1/../../../../../outside", b""),
-    ]);
+    let chain = tar_archive(&[("pkg/l1", Symlink, ".", b""), ("pkg/esc", Symlink, "l1/l1/l1/l1/l1/../../../../../outside", b"")]);
     // The deepest a path may be (128 names), and deeper.
     let deep_name = format!("deep/{}file", "d/".repeat(126));
     let deep_tar = |name: &str| {
@@ -107,17 +104,9 @@ fn crafted_trees_stay_inside_the_root() {
     let cases: Vec<(&str, Vec<(&str, &str, Vec<u8>)>, Option<&str>)> = vec![
         ("benign", vec![("pkg", TAR, benign.clone()), ("w.bin", RAW, weights.clone())], None),
         // The same archive, given another path, with a file under its symlink.
-        (
-            "reuse",
-            vec![("other", TAR, benign.clone()), ("pkg/link/planted", RAW, weights.clone())],
-            Some("outside the"),
-        ),
+        ("reuse", vec![("other", TAR, benign.clone()), ("pkg/link/planted", RAW, weights.clone())], Some("outside the")),
         ("chain", vec![("pkg", TAR, chain.clone())], Some("resolves outside the model")),
-        (
-            "chain-reuse",
-            vec![("other", TAR, chain.clone()), ("pkg/esc/planted", RAW, weights.clone())],
-            Some("outside the"),
-        ),
+        ("chain-reuse", vec![("other", TAR, chain.clone()), ("pkg/esc/planted", RAW, weights.clone())], Some("outside the")),
         // Each layer alone stays inside; together `up` climbs out through `shallow`.
         (
             "across-layers",
@@ -142,10 +131,8 @@ fn crafted_trees_stay_inside_the_root() {
     let parent = tempfile::tempdir().unwrap();
     let outside = parent.path().join("outside");
     std::fs::create_dir(&outside).unwrap();
-    let orders: Vec<(&str, Vec<usize>)> = vec![
-        ("a", (0..references.len()).chain(0..references.len()).collect()),
-        ("b", (0..references.len()).rev().collect()),
-    ];
+    let orders: Vec<(&str, Vec<usize>)> =
+        vec![("a", (0..references.len()).chain(0..references.len()).collect()), ("b", (0..references.len()).rev().collect())];
     for (root_name, order) in orders {
         let root = parent.path().join(root_name);
         for (round, index) in order.into_iter().enumerate() {
@@ -176,8 +163,10 @@ fn crafted_trees_stay_inside_the_root() {
         }
         assert_nothing_writable(&root);
     }
-    let beside: Vec<String> =
-        std::fs::read_dir(parent.path()).unwrap().map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let beside: Vec<String> = std::fs::read_dir(parent.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     let mut beside = beside;
     beside.sort();
     assert_eq!(beside, ["a", "b", "outside"], "nothing was written beside the roots");
@@ -266,11 +255,8 @@ fn decompression_bombs_are_refused() {
     for (name, layer, expected) in bombs {
         let compressed = layer.len() as u64;
         let reference = push_layers(&registry, &format!("bombs/{name}:v1"), &[("pkg", TAR_ZSTD, layer)]);
-        let output = support::modelcache()
-            .args(["mount", &reference, "--volume", name, "--socket"])
-            .arg(&daemon.socket)
-            .output()
-            .unwrap();
+        let output =
+            support::modelcache().args(["mount", &reference, "--volume", name, "--socket"]).arg(&daemon.socket).output().unwrap();
         let message = said(&output);
         assert!(!output.status.success(), "{name} was mounted");
         assert!(message.contains(expected), "{name}: {message}");
@@ -284,6 +270,7 @@ fn decompression_bombs_are_refused() {
     assert!(peak < 300 << 20, "the daemon peaked at {} MiB", peak >> 20);
 
     let fine = push_layers(&registry, "bombs/fine:v1", &[("w.bin", RAW, bytes(3, 1 << 20))]);
-    let output = support::modelcache().args(["mount", &fine, "--volume", "fine", "--socket"]).arg(&daemon.socket).output().unwrap();
+    let output =
+        support::modelcache().args(["mount", &fine, "--volume", "fine", "--socket"]).arg(&daemon.socket).output().unwrap();
     assert!(output.status.success(), "{}", said(&output));
 }

@@ -22,7 +22,8 @@ fn unescape(field: &str) -> String {
     let mut index = 0;
     while index < bytes.len() {
         if bytes[index] == b'\\' && index + 4 <= bytes.len() && bytes[index + 1..index + 4].iter().all(u8::is_ascii_digit) {
-            let code = std::str::from_utf8(&bytes[index + 1..index + 4]).ok().and_then(|digits| u8::from_str_radix(digits, 8).ok());
+            let code =
+                std::str::from_utf8(&bytes[index + 1..index + 4]).ok().and_then(|digits| u8::from_str_radix(digits, 8).ok());
             if let Some(code) = code {
                 out.push(code);
                 index += 4;

@@ -38,9 +38,10 @@ pub struct MountSpec {
 /// # Errors
 /// A message naming the key and what is wrong, for INVALID_ARGUMENT.
 pub fn parse_context(context: &HashMap<String, String>) -> Result<MountSpec, String> {
-    if let Some(unknown) = context.keys().find(|key| {
-        key.starts_with(PREFIX) && ![REFERENCE, EXCLUDE_WEIGHTS, EXCLUDE_PATTERNS, MOUNT_ID].contains(&key.as_str())
-    }) {
+    if let Some(unknown) = context
+        .keys()
+        .find(|key| key.starts_with(PREFIX) && ![REFERENCE, EXCLUDE_WEIGHTS, EXCLUDE_PATTERNS, MOUNT_ID].contains(&key.as_str()))
+    {
         return Err(format!(
             "unknown volume attribute `{unknown}` (known: {REFERENCE}, {EXCLUDE_WEIGHTS}, {EXCLUDE_PATTERNS}, {MOUNT_ID})"
         ));
@@ -64,7 +65,8 @@ pub fn parse_context(context: &HashMap<String, String>) -> Result<MountSpec, Str
     };
     let mount_name = context.get(MOUNT_ID).filter(|name| !name.is_empty()).cloned();
     if let Some(name) = &mount_name {
-        let valid = name.len() <= 100 && name.bytes().all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-'));
+        let valid =
+            name.len() <= 100 && name.bytes().all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-'));
         if !valid || name.starts_with('.') {
             return Err(format!("{MOUNT_ID}: `{name}` must be 1 to 100 of A-Z a-z 0-9 . _ -"));
         }
@@ -80,9 +82,8 @@ fn short_hash(text: &str, digits: usize) -> String {
 /// valid file name (inline volumes: `csi-<hex>`), else a hash of it (static
 /// PV handles may hold any characters).
 pub fn volume_id(csi_volume_id: &str) -> VolumeId {
-    VolumeId::new(csi_volume_id).unwrap_or_else(|_| {
-        VolumeId::new(&format!("pv-{}", short_hash(csi_volume_id, 40))).expect("a hex id is valid")
-    })
+    VolumeId::new(csi_volume_id)
+        .unwrap_or_else(|_| VolumeId::new(&format!("pv-{}", short_hash(csi_volume_id, 40))).expect("a hex id is valid"))
 }
 
 /// The engine mount for one target path: every target gets its own record

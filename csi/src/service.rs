@@ -11,10 +11,9 @@ use bpfman_csi::v1::volume_capability::AccessType;
 use bpfman_csi::v1::{
     GetPluginCapabilitiesRequest, GetPluginCapabilitiesResponse, GetPluginInfoRequest, GetPluginInfoResponse,
     NodeExpandVolumeRequest, NodeExpandVolumeResponse, NodeGetCapabilitiesRequest, NodeGetCapabilitiesResponse,
-    NodeGetInfoRequest, NodeGetInfoResponse, NodeGetVolumeStatsRequest, NodeGetVolumeStatsResponse,
-    NodePublishVolumeRequest, NodePublishVolumeResponse, NodeStageVolumeRequest, NodeStageVolumeResponse,
-    NodeUnpublishVolumeRequest, NodeUnpublishVolumeResponse, NodeUnstageVolumeRequest, NodeUnstageVolumeResponse,
-    ProbeRequest, ProbeResponse,
+    NodeGetInfoRequest, NodeGetInfoResponse, NodeGetVolumeStatsRequest, NodeGetVolumeStatsResponse, NodePublishVolumeRequest,
+    NodePublishVolumeResponse, NodeStageVolumeRequest, NodeStageVolumeResponse, NodeUnpublishVolumeRequest,
+    NodeUnpublishVolumeResponse, NodeUnstageVolumeRequest, NodeUnstageVolumeResponse, ProbeRequest, ProbeResponse,
 };
 use modelcache::api::MountBody;
 use modelcache::api::client::{Client, ClientError};
@@ -109,7 +108,8 @@ impl Shim {
         if request.target_path.is_empty() {
             return Err(Status::invalid_argument("target_path is required"));
         }
-        let capability = request.volume_capability.as_ref().ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
+        let capability =
+            request.volume_capability.as_ref().ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
         match capability.access_type {
             Some(AccessType::Mount(_)) => {}
             Some(AccessType::Block(_)) => {
@@ -308,7 +308,10 @@ impl Node for Shim {
         Err(Status::unimplemented("volume stats are not reported"))
     }
 
-    async fn node_expand_volume(&self, _: Request<NodeExpandVolumeRequest>) -> Result<Response<NodeExpandVolumeResponse>, Status> {
+    async fn node_expand_volume(
+        &self,
+        _: Request<NodeExpandVolumeRequest>,
+    ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
         Err(Status::unimplemented("modelcache volumes do not expand"))
     }
 

@@ -181,10 +181,7 @@ mod native {
                     layer_digest: file.layer_digest.clone(),
                 })
                 .collect(),
-            options: wit::Options {
-                exclude_weights: input.options.exclude_weights,
-                patterns: input.options.patterns.clone(),
-            },
+            options: wit::Options { exclude_weights: input.options.exclude_weights, patterns: input.options.patterns.clone() },
             settings: "{}".into(),
         };
         move || drop(std::hint::black_box(exclude_patterns::decide(&request)))
@@ -199,10 +196,7 @@ mod native {
             incoming_bytes: input.incoming_bytes,
             cache_bytes: input.cache_bytes,
             reserved_bytes: input.reserved_bytes,
-            filesystem: Filesystem {
-                total_bytes: input.filesystem.total_bytes,
-                free_bytes: input.filesystem.free_bytes,
-            },
+            filesystem: Filesystem { total_bytes: input.filesystem.total_bytes, free_bytes: input.filesystem.free_bytes },
             settings: "{}".into(),
         };
         move || drop(std::hint::black_box(quota_watermark::decide(&request)))
@@ -212,10 +206,7 @@ mod native {
         use gc_lru_watermark::exports::modelcache::policy::gc as wit;
         use gc_lru_watermark::modelcache::policy::types::Filesystem;
         let request = wit::Request {
-            filesystem: Filesystem {
-                total_bytes: input.filesystem.total_bytes,
-                free_bytes: input.filesystem.free_bytes,
-            },
+            filesystem: Filesystem { total_bytes: input.filesystem.total_bytes, free_bytes: input.filesystem.free_bytes },
             cache_bytes: input.cache_bytes,
             now: input.now,
             candidates: input

@@ -106,7 +106,11 @@ impl<R: Read> ArchiveReader<R> {
                 while bytes.last() == Some(&0) {
                     bytes.pop();
                 }
-                if entry_type.is_gnu_longname() { long_name = Some(bytes) } else { long_link = Some(bytes) }
+                if entry_type.is_gnu_longname() {
+                    long_name = Some(bytes)
+                } else {
+                    long_link = Some(bytes)
+                }
                 continue;
             }
             if entry_type.is_pax_global_extensions() {
@@ -125,7 +129,8 @@ impl<R: Read> ArchiveReader<R> {
                         key if key.starts_with(b"GNU.sparse.") => sparse = true,
                         b"size" => {
                             let size = std::str::from_utf8(extension.value_bytes()).ok().and_then(|text| text.parse().ok());
-                            pax_size = Some(size.ok_or_else(|| ArchiveError::Malformed("a PAX size that is not a number".into()))?);
+                            pax_size =
+                                Some(size.ok_or_else(|| ArchiveError::Malformed("a PAX size that is not a number".into()))?);
                         }
                         _ => {}
                     }
@@ -297,10 +302,7 @@ mod tests {
             let mut block = header("././@LongLink", kind, 1 << 30).as_bytes().to_vec();
             block.extend_from_slice(&[b'x'; 4096]);
             let error = entries(&block).unwrap_err();
-            assert!(
-                matches!(error, ArchiveError::MetadataTooLarge { size, .. } if size == 1 << 30),
-                "{what}: {error}"
-            );
+            assert!(matches!(error, ArchiveError::MetadataTooLarge { size, .. } if size == 1 << 30), "{what}: {error}");
             assert!(error.to_string().contains(what), "{error}");
         }
     }

@@ -105,9 +105,6 @@ mod tests {
     /// The digest of known bytes is the well-known value.
     #[test]
     fn hashes_bytes() {
-        assert_eq!(
-            Digest::of(b"").to_string(),
-            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
+        assert_eq!(Digest::of(b"").to_string(), "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
     }
 }

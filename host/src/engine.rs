@@ -32,7 +32,9 @@ use crate::flight::{Flights, Progress};
 use crate::gc::{DuEntry, DuReport, Eviction, GcReport, Pin, Pins, Trigger};
 use crate::link::{LinkReport, Linker};
 use crate::modelpack::{Layer, LayerFormat, Model, ModelError, Selection};
-use crate::plugins::exclude::{Artifact, ExcludeDecision, ExcludeError, ExcludeInput, ExcludeMemo, ExcludeOptions, MemoKey, ModelFile, Skip};
+use crate::plugins::exclude::{
+    Artifact, ExcludeDecision, ExcludeError, ExcludeInput, ExcludeMemo, ExcludeOptions, MemoKey, ModelFile, Skip,
+};
 use crate::plugins::gc::{Candidate, GcInput};
 use crate::plugins::quota::{QuotaInput, QuotaVerdict};
 use crate::plugins::{CompiledCache, PluginHost, Runtime, RuntimeOptions};
@@ -653,12 +655,16 @@ impl Engine {
         off_the_runtime(|| self.volumes.put_pulling(record))?;
 
         let (lease, source) = self
-            .ensure_entry(&resolved, |flight| {
-                *progress.flight.lock().unwrap_or_else(|poison| poison.into_inner()) = Some(flight.clone());
-            }, |_| {
-                record.bytes_done = progress.snapshot().0;
-                off_the_runtime(|| self.volumes.put_pulling(record))
-            })
+            .ensure_entry(
+                &resolved,
+                |flight| {
+                    *progress.flight.lock().unwrap_or_else(|poison| poison.into_inner()) = Some(flight.clone());
+                },
+                |_| {
+                    record.bytes_done = progress.snapshot().0;
+                    off_the_runtime(|| self.volumes.put_pulling(record))
+                },
+            )
             .await?;
         record.reused_from_cache = source == Source::Cached;
         record.coalesced = source == Source::Joined;
@@ -767,7 +773,12 @@ impl Engine {
     ///
     /// # Errors
     /// As a mount's.
-    pub async fn prefetch(self: &Arc<Self>, reference: &str, options: &ExcludeOptions, pin: bool) -> Result<Prefetched, EngineError> {
+    pub async fn prefetch(
+        self: &Arc<Self>,
+        reference: &str,
+        options: &ExcludeOptions,
+        pin: bool,
+    ) -> Result<Prefetched, EngineError> {
         options.validate().map_err(|source| EngineError::Exclude { reference: reference.to_owned(), source })?;
         let resolved = self.resolve_request(reference, options).await?;
         if pin {
@@ -822,7 +833,8 @@ impl Engine {
         let mut needed: Vec<Digest> = layers.iter().map(|layer| layer.blob.digest.clone()).collect();
         needed.push(model.digest.clone());
         let _hold = self.store.hold(Some(key), &needed);
-        let missing: Vec<Layer> = layers.iter().filter(|layer| !self.store.has_layer(layer)).map(|layer| (*layer).clone()).collect();
+        let missing: Vec<Layer> =
+            layers.iter().filter(|layer| !self.store.has_layer(layer)).map(|layer| (*layer).clone()).collect();
         // The same bytes may be both a raw file and an archive of one model:
         // fetched and counted once, and the archive kept after unpacking.
         let raw: std::collections::HashSet<&Digest> =
@@ -918,8 +930,9 @@ impl Engine {
         if self.store.has_blob(&blob.digest) {
             return Ok(());
         }
-        let mut slot =
-            DownloadSlot::acquire(&self.downloads).await.map_err(|_| EngineError::Runtime("the engine is shutting down".into()))?;
+        let mut slot = DownloadSlot::acquire(&self.downloads)
+            .await
+            .map_err(|_| EngineError::Runtime("the engine is shutting down".into()))?;
         let mut ingest = self.store.ingest(blob)?;
         self.registry.fetch_blob(reference, blob, &mut ingest, progress, &mut slot).await?;
         ingest.commit(mode, mtime).await?;
@@ -1015,7 +1028,12 @@ impl Engine {
 
     /// The exclude decision for this model and these options: remembered,
     /// or asked of the plugins once for all the mounts asking at once.
-    async fn exclude(&self, reference: &ModelRef, model: &Model, options: &ExcludeOptions) -> Result<ExcludeDecision, EngineError> {
+    async fn exclude(
+        &self,
+        reference: &ModelRef,
+        model: &Model,
+        options: &ExcludeOptions,
+    ) -> Result<ExcludeDecision, EngineError> {
         let plugins = self.plugins.current();
         let memo_key = (reference.to_string(), model.digest.to_string(), options.clone());
         if let Some(decision) = self.decisions.get(&plugins, &memo_key) {
@@ -1338,7 +1356,8 @@ impl Engine {
         // would leave behind is in their exclusive bytes.
         let blobs = self.store.sweep(&pinned, dry_run)?;
         let freed_bytes = if dry_run {
-            evicted.iter().map(|eviction| eviction.exclusive_bytes).sum::<u64>() + blobs.iter().map(|(_, bytes)| bytes).sum::<u64>()
+            evicted.iter().map(|eviction| eviction.exclusive_bytes).sum::<u64>()
+                + blobs.iter().map(|(_, bytes)| bytes).sum::<u64>()
         } else {
             before.saturating_sub(self.store.cache_bytes())
         };
@@ -1357,7 +1376,8 @@ impl Engine {
             freed_bytes = report.freed_bytes, "gc run");
         if !dry_run {
             let metrics = crate::metrics::metrics();
-            let trigger = serde_json::to_value(trigger).ok().and_then(|value| value.as_str().map(str::to_owned)).unwrap_or_default();
+            let trigger =
+                serde_json::to_value(trigger).ok().and_then(|value| value.as_str().map(str::to_owned)).unwrap_or_default();
             metrics.gc_runs.inc([&trigger]);
             metrics.gc_freed_bytes.add(report.freed_bytes);
         }
@@ -1415,7 +1435,12 @@ impl Engine {
                 bytes_on_disk: entry_bytes.on_disk,
                 exclusive_bytes: entry_bytes.exclusive,
                 shared_bytes: entry_bytes.shared(),
-                referenced_by: self.volumes.holders(&key).into_iter().map(|(volume, mount)| format!("{volume}/{mount}")).collect(),
+                referenced_by: self
+                    .volumes
+                    .holders(&key)
+                    .into_iter()
+                    .map(|(volume, mount)| format!("{volume}/{mount}"))
+                    .collect(),
                 pinned: pinned.contains(&key.manifest),
                 references: usage.references,
                 last_used_at: usage.last_used_at,

@@ -173,9 +173,11 @@ pub fn census(layout: &Layout, volumes: &Path) -> Vec<Inode> {
 }
 
 fn add(inodes: &mut HashMap<(u64, u64), Inode>, metadata: &fs::Metadata, owner: Owner) {
-    let inode = inodes
-        .entry((metadata.dev(), metadata.ino()))
-        .or_insert_with(|| Inode { size: metadata.len(), links: metadata.nlink(), owners: Vec::new() });
+    let inode = inodes.entry((metadata.dev(), metadata.ino())).or_insert_with(|| Inode {
+        size: metadata.len(),
+        links: metadata.nlink(),
+        owners: Vec::new(),
+    });
     inode.owners.push(owner);
 }
 
@@ -392,8 +394,7 @@ mod tests {
         let layers = vec![Digest::of(b"l1"), Digest::of(b"l2")];
         let pinned: HashSet<Digest> = [Digest::of(b"pinned")].into();
         let needed = needed_blobs([(&key(1), &layers[..])], &pinned);
-        let expected: HashSet<Digest> =
-            [key(1).manifest, Digest::of(b"l1"), Digest::of(b"l2"), Digest::of(b"pinned")].into();
+        let expected: HashSet<Digest> = [key(1).manifest, Digest::of(b"l1"), Digest::of(b"l2"), Digest::of(b"pinned")].into();
         assert_eq!(needed, expected);
     }
 

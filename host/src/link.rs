@@ -168,7 +168,9 @@ impl Linker {
                 // the same bytes and link that, so every later tree links
                 // again instead of copying.
                 Err(source)
-                    if method == LinkMethod::Hardlink && !renewed && source.raw_os_error() == Some(rustix::io::Errno::MLINK.raw_os_error()) =>
+                    if method == LinkMethod::Hardlink
+                        && !renewed
+                        && source.raw_os_error() == Some(rustix::io::Errno::MLINK.raw_os_error()) =>
                 {
                     renewed = true;
                     if let Err(error) = renew_inode(from) {
@@ -249,7 +251,8 @@ impl Linker {
             to: to.join(relative).join(name),
             source,
         };
-        let entries = rustix::fs::Dir::read_from(source).map_err(|errno| error("read directory", OsStr::new(""), errno.into()))?;
+        let entries =
+            rustix::fs::Dir::read_from(source).map_err(|errno| error("read directory", OsStr::new(""), errno.into()))?;
         for entry in entries {
             let entry = entry.map_err(|errno| error("read directory", OsStr::new(""), errno.into()))?;
             let name = entry.file_name();
@@ -270,9 +273,10 @@ impl Linker {
                     visit(&here, Entry::Directory)?;
                     let inner_source = open_dir(source.as_fd(), name).map_err(|errno| error("open directory", name, errno))?;
                     let inner_target = make_dir(target.as_fd(), name, &mut 0).map_err(|errno| match errno.raw_os_error() {
-                        Some(code) if is_not_a_directory(code) => {
-                            LinkError::ThroughNonDirectory { path: here.display().to_string(), through: here.display().to_string() }
-                        }
+                        Some(code) if is_not_a_directory(code) => LinkError::ThroughNonDirectory {
+                            path: here.display().to_string(),
+                            through: here.display().to_string(),
+                        },
                         _ => error("create directory", name, errno),
                     })?;
                     self.link_dir_below(&inner_source, from, &inner_target, to, &here, visit)?;
@@ -379,7 +383,12 @@ impl TreeBuilder {
                     Some(code) if is_not_a_directory(code) => {
                         LinkError::ThroughNonDirectory { path: dir.to_owned(), through: walked.clone() }
                     }
-                    _ => LinkError::Io { action: "create directory", from: PathBuf::new(), to: self.root_path.join(&walked), source },
+                    _ => LinkError::Io {
+                        action: "create directory",
+                        from: PathBuf::new(),
+                        to: self.root_path.join(&walked),
+                        source,
+                    },
                 })?;
                 current = Some(opened);
             }
@@ -465,7 +474,11 @@ impl TreeBuilder {
     ///
     /// # Errors
     /// What `visit` refused, a name taken, or I/O.
-    pub fn link_tree(&mut self, from: &Path, visit: &mut dyn FnMut(&Path, Entry<'_>) -> Result<(), LinkError>) -> Result<(), LinkError> {
+    pub fn link_tree(
+        &mut self,
+        from: &Path,
+        visit: &mut dyn FnMut(&Path, Entry<'_>) -> Result<(), LinkError>,
+    ) -> Result<(), LinkError> {
         let source = open_dir(CWD, from).map_err(|source| LinkError::Io {
             action: "open directory",
             from: from.to_owned(),
@@ -557,7 +570,8 @@ fn remove_at(to: At<'_>) {
 /// A copy-on-write clone (btrfs, XFS with reflink, bcachefs …).
 fn reflink(from: At<'_>, to: At<'_>) -> io::Result<()> {
     let (source, target) = open_pair(from, to)?;
-    let cloned = rustix::fs::ioctl_ficlone(&target, &source).map_err(io::Error::from).and_then(|()| finish_copy(&source, &target));
+    let cloned =
+        rustix::fs::ioctl_ficlone(&target, &source).map_err(io::Error::from).and_then(|()| finish_copy(&source, &target));
     if cloned.is_err() {
         drop(target);
         remove_at(to);
@@ -740,7 +754,8 @@ mod tests {
     /// A record written before `copied-bytes` existed still reads.
     #[test]
     fn older_reports_read() {
-        let report: LinkReport = serde_json::from_str(r#"{"files": 2, "bytes": 9, "hardlinks": 2, "reflinks": 0, "copies": 0}"#).unwrap();
+        let report: LinkReport =
+            serde_json::from_str(r#"{"files": 2, "bytes": 9, "hardlinks": 2, "reflinks": 0, "copies": 0}"#).unwrap();
         assert_eq!((report.files, report.hardlinks, report.copied_bytes), (2, 2, 0));
     }
 

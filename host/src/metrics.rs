@@ -165,21 +165,46 @@ impl Metrics {
         let mut scalar = |name: &str, kind: &str, help: &str, value: u64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
         };
-        scalar("modelcache_pulls_started_total", "counter", "Entry pulls started (cache misses that began a download).", self.pulls_started.get());
+        scalar(
+            "modelcache_pulls_started_total",
+            "counter",
+            "Entry pulls started (cache misses that began a download).",
+            self.pulls_started.get(),
+        );
         scalar("modelcache_pulls_succeeded_total", "counter", "Entry pulls that completed.", self.pulls_succeeded.get());
-        scalar("modelcache_downloaded_bytes_total", "counter", "Blob bytes received from registries.", self.downloaded_bytes.get());
+        scalar(
+            "modelcache_downloaded_bytes_total",
+            "counter",
+            "Blob bytes received from registries.",
+            self.downloaded_bytes.get(),
+        );
         scalar("modelcache_cache_hits_total", "counter", "Mounts served from a cached entry.", self.cache_hits.get());
         scalar("modelcache_cache_misses_total", "counter", "Mounts that started a pull.", self.cache_misses.get());
-        scalar("modelcache_coalesced_waiters_total", "counter", "Mounts that joined a pull another request started.", self.coalesced_waiters.get());
+        scalar(
+            "modelcache_coalesced_waiters_total",
+            "counter",
+            "Mounts that joined a pull another request started.",
+            self.coalesced_waiters.get(),
+        );
         scalar("modelcache_gc_freed_bytes_total", "counter", "Bytes garbage collection gave back.", self.gc_freed_bytes.get());
         scalar("modelcache_store_bytes", "gauge", "Bytes in the content-addressed store.", gauges.store_bytes);
         scalar("modelcache_reserved_bytes", "gauge", "Bytes admitted by quota and not yet stored.", gauges.reserved_bytes);
         scalar("modelcache_active_mounts", "gauge", "Mounts under way.", gauges.active_mounts);
         self.render_vec(&mut out, "modelcache_pulls_failed_total", "Entry pulls that failed, by error kind.", &self.pulls_failed);
-        self.render_vec(&mut out, "modelcache_linked_files_total", "Files placed into volumes, by link method.", &self.linked_files);
+        self.render_vec(
+            &mut out,
+            "modelcache_linked_files_total",
+            "Files placed into volumes, by link method.",
+            &self.linked_files,
+        );
         self.render_vec(&mut out, "modelcache_gc_runs_total", "Garbage collection runs, by trigger.", &self.gc_runs);
         self.render_vec(&mut out, "modelcache_plugin_calls_total", "Plugin calls, by plugin and decision.", &self.plugin_calls);
-        self.render_vec(&mut out, "modelcache_plugin_failures_total", "Failed plugin calls, by plugin, decision and cause.", &self.plugin_failures);
+        self.render_vec(
+            &mut out,
+            "modelcache_plugin_failures_total",
+            "Failed plugin calls, by plugin, decision and cause.",
+            &self.plugin_failures,
+        );
         let name = "modelcache_plugin_call_seconds";
         let _ = writeln!(out, "# HELP {name} Plugin call latency (instantiate and call).\n# TYPE {name} histogram");
         for (values, histogram) in self.plugin_seconds.values.lock().unwrap_or_else(|poison| poison.into_inner()).iter() {
@@ -187,7 +212,12 @@ impl Metrics {
                 let le = bound.to_string();
                 let _ = writeln!(out, "{name}_bucket{} {count}", labels(&self.plugin_seconds.labels, values, Some(("le", &le))));
             }
-            let _ = writeln!(out, "{name}_bucket{} {}", labels(&self.plugin_seconds.labels, values, Some(("le", "+Inf"))), histogram.count);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{} {}",
+                labels(&self.plugin_seconds.labels, values, Some(("le", "+Inf"))),
+                histogram.count
+            );
             let _ = writeln!(out, "{name}_sum{} {}", labels(&self.plugin_seconds.labels, values, None), histogram.sum);
             let _ = writeln!(out, "{name}_count{} {}", labels(&self.plugin_seconds.labels, values, None), histogram.count);
         }

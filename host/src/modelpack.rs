@@ -318,12 +318,8 @@ impl Model {
     /// The selection that keeps every layer whose path is not in `skipped`.
     pub fn select<'a>(&self, skipped: impl IntoIterator<Item = &'a str>) -> Selection {
         let skipped: HashSet<&str> = skipped.into_iter().collect();
-        let kept: Vec<usize> = self
-            .layers
-            .iter()
-            .filter(|layer| !skipped.contains(layer.path.as_str()))
-            .map(|layer| layer.index)
-            .collect();
+        let kept: Vec<usize> =
+            self.layers.iter().filter(|layer| !skipped.contains(layer.path.as_str())).map(|layer| layer.index).collect();
         Selection::new(self, kept)
     }
 }
@@ -346,25 +342,22 @@ fn parse_layer(digest: &Digest, index: usize, raw: RawDescriptor) -> Result<Laye
         path: path_text.clone(),
         problem,
     })?;
-    let metadata = raw
-        .annotations
-        .get(METADATA_ANNOTATION)
-        .or_else(|| raw.annotations.get(LEGACY_METADATA_ANNOTATION))
-        .and_then(|json| match serde_json::from_str::<FileMetadata>(json) {
-            Ok(metadata) => Some(metadata),
-            Err(error) => {
-                // Optional metadata: a model is still served without it.
-                tracing::warn!(layer = %raw.digest, "ignoring unreadable file metadata annotation: {error}");
-                None
+    let metadata =
+        raw.annotations.get(METADATA_ANNOTATION).or_else(|| raw.annotations.get(LEGACY_METADATA_ANNOTATION)).and_then(|json| {
+            match serde_json::from_str::<FileMetadata>(json) {
+                Ok(metadata) => Some(metadata),
+                Err(error) => {
+                    // Optional metadata: a model is still served without it.
+                    tracing::warn!(layer = %raw.digest, "ignoring unreadable file metadata annotation: {error}");
+                    None
+                }
             }
         });
     let (mode, mtime) = match metadata {
         Some(metadata) => (
             metadata.mode.map(|mode| mode & 0o7777),
             metadata.mtime.as_deref().and_then(|text| {
-                time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
-                    .ok()
-                    .map(SystemTime::from)
+                time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok().map(SystemTime::from)
             }),
         ),
         None => (None, None),
@@ -855,7 +848,8 @@ mod tests {
     fn reads_file_metadata() {
         let mut value: serde_json::Value = serde_json::from_slice(&manifest(&[("run.sh", RAW), ("b", RAW)])).unwrap();
         value["layers"][0]["annotations"][METADATA_ANNOTATION] =
-            r#"{"name":"run.sh","mode":33261,"uid":0,"gid":0,"size":100,"mtime":"2024-05-01T10:00:00.5+02:00","typeflag":48}"#.into();
+            r#"{"name":"run.sh","mode":33261,"uid":0,"gid":0,"size":100,"mtime":"2024-05-01T10:00:00.5+02:00","typeflag":48}"#
+                .into();
         value["layers"][1]["annotations"][METADATA_ANNOTATION] = "{not json".into();
         let model = parse(&serde_json::to_vec(&value).unwrap()).unwrap();
         assert_eq!(model.layers[0].mode, Some(0o755));
@@ -959,10 +953,7 @@ mod tests {
         refused(&[("pkg/hard", TarKind::Hardlink, Some("/etc/passwd"))], "hardlink");
         refused(&[("pkg/dev", TarKind::Other, None)], "not a regular file");
         refused(&[("pkg/a", TarKind::File, None), ("pkg/a", TarKind::File, None)], "twice");
-        refused(
-            &[("pkg/link", TarKind::Symlink, Some(".")), ("pkg/link/file", TarKind::File, None)],
-            "through `pkg/link`",
-        );
+        refused(&[("pkg/link", TarKind::Symlink, Some(".")), ("pkg/link/file", TarKind::File, None)], "through `pkg/link`");
         refused(&[("pkg/f", TarKind::File, None), ("pkg/f/x", TarKind::File, None)], "through `pkg/f`");
     }
 }
@@ -989,7 +980,8 @@ mod properties {
             nodes.sort_by_key(|(path, _)| path.len());
             let mut tree: HashMap<String, Node> = HashMap::new();
             for (path, node) in nodes {
-                let blocked = path.match_indices('/').any(|(at, _)| matches!(tree.get(&path[..at]), Some(Node::File | Node::Symlink(_))));
+                let blocked =
+                    path.match_indices('/').any(|(at, _)| matches!(tree.get(&path[..at]), Some(Node::File | Node::Symlink(_))));
                 if !blocked && !tree.contains_key(&path) {
                     tree.insert(path, node);
                 }

@@ -123,9 +123,7 @@ pub fn manifest_json(config: &[u8], layers: Vec<serde_json::Value>) -> Bytes {
 }
 
 fn layer_json(file: &PackedFile) -> serde_json::Value {
-    let mtime = time::OffsetDateTime::from(file.mtime)
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
+    let mtime = time::OffsetDateTime::from(file.mtime).format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
     let metadata = json!({
         "name": file.path.as_str().rsplit('/').next().unwrap_or_default(),
         "mode": file.mode,

@@ -27,12 +27,12 @@ use std::time::Duration;
 use base64::Engine as _;
 use bytes::Bytes;
 use futures_util::StreamExt;
+use modelcache_policy::size::HumanBytes;
 use oci_client::client::{BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
-use modelcache_policy::size::HumanBytes;
 use serde::Deserialize;
 use tokio::sync::{AcquireError, Semaphore, SemaphorePermit};
 use tokio::time::Instant;
@@ -219,7 +219,8 @@ impl ModelRef {
     /// [`RegistryError::InvalidReference`].
     pub fn parse(text: &str) -> Result<ModelRef, RegistryError> {
         let invalid = |reason: String| RegistryError::InvalidReference { reference: text.to_owned(), reason };
-        let parse_name = |name: &str| name.parse::<Reference>().map_err(|error: oci_client::ParseError| invalid(error.to_string()));
+        let parse_name =
+            |name: &str| name.parse::<Reference>().map_err(|error: oci_client::ParseError| invalid(error.to_string()));
         // The digest is split off and checked here, the name alone given to
         // oci-client's reference regex: matched against a whole
         // `…@sha256:<64 hex>`, that regex builds its lazy DFA afresh on
@@ -260,9 +261,7 @@ impl ModelRef {
     fn on(&self, host: &str) -> Reference {
         match (self.reference.digest(), self.reference.tag()) {
             (Some(digest), _) => Reference::with_digest(host.to_owned(), self.repository().to_owned(), digest.to_owned()),
-            (None, tag) => {
-                Reference::with_tag(host.to_owned(), self.repository().to_owned(), tag.unwrap_or("latest").to_owned())
-            }
+            (None, tag) => Reference::with_tag(host.to_owned(), self.repository().to_owned(), tag.unwrap_or("latest").to_owned()),
         }
     }
 
@@ -529,7 +528,8 @@ impl Registry {
     pub fn new(config: RegistryConfig) -> Result<Registry, RegistryError> {
         // rustls needs a process-wide crypto provider; a second install is a no-op.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let authorities = config.ca_certificates.iter().map(|path| read_authorities(path)).collect::<Result<Vec<_>, _>>()?.concat();
+        let authorities =
+            config.ca_certificates.iter().map(|path| read_authorities(path)).collect::<Result<Vec<_>, _>>()?.concat();
         let credentials_file = Credentials::file(config.docker_config.clone());
         let read = credentials_file.as_deref().and_then(FileStamp::of);
         let credentials = Credentials::read(credentials_file.as_deref())?;
@@ -635,7 +635,13 @@ impl Registry {
     /// through to the next host, as containerd's hosts.toml mirrors do. When
     /// the origin refuses what a credential helper gave, all of it runs once
     /// more with a renewed session.
-    async fn across_hosts<T, F, Fut>(&self, reference: &ModelRef, what: &str, resolving: bool, mut operation: F) -> Result<T, RegistryError>
+    async fn across_hosts<T, F, Fut>(
+        &self,
+        reference: &ModelRef,
+        what: &str,
+        resolving: bool,
+        mut operation: F,
+    ) -> Result<T, RegistryError>
     where
         F: FnMut(Client, Reference, RegistryAuth) -> Fut,
         Fut: std::future::Future<Output = Result<T, Failure>>,
@@ -682,8 +688,7 @@ impl Registry {
             tracing::debug!(mirror = %mirror.host, reference = %reference, "mirror failed {what}: {failure}");
         }
         let auth = session.auth(reference, reference.registry()).await?;
-        self.with_retries(reference, what, || operation(session.client.clone(), reference.reference.clone(), auth.clone()))
-            .await
+        self.with_retries(reference, what, || operation(session.client.clone(), reference.reference.clone(), auth.clone())).await
     }
 
     /// Streams the blob `blob` into `ingest`, from the first mirror that has
@@ -898,16 +903,14 @@ impl Registry {
             return Ok(());
         }
         let stream = chunks.map(|chunk| chunk.map_err(OciDistributionError::from));
-        client
-            .push_blob_stream(image, stream, &digest.to_string(), Some(size))
-            .await
-            .map(drop)
-            .map_err(|error| match classify(reference, error) {
+        client.push_blob_stream(image, stream, &digest.to_string(), Some(size)).await.map(drop).map_err(|error| {
+            match classify(reference, error) {
                 Failure::Permanent(error) => error,
                 Failure::Transient(source) => {
                     RegistryError::Unavailable { reference: reference.to_string(), attempts: 1, source }
                 }
-            })
+            }
+        })
     }
 
     /// Uploads a manifest under the reference's tag.
@@ -987,7 +990,10 @@ fn classify(reference: &ModelRef, error: OciDistributionError) -> Failure {
             } else if codes.iter().any(|code| {
                 matches!(
                     code,
-                    OciErrorCode::ManifestUnknown | OciErrorCode::BlobUnknown | OciErrorCode::NameUnknown | OciErrorCode::NotFound
+                    OciErrorCode::ManifestUnknown
+                        | OciErrorCode::BlobUnknown
+                        | OciErrorCode::NameUnknown
+                        | OciErrorCode::NotFound
                 )
             }) {
                 permanent(RegistryError::NotFound { reference: text })
@@ -1106,11 +1112,18 @@ impl Credentials {
             Ok(text) => text,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Credentials::default()),
             Err(error) => {
-                return Err(RegistryError::Credentials { reference: "registry credentials".into(), path, reason: error.to_string() });
+                return Err(RegistryError::Credentials {
+                    reference: "registry credentials".into(),
+                    path,
+                    reason: error.to_string(),
+                });
             }
         };
-        let config = serde_json::from_str(&text)
-            .map_err(|error| RegistryError::Credentials { reference: "registry credentials".into(), path: path.clone(), reason: error.to_string() })?;
+        let config = serde_json::from_str(&text).map_err(|error| RegistryError::Credentials {
+            reference: "registry credentials".into(),
+            path: path.clone(),
+            reason: error.to_string(),
+        })?;
         Ok(Credentials { path: Some(path), config })
     }
 
@@ -1182,8 +1195,7 @@ async fn run_helper(helper: &str, host: &str) -> Result<RegistryAuth, String> {
         // Helpers answer "credentials not found" with a failure: anonymous then.
         return Ok(RegistryAuth::Anonymous);
     }
-    let answer: HelperAnswer =
-        serde_json::from_slice(&output.stdout).map_err(|error| format!("{program} answered: {error}"))?;
+    let answer: HelperAnswer = serde_json::from_slice(&output.stdout).map_err(|error| format!("{program} answered: {error}"))?;
     Ok(RegistryAuth::Basic(answer.username, answer.secret))
 }
 
@@ -1275,7 +1287,8 @@ mod tests {
             other => panic!("{other:?}"),
         };
         write(basic("alice"));
-        let registry = Registry::new(RegistryConfig { docker_config: Some(dir.path().to_owned()), ..RegistryConfig::default() }).unwrap();
+        let registry =
+            Registry::new(RegistryConfig { docker_config: Some(dir.path().to_owned()), ..RegistryConfig::default() }).unwrap();
         let first = registry.session();
         assert!(Arc::ptr_eq(&first, &registry.session()));
         assert_eq!(user(&first).await, "alice");
@@ -1306,9 +1319,8 @@ mod tests {
         #[derive(Debug, thiserror::Error)]
         #[error("connect")]
         struct Connect(#[source] std::io::Error);
-        let wrapped = |error: rustls::Error| {
-            Connect(std::io::Error::other(std::io::Error::new(std::io::ErrorKind::InvalidData, error)))
-        };
+        let wrapped =
+            |error: rustls::Error| Connect(std::io::Error::other(std::io::Error::new(std::io::ErrorKind::InvalidData, error)));
         let unknown = wrapped(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer));
         assert!(certificate_refusal(&unknown).is_some_and(|reason| reason.contains("ca-certificates")));
         let expired = wrapped(rustls::Error::InvalidCertificate(rustls::CertificateError::Expired));

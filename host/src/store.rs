@@ -230,7 +230,8 @@ pub struct UnpackLimits {
 
 impl UnpackLimits {
     /// No limit but the disk itself.
-    pub const NONE: UnpackLimits = UnpackLimits { max_bytes: u64::MAX, max_entries: u64::MAX, keep_free_bytes: 0, keep_free_inodes: 0 };
+    pub const NONE: UnpackLimits =
+        UnpackLimits { max_bytes: u64::MAX, max_entries: u64::MAX, keep_free_bytes: 0, keep_free_inodes: 0 };
 }
 
 /// A limit an unpack went past.
@@ -242,7 +243,9 @@ pub enum LimitExceeded {
     Entries { limit: u64 },
     #[error("holds more than {limit} bytes of entry names and link targets")]
     Names { limit: u64 },
-    #[error("unpacking it would leave less than {keep_free} bytes free on the store's filesystem (its floor plus what other pulls reserved)")]
+    #[error(
+        "unpacking it would leave less than {keep_free} bytes free on the store's filesystem (its floor plus what other pulls reserved)"
+    )]
     Disk { keep_free: u64 },
     #[error("unpacking it would leave fewer than {keep_free} free inodes on the store's filesystem")]
     Inodes { keep_free: u64 },
@@ -424,10 +427,7 @@ impl Store {
     /// When `statvfs` fails.
     pub fn filesystem(&self) -> Result<Filesystem, StoreError> {
         let stats = self.statvfs()?;
-        Ok(Filesystem {
-            total_bytes: stats.f_blocks * stats.f_frsize,
-            free_bytes: stats.f_bavail * stats.f_frsize,
-        })
+        Ok(Filesystem { total_bytes: stats.f_blocks * stats.f_frsize, free_bytes: stats.f_bavail * stats.f_frsize })
     }
 
     /// Inodes of the store's filesystem: `(total, free)`; `(0, 0)` where
@@ -442,7 +442,11 @@ impl Store {
 
     fn statvfs(&self) -> Result<rustix::fs::StatVfs, StoreError> {
         let root = self.layout.root();
-        rustix::fs::statvfs(root).map_err(|errno| StoreError::Io { action: "statvfs", path: root.to_owned(), source: errno.into() })
+        rustix::fs::statvfs(root).map_err(|errno| StoreError::Io {
+            action: "statvfs",
+            path: root.to_owned(),
+            source: errno.into(),
+        })
     }
 
     pub fn has_blob(&self, digest: &Digest) -> bool {
@@ -520,7 +524,11 @@ impl Store {
             if target.exists() {
                 return Ok(());
             }
-            file.persist(&target).map_err(|error| StoreError::Io { action: "publish", path: target.clone(), source: error.error })?;
+            file.persist(&target).map_err(|error| StoreError::Io {
+                action: "publish",
+                path: target.clone(),
+                source: error.error,
+            })?;
             state.cache_bytes += size;
         }
         sync_dir(&self.layout.blobs())
@@ -624,23 +632,23 @@ impl Store {
                     let unpacked = self.layout.unpacked(&layer.blob.digest);
                     let mut outside = None;
                     let linked = {
-                    let mut visit = |name: &Path, entry: Entry<'_>| {
-                        let name = name.to_string_lossy();
-                        let within = ModelPath::parse(&name).is_ok_and(|path| path.is_within(&layer.path));
-                        let on_the_way = entry == Entry::Directory && layer.path.ancestors().any(|ancestor| ancestor == name);
-                        if !within && !on_the_way {
-                            outside = Some(name.to_string());
-                            return Err(LinkError::ThroughNonDirectory { path: name.to_string(), through: String::new() });
-                        }
-                        let node = match entry {
-                            Entry::Directory => Node::Directory,
-                            Entry::File => Node::File,
-                            Entry::Symlink(target) => Node::Symlink(target.to_string_lossy().into_owned()),
+                        let mut visit = |name: &Path, entry: Entry<'_>| {
+                            let name = name.to_string_lossy();
+                            let within = ModelPath::parse(&name).is_ok_and(|path| path.is_within(&layer.path));
+                            let on_the_way = entry == Entry::Directory && layer.path.ancestors().any(|ancestor| ancestor == name);
+                            if !within && !on_the_way {
+                                outside = Some(name.to_string());
+                                return Err(LinkError::ThroughNonDirectory { path: name.to_string(), through: String::new() });
+                            }
+                            let node = match entry {
+                                Entry::Directory => Node::Directory,
+                                Entry::File => Node::File,
+                                Entry::Symlink(target) => Node::Symlink(target.to_string_lossy().into_owned()),
+                            };
+                            nodes.insert(name.into_owned(), node);
+                            Ok(())
                         };
-                        nodes.insert(name.into_owned(), node);
-                        Ok(())
-                    };
-                    builder.link_tree(&unpacked, &mut visit)
+                        builder.link_tree(&unpacked, &mut visit)
                     };
                     if let Some(name) = outside {
                         return Err(StoreError::Unpack {
@@ -1308,7 +1316,9 @@ pub(crate) fn remove_any(path: &Path) -> Result<(), StoreError> {
     };
     let removed = if metadata.is_dir() { fs::remove_dir_all(path) } else { fs::remove_file(path) };
     match removed {
-        Err(error) if error.kind() != io::ErrorKind::NotFound => Err(StoreError::Io { action: "remove", path: path.to_owned(), source: error }),
+        Err(error) if error.kind() != io::ErrorKind::NotFound => {
+            Err(StoreError::Io { action: "remove", path: path.to_owned(), source: error })
+        }
         _ => Ok(()),
     }
 }
@@ -1398,7 +1408,11 @@ fn publish_dir(staged: PathBuf, target: &Path) -> Result<bool, StoreError> {
 
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, StoreError> {
     let bytes = fs::read(path).map_err(io_error("read", path))?;
-    serde_json::from_slice(&bytes).map_err(|error| StoreError::Io { action: "parse", path: path.to_owned(), source: error.into() })
+    serde_json::from_slice(&bytes).map_err(|error| StoreError::Io {
+        action: "parse",
+        path: path.to_owned(),
+        source: error.into(),
+    })
 }
 
 #[cfg(test)]

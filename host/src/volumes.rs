@@ -43,11 +43,7 @@ fn check_id(kind: &'static str, text: &str) -> Result<(), VolumeError> {
         && text.len() <= MAX_ID
         && !text.starts_with('.')
         && text.bytes().all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-'));
-    if valid {
-        Ok(())
-    } else {
-        Err(VolumeError::InvalidId { kind, id: text.to_owned() })
-    }
+    if valid { Ok(()) } else { Err(VolumeError::InvalidId { kind, id: text.to_owned() }) }
 }
 
 /// A volume's id (the CSI volume id).
@@ -372,7 +368,11 @@ impl Volumes {
         if self.unreadable.lock().unwrap_or_else(|poison| poison.into_inner()).remove(&slot) {
             set_aside(&path, &broken_path(&path));
         }
-        if durable { write_json(&path, record)? } else { write_json_volatile(&path, record)? }
+        if durable {
+            write_json(&path, record)?
+        } else {
+            write_json_volatile(&path, record)?
+        }
         self.index(record);
         Ok(())
     }
@@ -446,9 +446,8 @@ impl Volumes {
             } else if let Some(mount_id) = name.strip_suffix(".json") {
                 // Only a record that parses and says `released`: anything
                 // else still tells its volume's story.
-                let released = MountId::new(mount_id)
-                    .ok()
-                    .and_then(|mount_id| parse_record(&fs::read(&path).ok()?, volume, &mount_id).ok());
+                let released =
+                    MountId::new(mount_id).ok().and_then(|mount_id| parse_record(&fs::read(&path).ok()?, volume, &mount_id).ok());
                 released.is_some_and(|record| record.state == VolumeState::Released && record.updated_at < cutoff)
             } else {
                 name.ends_with(".json.broken") || name.starts_with(".tmp-")
@@ -523,9 +522,8 @@ fn broken_path(path: &Path) -> PathBuf {
 /// keeps it for a whole GC grace. Best effort: the write that follows
 /// replaces the record either way.
 fn set_aside(path: &Path, aside: &Path) {
-    let moved = fs::rename(path, aside).and_then(|()| {
-        fs::File::options().write(true).open(aside)?.set_modified(std::time::SystemTime::now())
-    });
+    let moved = fs::rename(path, aside)
+        .and_then(|()| fs::File::options().write(true).open(aside)?.set_modified(std::time::SystemTime::now()));
     match moved {
         Ok(()) => {
             tracing::warn!(path = %path.display(), aside = %aside.display(), "replacing an unreadable volume record; kept aside");

@@ -120,9 +120,7 @@ pub fn plugin_wasm(crate_name: &str) -> PathBuf {
             "building the policy components failed; is the target installed? (`rustup target add wasm32-wasip2`)"
         );
     });
-    let path = target_dir()
-        .join("wasm32-wasip2/plugin")
-        .join(format!("{}.wasm", crate_name.replace('-', "_")));
+    let path = target_dir().join("wasm32-wasip2/plugin").join(format!("{}.wasm", crate_name.replace('-', "_")));
     assert!(path.is_file(), "{} was not built", path.display());
     path
 }
@@ -220,7 +218,10 @@ impl Registry {
         );
         if let Some(htpasswd) = htpasswd {
             write_htpasswd(storage.path(), htpasswd);
-            yaml += &format!("auth:\n  htpasswd:\n    realm: modelcache-tests\n    path: {}\n", storage.path().join("htpasswd").display());
+            yaml += &format!(
+                "auth:\n  htpasswd:\n    realm: modelcache-tests\n    path: {}\n",
+                storage.path().join("htpasswd").display()
+            );
         }
         std::fs::write(&config, yaml).expect("registry config");
         let mut child = Command::new(binary)
@@ -235,10 +236,9 @@ impl Registry {
             .expect("starting docker-registry");
         let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let (port_sender, port_receiver) = std::sync::mpsc::channel();
-        for stream in [
-            Box::new(child.stderr.take().unwrap()) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stdout.take().unwrap()),
-        ] {
+        for stream in
+            [Box::new(child.stderr.take().unwrap()) as Box<dyn std::io::Read + Send>, Box::new(child.stdout.take().unwrap())]
+        {
             let log = log.clone();
             let port_sender = port_sender.clone();
             std::thread::spawn(move || {
@@ -340,7 +340,12 @@ impl TestAuthority {
         let p256 = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
         std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").unwrap();
         for step in [
-            [&["req", "-x509"][..], &p256, &["-subj", "/CN=modelcache test CA", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2"]].concat(),
+            [
+                &["req", "-x509"][..],
+                &p256,
+                &["-subj", "/CN=modelcache test CA", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2"],
+            ]
+            .concat(),
             [&["req"][..], &p256, &["-subj", "/CN=127.0.0.1", "-keyout", "server.key", "-out", "server.csr"]].concat(),
             ["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2"]
                 .into_iter()
@@ -426,9 +431,7 @@ pub fn push_as(registry: &Registry, dir: &Path, reference: &str, docker_config: 
     if let Some(docker_config) = docker_config {
         command.arg("--docker-config").arg(docker_config);
     }
-    let output = command
-        .output()
-        .expect("running modelcache push");
+    let output = command.output().expect("running modelcache push");
     assert!(output.status.success(), "push failed: {}", String::from_utf8_lossy(&output.stderr));
     String::from_utf8(output.stdout).unwrap().trim().to_owned()
 }
@@ -634,7 +637,8 @@ impl HostileBlobProxy {
                                 .filter(|line| !line.is_empty() && !line.to_ascii_lowercase().starts_with("content-length:"))
                                 .map(|line| format!("{line}\r\n"))
                                 .collect();
-                            if client.write_all(format!("{head}\r\n").as_bytes()).and_then(|()| client.write_all(&body)).is_err() {
+                            if client.write_all(format!("{head}\r\n").as_bytes()).and_then(|()| client.write_all(&body)).is_err()
+                            {
                                 return;
                             }
                             let zeros = vec![0u8; 64 << 10];

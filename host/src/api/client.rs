@@ -119,12 +119,7 @@ impl Client {
             .map_err(|error| ClientError::Protocol(error.to_string()))?;
         let response = sender.send_request(request).await.map_err(|error| ClientError::Dropped(error.to_string()))?;
         let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|error| ClientError::Dropped(error.to_string()))?
-            .to_bytes();
+        let bytes = response.into_body().collect().await.map_err(|error| ClientError::Dropped(error.to_string()))?.to_bytes();
         if !status.is_success() {
             let error = serde_json::from_slice::<ErrorBody>(&bytes).map(|body| body.error).unwrap_or_else(|_| ApiError {
                 kind: crate::error::ErrorKind::Internal,

@@ -85,7 +85,11 @@ impl AppState {
 
 fn wait_for(seconds: f64) -> Duration {
     // Clamped before converting: `from_secs_f64` panics past u64 seconds.
-    if seconds.is_finite() && seconds > 0.0 { Duration::from_secs_f64(seconds.min(MAX_WAIT.as_secs_f64())) } else { Duration::ZERO }
+    if seconds.is_finite() && seconds > 0.0 {
+        Duration::from_secs_f64(seconds.min(MAX_WAIT.as_secs_f64()))
+    } else {
+        Duration::ZERO
+    }
 }
 
 /// Sockets bound to single volumes, made on request.
@@ -338,10 +342,7 @@ async fn reload_plugins(State(state): State<AppState>) -> Result<Response, ApiEr
     Ok(Json(set.statuses().to_vec()).into_response())
 }
 
-async fn open_volume_socket(
-    State(state): State<AppState>,
-    Json(body): Json<VolumeSocketBody>,
-) -> Result<Response, ApiError> {
+async fn open_volume_socket(State(state): State<AppState>, Json(body): Json<VolumeSocketBody>) -> Result<Response, ApiError> {
     state.admin("make volume sockets")?;
     let volume = VolumeId::new(&body.volume)?;
     let sockets = state.sockets.clone();
@@ -351,10 +352,8 @@ async fn open_volume_socket(
     let path = sockets.dir.join(format!("{volume}.sock"));
     // A pod's user is unknown: whoever can reach the file (it is mounted into
     // one pod) may use it, and it can only ever touch this volume.
-    let listener = bind(&path, 0o666).map_err(|error| ApiError {
-        kind: ErrorKind::Internal,
-        message: format!("cannot bind {}: {error}", path.display()),
-    })?;
+    let listener = bind(&path, 0o666)
+        .map_err(|error| ApiError { kind: ErrorKind::Internal, message: format!("cannot bind {}: {error}", path.display()) })?;
     let scoped = AppState { scope: Scope::Volume(volume.clone()), ..state.clone() };
     let task = tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, router(scoped)).await {
@@ -366,10 +365,7 @@ async fn open_volume_socket(
     Ok(Json(VolumeSocket { volume: volume.to_string(), path }).into_response())
 }
 
-async fn close_volume_socket(
-    State(state): State<AppState>,
-    UrlPath(volume): UrlPath<String>,
-) -> Result<Response, ApiError> {
+async fn close_volume_socket(State(state): State<AppState>, UrlPath(volume): UrlPath<String>) -> Result<Response, ApiError> {
     state.admin("close volume sockets")?;
     let volume = VolumeId::new(&volume)?;
     match state.sockets.served().remove(&volume) {

@@ -157,7 +157,12 @@ fn volume_path(volume: &VolumeId, mount_id: &MountId) -> String {
 impl Backend {
     /// Mounts and waits, reporting `(done, total)` about every `tick` while
     /// it pulls.
-    pub async fn mount(&self, request: MountRequest, tick: Duration, mut progress: impl FnMut(u64, u64)) -> anyhow::Result<VolumeRecord> {
+    pub async fn mount(
+        &self,
+        request: MountRequest,
+        tick: Duration,
+        mut progress: impl FnMut(u64, u64),
+    ) -> anyhow::Result<VolumeRecord> {
         let record = match self {
             Backend::Local(engine) => {
                 let mut handle = engine.start_mount(request.clone())?;

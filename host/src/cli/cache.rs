@@ -55,7 +55,12 @@ pub fn gc(args: GcArgs) -> anyhow::Result<ExitCode> {
         );
     }
     for (digest, bytes) in &report.blobs {
-        outln!("{} unneeded blob {} ({})", if report.dry_run { "would remove" } else { "removed" }, digest.short(), HumanBytes(*bytes));
+        outln!(
+            "{} unneeded blob {} ({})",
+            if report.dry_run { "would remove" } else { "removed" },
+            digest.short(),
+            HumanBytes(*bytes)
+        );
     }
     for path in &report.records {
         outln!("pruned {}", path.display());

@@ -12,8 +12,7 @@ use modelcache::plugins::exclude::ExcludeInput;
 use modelcache::plugins::gc::GcInput;
 use modelcache::plugins::quota::QuotaInput;
 use modelcache::plugins::{
-    CompiledCache, CompiledPlugin, Decision, Plugin, PluginConfig, PluginHost, PluginStatus, Runtime, RuntimeOptions,
-    error_chain,
+    CompiledCache, CompiledPlugin, Decision, Plugin, PluginConfig, PluginHost, PluginStatus, Runtime, RuntimeOptions, error_chain,
 };
 use serde_json::Value;
 
@@ -190,10 +189,9 @@ fn run_one(
         config.settings_json = read_settings(settings)?;
     }
     let input_text = read_input(input)?;
-    let input: Value =
-        serde_json::from_str(&input_text).with_context(|| format!("{}: not JSON", input.display()))?;
-    let plugin = Plugin::load(&runtime()?, cache.cache().as_ref(), wasm, config)
-        .map_err(|error| anyhow::anyhow!(error_chain(&error)))?;
+    let input: Value = serde_json::from_str(&input_text).with_context(|| format!("{}: not JSON", input.display()))?;
+    let plugin =
+        Plugin::load(&runtime()?, cache.cache().as_ref(), wasm, config).map_err(|error| anyhow::anyhow!(error_chain(&error)))?;
     match cases::call(&plugin, decision, input) {
         Ok(answer) => {
             outln!("{}", serde_json::to_string_pretty(&answer)?);

@@ -99,10 +99,9 @@ fn build(lang: Lang, name: &str, world: &str) -> (String, String) {
             "cargo build --release --target wasm32-wasip2".to_owned(),
             format!("target/wasm32-wasip2/release/{}.wasm", name.replace('-', "_")),
         ),
-        Lang::Python => (
-            format!("componentize-py -d wit -w {world} componentize app -o {name}.wasm --stub-wasi"),
-            format!("{name}.wasm"),
-        ),
+        Lang::Python => {
+            (format!("componentize-py -d wit -w {world} componentize app -o {name}.wasm --stub-wasi"), format!("{name}.wasm"))
+        }
         Lang::Js => ("npm install && npm run build".to_owned(), format!("{name}.wasm")),
     }
 }
@@ -111,10 +110,14 @@ fn readme(lang: Lang, name: &str, decision: Decision, world: &str) -> String {
     let (build, wasm) = build(lang, name, world);
     let needs = match lang {
         Lang::Rust => "Rust with the `wasm32-wasip2` target (`rustup target add wasm32-wasip2`)",
-        Lang::Python => "componentize-py (`pip install componentize-py`); `--stub-wasi` keeps out the \
-                         filesystem and socket imports modelcache refuses",
-        Lang::Js => "Node.js and npm; `jco componentize --disable all` keeps out the WASI imports \
-                     modelcache refuses",
+        Lang::Python => {
+            "componentize-py (`pip install componentize-py`); `--stub-wasi` keeps out the \
+                         filesystem and socket imports modelcache refuses"
+        }
+        Lang::Js => {
+            "Node.js and npm; `jco componentize --disable all` keeps out the WASI imports \
+                     modelcache refuses"
+        }
     };
     format!(
         "# {name}\n\n\
@@ -142,10 +145,7 @@ fn valid_name(name: &str) -> bool {
 
 pub fn new(args: &NewArgs) -> anyhow::Result<ExitCode> {
     if !valid_name(&args.name) {
-        bail!(
-            "`{}` is not a valid policy name: use lower-case letters, digits and dashes, starting with a letter",
-            args.name
-        );
+        bail!("`{}` is not a valid policy name: use lower-case letters, digits and dashes, starting with a letter", args.name);
     }
     let world = format!("{}-policy", args.decision);
     let project = args.dir.join(&args.name);

@@ -31,7 +31,8 @@ pub fn run(args: ServeArgs, log_format: Option<LogFormat>) -> anyhow::Result<Exi
     let stopped = runtime.block_on(async {
         let stop = async {
             use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut terminate), Ok(mut interrupt)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            let (Ok(mut terminate), Ok(mut interrupt)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+            else {
                 return std::future::pending().await;
             };
             tokio::select! {
@@ -79,7 +80,13 @@ pub fn health(args: HealthArgs) -> anyhow::Result<ExitCode> {
     });
     match health {
         Ok(health) => {
-            outln!("{} (pid {}, {} mounts under way, {} plugins loaded)", health.status, health.pid, health.active_mounts, health.plugins_loaded);
+            outln!(
+                "{} (pid {}, {} mounts under way, {} plugins loaded)",
+                health.status,
+                health.pid,
+                health.active_mounts,
+                health.plugins_loaded
+            );
             Ok(ExitCode::SUCCESS)
         }
         Err(error) => {

@@ -109,7 +109,6 @@ pub struct PushArgs {
     pub registry: RegistryArgs,
 }
 
-
 fn print_json(value: &impl serde::Serialize) -> anyhow::Result<ExitCode> {
     outln!("{}", serde_json::to_string_pretty(value)?);
     Ok(ExitCode::SUCCESS)
@@ -303,9 +302,9 @@ pub fn prefetch(args: PrefetchArgs) -> anyhow::Result<ExitCode> {
 pub fn push(args: PushArgs) -> anyhow::Result<ExitCode> {
     let reference = ModelRef::parse(&args.reference)?;
     let registry = Registry::new(args.registry.config())?;
-    let digest = runtime(Threads::Workers)?.block_on(modelcache::pack::push_dir(&registry, &reference, &args.dir))
+    let digest = runtime(Threads::Workers)?
+        .block_on(modelcache::pack::push_dir(&registry, &reference, &args.dir))
         .with_context(|| format!("pushing {} as {}", args.dir.display(), reference))?;
     outln!("{reference}@{digest}");
     Ok(ExitCode::SUCCESS)
 }
-

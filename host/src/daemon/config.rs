@@ -159,8 +159,11 @@ impl ServeConfig {
     /// # Errors
     /// A [`ConfigError`] naming the key and the reason.
     pub fn load(path: &Path) -> Result<ServeConfig, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|error| ConfigError { path: path.to_owned(), key: "(file)".into(), reason: error.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError {
+            path: path.to_owned(),
+            key: "(file)".into(),
+            reason: error.to_string(),
+        })?;
         ServeConfig::parse(&text).map_err(|(key, reason)| ConfigError { path: path.to_owned(), key, reason })
     }
 

@@ -46,7 +46,10 @@ pub struct Stopped {
 ///
 /// # Errors
 /// When the engine cannot open or a socket cannot be served.
-pub async fn run(config: ServeConfig, stop: impl std::future::Future<Output = ()> + Send + 'static) -> Result<Stopped, DaemonError> {
+pub async fn run(
+    config: ServeConfig,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<Stopped, DaemonError> {
     let engine_config = config.engine.clone();
     // Opening waits for the root lock and recovers the store: blocking work.
     let engine = tokio::task::spawn_blocking(move || Engine::open(engine_config))

@@ -151,10 +151,18 @@ fn load_file(path: &Path) -> Result<Vec<Case>, CaseFileError> {
                 (Some(answer), None) => Expectation::Answer(answer),
                 (None, Some(failure)) => Expectation::Failure(failure),
                 (None, None) => {
-                    return Err(CaseFileError::Invalid { path: path.to_owned(), name, problem: "has neither `expect` nor `expect-failure`" });
+                    return Err(CaseFileError::Invalid {
+                        path: path.to_owned(),
+                        name,
+                        problem: "has neither `expect` nor `expect-failure`",
+                    });
                 }
                 (Some(_), Some(_)) => {
-                    return Err(CaseFileError::Invalid { path: path.to_owned(), name, problem: "has both `expect` and `expect-failure`" });
+                    return Err(CaseFileError::Invalid {
+                        path: path.to_owned(),
+                        name,
+                        problem: "has both `expect` and `expect-failure`",
+                    });
                 }
             };
             Ok(Case {
@@ -246,11 +254,20 @@ pub struct Outcome {
 pub enum Verdict {
     Pass,
     /// The answer differs from the expected one.
-    WrongAnswer { expected: Value, actual: Value },
+    WrongAnswer {
+        expected: Value,
+        actual: Value,
+    },
     /// A failure was expected; the call answered.
-    UnexpectedAnswer { expected: ExpectedFailure, actual: Value },
+    UnexpectedAnswer {
+        expected: ExpectedFailure,
+        actual: Value,
+    },
     /// An answer (or another failure) was expected; the call failed.
-    UnexpectedFailure { expected: String, actual: String },
+    UnexpectedFailure {
+        expected: String,
+        actual: String,
+    },
 }
 
 impl Case {
@@ -288,10 +305,9 @@ impl Case {
         let verdict = match (&self.expectation, answer) {
             (Expectation::Answer(expected), Ok(actual)) if *expected == actual => Verdict::Pass,
             (Expectation::Answer(expected), Ok(actual)) => Verdict::WrongAnswer { expected: expected.clone(), actual },
-            (Expectation::Answer(expected), Err(error)) => Verdict::UnexpectedFailure {
-                expected: format!("the answer {expected}"),
-                actual: super::error_chain(&error),
-            },
+            (Expectation::Answer(expected), Err(error)) => {
+                Verdict::UnexpectedFailure { expected: format!("the answer {expected}"), actual: super::error_chain(&error) }
+            }
             (Expectation::Failure(expected), Ok(actual)) => Verdict::UnexpectedAnswer { expected: expected.clone(), actual },
             (Expectation::Failure(expected), Err(error)) => {
                 let message = super::error_chain(&error);
@@ -326,8 +342,12 @@ mod tests {
     #[test]
     fn a_file_holds_one_case_or_many_and_a_directory_reads_json_files_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        write(dir.path(), "b.json", r#"[{"decision":"gc","input":{},"expect":{"evict":[]}},
-            {"name":"named","decision":"gc","input":{},"expect-failure":{"cause":"timeout"}}]"#);
+        write(
+            dir.path(),
+            "b.json",
+            r#"[{"decision":"gc","input":{},"expect":{"evict":[]}},
+            {"name":"named","decision":"gc","input":{},"expect-failure":{"cause":"timeout"}}]"#,
+        );
         write(dir.path(), "a.json", r#"{"decision":"quota","input":{},"expect":{"verdict":"admit"}}"#);
         write(dir.path(), "notes.txt", "not a case");
         let cases = load(dir.path()).unwrap();
@@ -342,11 +362,8 @@ mod tests {
         let neither = write(dir.path(), "neither.json", r#"{"decision":"quota","input":{}}"#);
         let error = load(&neither).unwrap_err().to_string();
         assert!(error.contains("neither.json: case `neither` has neither"), "{error}");
-        let both = write(
-            dir.path(),
-            "both.json",
-            r#"{"decision":"quota","input":{},"expect":{},"expect-failure":{"cause":"trap"}}"#,
-        );
+        let both =
+            write(dir.path(), "both.json", r#"{"decision":"quota","input":{},"expect":{},"expect-failure":{"cause":"trap"}}"#);
         assert!(load(&both).unwrap_err().to_string().contains("has both"));
     }
 

@@ -11,11 +11,11 @@ use std::future::Future;
 use std::time::Instant;
 
 use wasmtime::component::{HasData, Resource, ResourceTable};
-use wasmtime_wasi::p2::{DynPollable, StreamError, StreamResult};
 use wasmtime_wasi::p2::bindings::io::poll as async_poll;
 use wasmtime_wasi::p2::bindings::io::streams as async_streams;
 use wasmtime_wasi::p2::bindings::sync::io::poll;
 use wasmtime_wasi::p2::bindings::sync::io::streams::{self, InputStream, OutputStream};
+use wasmtime_wasi::p2::{DynPollable, StreamError, StreamResult};
 
 /// A WASI wait reached the call's deadline. Returned from the host call as a
 /// trap, so the guest never resumes; `runtime::classify` reports it as a timeout.

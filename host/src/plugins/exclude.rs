@@ -131,12 +131,7 @@ struct Lowered<'a> {
 impl<'a> Lowered<'a> {
     fn new(input: &'a ExcludeInput) -> Lowered<'a> {
         Lowered {
-            annotations: input
-                .artifact
-                .annotations
-                .iter()
-                .map(|(key, value)| types::Annotation { key, value })
-                .collect(),
+            annotations: input.artifact.annotations.iter().map(|(key, value)| types::Annotation { key, value }).collect(),
             files: input
                 .files
                 .iter()
@@ -179,15 +174,13 @@ impl Plugin {
     fn exclude_lowered(&self, lowered: &Lowered<'_>) -> Result<Vec<Skip>, FailureCause> {
         let indices = self.exports.exclude.as_ref().ok_or_else(|| not_served(self, Decision::Exclude))?;
         let request = lowered.request(&self.config.settings_json);
-        let answer = self.call("exclude", |store, instance| indices.load(&mut *store, instance)?.call_decide(&mut *store, request))?;
+        let answer =
+            self.call("exclude", |store, instance| indices.load(&mut *store, instance)?.call_decide(&mut *store, request))?;
         let skips = answer.map_err(FailureCause::PluginError)?;
         if let Some(unknown) = skips.iter().find(|skip| !lowered.paths.contains(&skip.path)) {
             return Err(FailureCause::InvalidOutput(format!("skips `{}`, which is not a file of the model", unknown.path)));
         }
-        Ok(skips
-            .into_iter()
-            .map(|skip| Skip { path: skip.path, reason: skip.reason, plugin: self.name.clone() })
-            .collect())
+        Ok(skips.into_iter().map(|skip| Skip { path: skip.path, reason: skip.reason, plugin: self.name.clone() }).collect())
     }
 }
 

@@ -39,8 +39,8 @@ use self::bindings::{exclude as exclude_wit, gc as gc_wit, quota as quota_wit, s
 pub use self::cache::CompiledCache;
 pub use self::config::{FailMode, Limits, PluginConfig};
 pub use self::error::{FailureCause, PluginError, PluginFailure};
-pub use self::runtime::{Allocation, Runtime, RuntimeOptions};
 use self::runtime::CallState;
+pub use self::runtime::{Allocation, Runtime, RuntimeOptions};
 
 /// The version of the WIT package this host speaks.
 pub const POLICY_VERSION: &str = "0.1.0";
@@ -147,10 +147,13 @@ impl CompiledPlugin {
         })?;
         let sha256 = hex::encode(Sha256::digest(&wasm));
         let compiled = match cache {
-            Some(cache) => cache.load_or_compile(runtime.engine(), &wasm, &sha256).map(|(component, outcome)| (component, Some(outcome))),
+            Some(cache) => {
+                cache.load_or_compile(runtime.engine(), &wasm, &sha256).map(|(component, outcome)| (component, Some(outcome)))
+            }
             None => Component::new(runtime.engine(), &wasm).map(|component| (component, None)),
         };
-        let (component, outcome) = compiled.map_err(|error| PluginError::Compile { plugin: name.clone(), source: error.into() })?;
+        let (component, outcome) =
+            compiled.map_err(|error| PluginError::Compile { plugin: name.clone(), source: error.into() })?;
         let elapsed = started.elapsed();
         tracing::debug!(plugin = %name, elapsed_ms = elapsed.as_millis() as u64, cache = ?outcome, "component ready");
         if let Some(import) = runtime.forbidden_import(&component) {
@@ -224,16 +227,7 @@ impl Plugin {
                 .transpose()
                 .map_err(|error| mismatch("gc", error))?,
         };
-        let plugin = Plugin {
-            name,
-            path,
-            sha256,
-            policy_version,
-            config,
-            runtime: runtime.clone(),
-            pre,
-            exports,
-        };
+        let plugin = Plugin { name, path, sha256, policy_version, config, runtime: runtime.clone(), pre, exports };
         plugin.validate_settings()?;
         Ok(plugin)
     }
@@ -344,9 +338,8 @@ fn exported_decisions(plugin: &str, exports: &[String]) -> Result<(String, Vec<D
         let (interface, found) = rest.split_once('@').unwrap_or((rest, ""));
         // Component-model semver: the same major, or for 0.x the same minor;
         // wasmtime then resolves our `@0.1.0` lookups to the plugin's version.
-        let compatible = semver::Version::parse(found).is_ok_and(|found| {
-            found.major == host.major && (host.major > 0 || found.minor == host.minor)
-        });
+        let compatible = semver::Version::parse(found)
+            .is_ok_and(|found| found.major == host.major && (host.major > 0 || found.minor == host.minor));
         if !compatible {
             return Err(PluginError::IncompatibleVersion {
                 plugin: plugin.to_owned(),
@@ -572,13 +565,8 @@ impl PluginHost {
     /// A host serving the plugins of `dir` (none when `dir` is `None`: every
     /// decision then uses its built-in default).
     pub fn open(runtime: Arc<Runtime>, cache: Option<CompiledCache>, dir: Option<PathBuf>) -> PluginHost {
-        let host = PluginHost {
-            runtime,
-            cache,
-            dir,
-            current: ArcSwap::from_pointee(PluginSet::default()),
-            reloading: Mutex::new(()),
-        };
+        let host =
+            PluginHost { runtime, cache, dir, current: ArcSwap::from_pointee(PluginSet::default()), reloading: Mutex::new(()) };
         host.reload();
         host
     }

@@ -84,7 +84,8 @@ impl Plugin {
     pub fn quota(&self, input: &QuotaInput) -> Result<QuotaVerdict, FailureCause> {
         let indices = self.exports.quota.as_ref().ok_or_else(|| not_served(self, Decision::Quota))?;
         let request = to_wit(input, &self.config.settings_json);
-        let answer = self.call("quota", |store, instance| indices.load(&mut *store, instance)?.call_decide(&mut *store, request))?;
+        let answer =
+            self.call("quota", |store, instance| indices.load(&mut *store, instance)?.call_decide(&mut *store, request))?;
         Ok(match answer.map_err(FailureCause::PluginError)? {
             wit::Verdict::Admit => QuotaVerdict::Admit,
             wit::Verdict::Deny(reason) => QuotaVerdict::Deny { reason, plugin: Some(self.name.clone()) },

@@ -23,17 +23,15 @@ pub struct Settings {
     pub weight_extensions: Option<Vec<String>>,
 }
 
-const WEIGHT_MEDIA_TYPES: [&str; 2] =
-    ["application/vnd.cncf.model.weight.v1.", "application/vnd.cnai.model.weight.v1."];
+const WEIGHT_MEDIA_TYPES: [&str; 2] = ["application/vnd.cncf.model.weight.v1.", "application/vnd.cnai.model.weight.v1."];
 const MODELPACK_PREFIXES: [&str; 2] = ["application/vnd.cncf.model.", "application/vnd.cnai.model."];
-const WEIGHT_EXTENSIONS: [&str; 7] =
-    [".safetensors", ".bin", ".gguf", ".pt", ".pth", ".onnx", ".safetensors.index.json"];
+const WEIGHT_EXTENSIONS: [&str; 7] = [".safetensors", ".bin", ".gguf", ".pt", ".pth", ".onnx", ".safetensors.index.json"];
 
 impl Settings {
     fn parse(json: &str) -> Result<(Settings, Rules), String> {
         let settings: Settings = modelcache_policy::parse_settings(json)?;
-        let rules = Rules::parse(settings.patterns.iter().map(String::as_str))
-            .map_err(|error| format!("settings.patterns: {error}"))?;
+        let rules =
+            Rules::parse(settings.patterns.iter().map(String::as_str)).map_err(|error| format!("settings.patterns: {error}"))?;
         Ok((settings, rules))
     }
 
@@ -59,8 +57,8 @@ impl Settings {
 /// Invalid settings or an unparsable request pattern.
 pub fn decide(request: &Request) -> Result<Vec<Skip>, String> {
     let (settings, mut rules) = Settings::parse(&request.settings)?;
-    let request_rules = Rules::parse(request.options.patterns.iter().map(String::as_str))
-        .map_err(|error| format!("request {error}"))?;
+    let request_rules =
+        Rules::parse(request.options.patterns.iter().map(String::as_str)).map_err(|error| format!("request {error}"))?;
     rules.extend(request_rules);
     let mut skips = Vec::new();
     for file in &request.files {
@@ -143,10 +141,7 @@ mod tests {
             file("README.md", "text/markdown"),
             file("typed-doc.bin", "application/vnd.cncf.model.doc.v1.raw"),
         ];
-        assert_eq!(
-            skipped(&request(files.clone(), true, &[], "{}")),
-            ["a/b/model.gguf", "model.safetensors.index.json"]
-        );
+        assert_eq!(skipped(&request(files.clone(), true, &[], "{}")), ["a/b/model.gguf", "model.safetensors.index.json"]);
         let custom = r#"{"weight-extensions": [".md"]}"#;
         assert_eq!(skipped(&request(files, true, &[], custom)), ["README.md"]);
     }

@@ -160,11 +160,7 @@ mod tests {
     /// usage would be under the low watermark.
     #[test]
     fn evicts_lru_down_to_low_watermark() {
-        let candidates = vec![
-            candidate("newest", 6, 50, 1),
-            candidate("oldest", 6, 50, 40),
-            candidate("middle", 6, 50, 20),
-        ];
+        let candidates = vec![candidate("newest", 6, 50, 1), candidate("oldest", 6, 50, 40), candidate("middle", 6, 50, 20)];
         assert_eq!(decide(request(90, candidates.clone(), "{}")).unwrap(), ["oldest", "middle", "newest"]);
         assert_eq!(decide(request(86, candidates.clone(), "{}")).unwrap(), ["oldest", "middle"]);
         assert!(decide(request(85, candidates, "{}")).unwrap().is_empty());
@@ -176,10 +172,7 @@ mod tests {
         let candidates = vec![candidate("young", 50, 0, 0), candidate("idle", 1, 500, 300), candidate("used", 1, 500, 2)];
         assert!(decide(request(99, vec![candidate("young", 50, 0, 0)], "{}")).unwrap().is_empty());
         assert_eq!(decide(request(10, candidates.clone(), r#"{"ttl": "7d"}"#)).unwrap(), ["idle"]);
-        assert_eq!(
-            decide(request(99, candidates, r#"{"ttl": "7d", "grace": "0s"}"#)).unwrap(),
-            ["idle", "used", "young"]
-        );
+        assert_eq!(decide(request(99, candidates, r#"{"ttl": "7d", "grace": "0s"}"#)).unwrap(), ["idle", "used", "young"]);
     }
 
     /// Watermarks can be sizes of used bytes; inverted ones are refused.

@@ -41,11 +41,7 @@ pub fn decide(request: &Request) -> Result<Verdict, String> {
     }
     let limit_text = match limit {
         Limit::Bytes(_) => HumanBytes(limit_bytes).to_string(),
-        Limit::Percent(_) => format!(
-            "{} ({limit} of {})",
-            HumanBytes(limit_bytes),
-            HumanBytes(request.filesystem.total_bytes)
-        ),
+        Limit::Percent(_) => format!("{} ({limit} of {})", HumanBytes(limit_bytes), HumanBytes(request.filesystem.total_bytes)),
     };
     Ok(Verdict::Deny(format!(
         "{} needs {}: cache {} + reserved {} + incoming {} = {} exceeds the limit of {limit_text}",

@@ -123,11 +123,7 @@ impl Rules {
         let parts: &[&str] = if heap.is_empty() { &stack[..count] } else { &heap };
         for rule in self.rules.iter().rev() {
             if rule.matches(parts) {
-                return if rule.negated {
-                    Verdict::Included(&rule.text)
-                } else {
-                    Verdict::Excluded(&rule.text)
-                };
+                return if rule.negated { Verdict::Included(&rule.text) } else { Verdict::Excluded(&rule.text) };
             }
         }
         Verdict::Unmatched

@@ -18,13 +18,9 @@ use std::fmt;
 /// ```
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let trimmed = text.trim();
-    let split = trimmed
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(trimmed.len());
+    let split = trimmed.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(trimmed.len());
     let (number, unit) = trimmed.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a size (expected e.g. `500GiB` or `80GB`)"))?;
+    let number: f64 = number.parse().map_err(|_| format!("`{text}` is not a size (expected e.g. `500GiB` or `80GB`)"))?;
     let unit = unit.trim().to_ascii_lowercase();
     let multiplier: u64 = match unit.as_str() {
         "" | "b" => 1,
@@ -97,10 +93,7 @@ impl Limit {
     pub fn parse(text: &str) -> Result<Limit, String> {
         match text.trim().strip_suffix('%') {
             Some(percent) => {
-                let value: f64 = percent
-                    .trim()
-                    .parse()
-                    .map_err(|_| format!("`{text}` is not a percentage"))?;
+                let value: f64 = percent.trim().parse().map_err(|_| format!("`{text}` is not a percentage"))?;
                 if !(0.0..=100.0).contains(&value) {
                     return Err(format!("`{text}` must lie between 0% and 100%"));
                 }
@@ -143,9 +136,7 @@ pub fn parse_duration(text: &str) -> Result<u64, String> {
     let trimmed = text.trim();
     let split = trimmed.find(|c: char| !c.is_ascii_digit()).unwrap_or(trimmed.len());
     let (number, unit) = trimmed.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration (expected e.g. `30m`, `12h`, `7d`)"))?;
+    let number: u64 = number.parse().map_err(|_| format!("`{text}` is not a duration (expected e.g. `30m`, `12h`, `7d`)"))?;
     let seconds = match unit.trim() {
         "s" => 1,
         "m" => 60,
@@ -154,9 +145,7 @@ pub fn parse_duration(text: &str) -> Result<u64, String> {
         "w" => 604_800,
         _ => return Err(format!("`{text}` needs a unit: s, m, h, d or w")),
     };
-    number
-        .checked_mul(seconds)
-        .ok_or_else(|| format!("`{text}` is too long"))
+    number.checked_mul(seconds).ok_or_else(|| format!("`{text}` is too long"))
 }
 
 #[cfg(test)]
