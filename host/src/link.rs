@@ -65,6 +65,9 @@ pub enum LinkError {
     /// The name is taken already.
     #[error("`{path}` exists already")]
     Exists { path: String },
+    /// A tree walk's visitor refused the name before it was made.
+    #[error("`{path}` {reason}")]
+    Refused { path: String, reason: String },
 }
 
 /// What a tree copy did.
@@ -220,22 +223,12 @@ impl Linker {
         }
         let source = open_dir(CWD, from).map_err(|source| error("open directory", source))?;
         let target = open_dir(CWD, to).map_err(|source| error("open directory", source))?;
-        self.link_dir(&source, from, &target, to, &mut |_, _| Ok(()))
+        self.link_dir_below(&source, from, &target, to, Path::new(""), &mut |_, _| Ok(()))
     }
 
-    /// Links every entry of the open directory `source` into `target`,
-    /// telling `visit` each name made (relative to `from`) and what it is.
-    fn link_dir(
-        &mut self,
-        source: &OwnedFd,
-        from: &Path,
-        target: &OwnedFd,
-        to: &Path,
-        visit: &mut dyn FnMut(&Path, Entry<'_>) -> Result<(), LinkError>,
-    ) -> Result<(), LinkError> {
-        self.link_dir_below(source, from, target, to, Path::new(""), visit)
-    }
-
+    /// Links every entry of the open directory `source` (the directory
+    /// `relative` below `from`) into `target`, telling `visit` each name made
+    /// (relative to `from`) and what it is, before it is made.
     fn link_dir_below(
         &mut self,
         source: &OwnedFd,
@@ -493,7 +486,7 @@ impl TreeBuilder {
         })?;
         self.last = None;
         let root_path = self.root_path.clone();
-        self.linker.link_dir(&source, from, &target, &root_path, visit)
+        self.linker.link_dir_below(&source, from, &target, &root_path, Path::new(""), visit)
     }
 }
 

@@ -202,7 +202,9 @@ impl StoreError {
             StoreError::Unpack { .. } | StoreError::Tree { .. } | StoreError::Archive { .. } => ErrorKind::InvalidArgument,
             // A name made twice, or made through a symlink: the layers
             // contradict each other.
-            StoreError::Link(LinkError::Exists { .. } | LinkError::ThroughNonDirectory { .. }) => ErrorKind::InvalidArgument,
+            StoreError::Link(LinkError::Exists { .. } | LinkError::ThroughNonDirectory { .. } | LinkError::Refused { .. }) => {
+                ErrorKind::InvalidArgument
+            }
             StoreError::UnpackLimit { limit, .. } => limit.kind(),
             StoreError::Io { .. } | StoreError::Link(_) | StoreError::WriterGone => ErrorKind::Internal,
         }
@@ -629,36 +631,33 @@ impl Store {
                     nodes.insert(layer.path.to_string(), Node::File);
                 }
                 LayerFormat::Tar(_) => {
-                    let unpacked = self.layout.unpacked(&layer.blob.digest);
-                    let mut outside = None;
-                    let linked = {
-                        let mut visit = |name: &Path, entry: Entry<'_>| {
-                            let name = name.to_string_lossy();
-                            let within = ModelPath::parse(&name).is_ok_and(|path| path.is_within(&layer.path));
-                            let on_the_way = entry == Entry::Directory && layer.path.ancestors().any(|ancestor| ancestor == name);
-                            if !within && !on_the_way {
-                                outside = Some(name.to_string());
-                                return Err(LinkError::ThroughNonDirectory { path: name.to_string(), through: String::new() });
-                            }
-                            let node = match entry {
-                                Entry::Directory => Node::Directory,
-                                Entry::File => Node::File,
-                                Entry::Symlink(target) => Node::Symlink(target.to_string_lossy().into_owned()),
-                            };
-                            nodes.insert(name.into_owned(), node);
-                            Ok(())
+                    let mut visit = |name: &Path, entry: Entry<'_>| {
+                        let name = name.to_string_lossy();
+                        let within = ModelPath::parse(&name).is_ok_and(|path| path.is_within(&layer.path));
+                        let on_the_way = entry == Entry::Directory && layer.path.ancestors().any(|ancestor| ancestor == name);
+                        if !within && !on_the_way {
+                            let reason = "lies outside the path this manifest gives the layer".to_owned();
+                            return Err(LinkError::Refused { path: name.into_owned(), reason });
+                        }
+                        let node = match entry {
+                            Entry::Directory => Node::Directory,
+                            Entry::File => Node::File,
+                            Entry::Symlink(target) => Node::Symlink(target.to_string_lossy().into_owned()),
                         };
-                        builder.link_tree(&unpacked, &mut visit)
+                        nodes.insert(name.into_owned(), node);
+                        Ok(())
                     };
-                    if let Some(name) = outside {
-                        return Err(StoreError::Unpack {
-                            index: layer.index,
-                            digest: layer.blob.digest.clone(),
-                            path: layer.path.to_string(),
-                            reason: format!("the unpacked layer holds `{name}`, outside the path this manifest gives it"),
-                        });
+                    match builder.link_tree(&self.layout.unpacked(&layer.blob.digest), &mut visit) {
+                        Err(LinkError::Refused { path, reason }) => {
+                            return Err(StoreError::Unpack {
+                                index: layer.index,
+                                digest: layer.blob.digest.clone(),
+                                path: layer.path.to_string(),
+                                reason: format!("the unpacked layer holds `{path}`, which {reason}"),
+                            });
+                        }
+                        linked => linked?,
                     }
-                    linked?;
                 }
             }
             layers.push(EntryLayer {
