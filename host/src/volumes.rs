@@ -21,6 +21,9 @@
 //! Pruning ([`Volumes::prune_volume`], run by garbage collection): `released`
 //! records and set-aside broken records older than the GC grace are removed,
 //! then the volume's record and tree directories if they are empty.
+//!
+//! A volume's tree is put in place whole by [`link_volume`]: linked from its
+//! entry into a staging directory, then renamed in.
 
 use std::fmt;
 use std::fs;
@@ -30,10 +33,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
 use crate::error::ErrorKind;
-use crate::link::{LinkMethod, LinkReport};
+use crate::link::{LinkMethod, LinkReport, Linker};
 use crate::modelpack::SelectionKey;
 use crate::plugins::exclude::{ExcludeOptions, Skip};
-use crate::store::{EntryKey, StoreError, write_json, write_json_volatile};
+use crate::store::{EntryKey, StoreError, remove_any, sync_dir, sync_tree, write_json, write_json_volatile};
 
 const MAX_ID: usize = 128;
 
@@ -531,6 +534,70 @@ fn set_aside(path: &Path, aside: &Path) {
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
         Err(error) => tracing::warn!(path = %path.display(), "cannot keep the unreadable volume record aside: {error}"),
     }
+}
+
+/// A volume's place: its id and the mount id that tells its mounts apart.
+/// What happens to one slot happens in order (the engine keeps one lock per
+/// slot).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VolumeSlot {
+    pub volume: VolumeId,
+    pub mount_id: MountId,
+}
+
+impl VolumeSlot {
+    pub fn new(volume: VolumeId, mount_id: MountId) -> VolumeSlot {
+        VolumeSlot { volume, mount_id }
+    }
+}
+
+impl fmt::Display for VolumeSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.volume, self.mount_id)
+    }
+}
+
+/// Links `tree` into a staging directory beside `target` and renames it
+/// into place, so a volume's tree is never seen half-made.
+///
+/// # Errors
+/// On I/O failure, or a tree the linker refuses; `target` is then absent.
+pub fn link_volume(tree: &Path, target: &Path) -> Result<LinkReport, VolumeError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |action: &'static str, path: &Path| {
+        let path = path.to_owned();
+        move |source| VolumeError::Store(StoreError::Io { action, path, source })
+    };
+    let parent = target.parent().expect("a volume tree lives in its volume's directory");
+    fs::create_dir_all(parent).map_err(io("create", parent))?;
+    // A tree left by an earlier, failed attempt is ours to replace.
+    remove_any(target)?;
+    let staging = tempfile::Builder::new().prefix(".tmp-").tempdir_in(parent).map_err(io("create a temporary in", parent))?;
+    fs::set_permissions(staging.path(), fs::Permissions::from_mode(0o755)).map_err(io("chmod", staging.path()))?;
+    let mut linker = Linker::new();
+    linker.link_tree(tree, staging.path()).map_err(StoreError::from)?;
+    let report = linker.report();
+    // Copies and reflinks carry data of their own, possibly on another
+    // filesystem than the records: flushed before the tree is published, or
+    // a crash could leave a `ready` record over empty files.
+    let copied = report.copies + report.reflinks > 0;
+    if copied {
+        sync_tree(staging.path())?;
+    }
+    let staged = staging.keep();
+    if let Err(source) = fs::rename(&staged, target) {
+        let _ = fs::remove_dir_all(&staged);
+        return Err(VolumeError::Store(StoreError::Io { action: "publish", path: target.to_owned(), source }));
+    }
+    // Hard links are metadata on the records' own filesystem: the durable
+    // `ready` record that follows is their commit point, as journaling
+    // filesystems persist metadata in order. Where a crash loses the tree
+    // anyway, recovery finds a ready record without its tree and fails it,
+    // and the next mount makes it again.
+    if copied {
+        sync_dir(parent)?;
+    }
+    Ok(report)
 }
 
 #[cfg(test)]
