@@ -54,7 +54,7 @@ pub async fn run(
     // Opening waits for the root lock and recovers the store: blocking work.
     let engine = tokio::task::spawn_blocking(move || Engine::open(engine_config))
         .await
-        .map_err(|error| EngineError::Runtime(error.to_string()))??;
+        .map_err(|source| EngineError::Join { step: "open the engine", source })??;
     let (recovery, failed) = engine.recovery();
     tracing::info!(
         root = %config.engine.root.display(),

@@ -1,30 +1,16 @@
-//! Garbage collection: give disk back without touching what a volume uses or
-//! a pull is writing.
-//!
-//! Roots are the entries held by `pulling` and `ready` volume records (an
-//! in-memory index of the records, updated before a record write returns),
-//! the entries and blobs held by pulls and link steps (store holds), and the
-//! manifests operators pinned. Everything else is a candidate; the `gc`
-//! plugins choose which candidates go. An entry goes whole, checked and
-//! moved out of `models/` under the lock holds are taken with; then every
-//! blob and unpacked layer no remaining entry needs and no pull holds goes
-//! too, and temporaries older than a grace period.
-//!
-//! The accounting is pure: [`account`] turns a census of inodes (size, link
-//! count, who links them) into each entry's bytes on disk and exclusive bytes
-//! — what deleting it actually frees, each inode counted once, shared blobs
-//! and files a volume still links not counted — and into `du` totals that
+//! Disk accounting: a census of every inode under the root, and the pure
+//! step that turns it into each entry's bytes on disk and exclusive bytes
+//! (what deleting it frees, each inode counted once) and `du` totals that
 //! reconcile with a `du -sb` of the root.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::digest::Digest;
-use crate::store::{EntryKey, Layout, StoreError, read_json, write_json};
+use crate::store::{EntryKey, Layout};
 
 /// Who holds one link to an inode.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -145,10 +131,10 @@ pub fn census(layout: &Layout, volumes: &Path) -> Vec<Inode> {
             let manifest = parts.next().map(|part| part.as_os_str().to_string_lossy().into_owned());
             let selection = parts.next().map(|part| part.as_os_str().to_string_lossy().into_owned());
             let in_tree = parts.next().is_some_and(|part| part.as_os_str() == "tree");
-            if let (Some(manifest), Some(selection), true) = (manifest, selection, in_tree) {
-                if let Some(key) = EntryKey::parse(&format!("sha256:{manifest}/{selection}")) {
-                    return Owner::Entry(key);
-                }
+            if let (Some(manifest), Some(selection), true) = (manifest, selection, in_tree)
+                && let Some(key) = EntryKey::parse(&format!("sha256:{manifest}/{selection}"))
+            {
+                return Owner::Entry(key);
             }
         }
         Owner::Metadata
@@ -181,161 +167,6 @@ fn add(inodes: &mut HashMap<(u64, u64), Inode>, metadata: &fs::Metadata, owner: 
     inode.owners.push(owner);
 }
 
-/// The candidates among `entries`: those no record, hold or pin protects.
-pub fn candidates<'a>(entries: &'a [EntryKey], protected: impl Fn(&EntryKey) -> bool) -> Vec<&'a EntryKey> {
-    entries.iter().filter(|key| !protected(key)).collect()
-}
-
-/// The blobs the remaining entries need: their layers and manifests.
-pub fn needed_blobs<'a>(
-    entries: impl IntoIterator<Item = (&'a EntryKey, &'a [Digest])>,
-    pinned: &HashSet<Digest>,
-) -> HashSet<Digest> {
-    let mut needed: HashSet<Digest> = pinned.clone();
-    for (key, layers) in entries {
-        needed.insert(key.manifest.clone());
-        needed.extend(layers.iter().cloned());
-    }
-    needed
-}
-
-/// Manifests an operator pinned: their entries are never offered to GC.
-#[derive(Debug)]
-pub struct Pins {
-    dir: PathBuf,
-}
-
-/// One pin.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct Pin {
-    pub digest: Digest,
-    /// What the operator named when pinning.
-    pub reference: String,
-    #[serde(with = "time::serde::rfc3339")]
-    pub pinned_at: time::OffsetDateTime,
-}
-
-impl Pins {
-    /// The pins of a root (`ROOT/pins/<hex>.json`).
-    pub fn new(layout: &Layout) -> Pins {
-        Pins { dir: layout.root().join("pins") }
-    }
-
-    /// # Errors
-    /// On I/O failure.
-    pub fn pin(&self, digest: &Digest, reference: &str) -> Result<Pin, StoreError> {
-        fs::create_dir_all(&self.dir).map_err(|source| StoreError::Io { action: "create", path: self.dir.clone(), source })?;
-        let pin = Pin { digest: digest.clone(), reference: reference.to_owned(), pinned_at: time::OffsetDateTime::now_utc() };
-        write_json(&self.path(digest), &pin)?;
-        Ok(pin)
-    }
-
-    /// Whether there was a pin to remove.
-    ///
-    /// # Errors
-    /// On I/O failure.
-    pub fn unpin(&self, digest: &Digest) -> Result<bool, StoreError> {
-        match fs::remove_file(self.path(digest)) {
-            Ok(()) => Ok(true),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(false),
-            Err(source) => Err(StoreError::Io { action: "unpin", path: self.path(digest), source }),
-        }
-    }
-
-    pub fn list(&self) -> Vec<Pin> {
-        let mut pins: Vec<Pin> = fs::read_dir(&self.dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|item| item.path().extension().is_some_and(|ext| ext == "json"))
-            .filter_map(|item| read_json(&item.path()).ok())
-            .collect();
-        pins.sort_by(|a, b| a.digest.cmp(&b.digest));
-        pins
-    }
-
-    pub fn digests(&self) -> HashSet<Digest> {
-        self.list().into_iter().map(|pin| pin.digest).collect()
-    }
-
-    pub fn is_pinned(&self, digest: &Digest) -> bool {
-        self.path(digest).is_file()
-    }
-
-    fn path(&self, digest: &Digest) -> PathBuf {
-        self.dir.join(format!("{}.json", digest.hex()))
-    }
-}
-
-/// Why a GC run happened.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Trigger {
-    Periodic,
-    QuotaDenied,
-    OnDemand,
-}
-
-/// One entry a run evicted (or would).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct Eviction {
-    pub key: EntryKey,
-    /// The plugin that chose it.
-    pub plugin: String,
-    pub bytes_on_disk: u64,
-    pub exclusive_bytes: u64,
-    pub references: Vec<String>,
-    #[serde(with = "time::serde::rfc3339::option")]
-    pub last_used_at: Option<time::OffsetDateTime>,
-}
-
-/// What a run did (or, dry, would do).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct GcReport {
-    pub trigger: Trigger,
-    pub dry_run: bool,
-    pub candidates: usize,
-    pub evicted: Vec<Eviction>,
-    /// Blobs and unpacked layers nothing needs any more, with their bytes.
-    pub blobs: Vec<(Digest, u64)>,
-    pub temporaries: Vec<PathBuf>,
-    /// Released volume records and empty volume directories pruned (see
-    /// `Volumes::prune_volume`); a dry run prunes nothing.
-    #[serde(default)]
-    pub records: Vec<PathBuf>,
-    /// Bytes the cache shrank by (for a dry run: would shrink by, at least).
-    pub freed_bytes: u64,
-    pub failures: Vec<crate::plugins::PluginFailure>,
-}
-
-/// One line of `modelcache du`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct DuEntry {
-    pub key: EntryKey,
-    pub bytes_on_disk: u64,
-    pub exclusive_bytes: u64,
-    pub shared_bytes: u64,
-    /// `volume/mount-id` of every record holding it.
-    pub referenced_by: Vec<String>,
-    pub pinned: bool,
-    pub references: Vec<String>,
-    #[serde(with = "time::serde::rfc3339::option")]
-    pub last_used_at: Option<time::OffsetDateTime>,
-    pub use_count: u64,
-}
-
-/// `modelcache du`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct DuReport {
-    pub entries: Vec<DuEntry>,
-    pub totals: Totals,
-}
-
 /// Keeps a sorted, stable map for reports.
 pub fn by_key<T>(map: HashMap<EntryKey, T>) -> BTreeMap<EntryKey, T> {
     map.into_iter().collect()
@@ -344,6 +175,7 @@ pub fn by_key<T>(map: HashMap<EntryKey, T>) -> BTreeMap<EntryKey, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::digest::Digest;
     use crate::modelpack::SelectionKey;
 
     fn key(n: u8) -> EntryKey {
@@ -377,39 +209,5 @@ mod tests {
             totals,
             Totals { entries: 125, unreferenced: 50, volume_copies: 20, metadata: 4096, total: 125 + 50 + 20 + 4096 }
         );
-    }
-
-    /// Protected entries are never candidates.
-    #[test]
-    fn candidates_leave_protected_entries() {
-        let entries = vec![key(1), key(2), key(3)];
-        let chosen = candidates(&entries, |entry| *entry == key(2));
-        assert_eq!(chosen, [&key(1), &key(3)]);
-    }
-
-    /// The remaining entries' layers and manifests, and pinned manifests,
-    /// are needed; nothing else.
-    #[test]
-    fn needed_blobs_of_remaining_entries() {
-        let layers = vec![Digest::of(b"l1"), Digest::of(b"l2")];
-        let pinned: HashSet<Digest> = [Digest::of(b"pinned")].into();
-        let needed = needed_blobs([(&key(1), &layers[..])], &pinned);
-        let expected: HashSet<Digest> = [key(1).manifest, Digest::of(b"l1"), Digest::of(b"l2"), Digest::of(b"pinned")].into();
-        assert_eq!(needed, expected);
-    }
-
-    /// Pins persist, list and go.
-    #[test]
-    fn pins_round_trip() {
-        let dir = tempfile::tempdir().unwrap();
-        let pins = Pins::new(&Layout::new(dir.path()));
-        let digest = Digest::of(b"model");
-        assert!(!pins.is_pinned(&digest));
-        pins.pin(&digest, "registry.local/m:1").unwrap();
-        assert!(pins.is_pinned(&digest));
-        assert_eq!(pins.list()[0].reference, "registry.local/m:1");
-        assert!(pins.unpin(&digest).unwrap());
-        assert!(!pins.unpin(&digest).unwrap());
-        assert!(pins.list().is_empty());
     }
 }
