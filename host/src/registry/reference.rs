@@ -24,7 +24,8 @@ impl ModelRef {
         // The digest is split off and checked here, the name alone given to
         // oci-client's reference regex: matched against a whole
         // `…@sha256:<64 hex>`, that regex builds its lazy DFA afresh on
-        // each thread and took ~5 ms there, twice per mount by digest.
+        // each thread, a cost a mount by digest would pay twice (figures in
+        // docs/benchmarks.md).
         // A tag beside a digest (`repo:tag@sha256:…`) is ignored, as
         // registries do: the digest names the manifest.
         let reference = match text.trim().split_once('@') {
