@@ -11,7 +11,8 @@
 //! - [`volumes`]: per-volume records;
 //! - [`gc`]: garbage collection, pins and disk accounting;
 //! - [`plugins`]: WebAssembly policy plugins and the decisions they make;
-//! - [`engine`]: the mount flow that ties them together;
+//! - [`engine`]: the mount flow that ties them together (`ingest_sink`: the
+//!   store's writer as the registry's blob sink);
 //! - [`api`], [`daemon`]: the long-lived daemon and its API on a unix socket;
 //! - [`pack`]: a directory packed and pushed as a model;
 //! - [`metrics`]: counters for Prometheus;
@@ -25,6 +26,7 @@ pub mod engine;
 pub mod error;
 pub mod flight;
 pub mod gc;
+mod ingest_sink;
 pub mod link;
 mod memo;
 pub mod metrics;
