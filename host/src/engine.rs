@@ -32,7 +32,7 @@ use crate::flight::{Flights, Progress};
 use crate::gc::{DuEntry, DuReport, Eviction, GcReport, Pin, Pins, Trigger};
 use crate::link::{LinkReport, Linker};
 use crate::modelpack::{Layer, LayerFormat, Model, ModelError, Selection};
-use crate::plugins::exclude::{
+use crate::plugins::exclude::{ValidatePatterns, 
     Artifact, ExcludeDecision, ExcludeError, ExcludeInput, ExcludeMemo, ExcludeOptions, MemoKey, ModelFile, Skip,
 };
 use crate::plugins::gc::{Candidate, GcInput};
@@ -521,7 +521,7 @@ impl Engine {
     /// # Errors
     /// An invalid reference, or a conflict with what the volume holds.
     pub fn start_mount(self: &Arc<Self>, request: MountRequest) -> Result<MountHandle, EngineError> {
-        ModelRef::parse(&request.reference)?;
+        ModelRef::parse(&request.reference).map_err(RegistryError::from)?;
         request.options.validate().map_err(|source| EngineError::Exclude { reference: request.reference.clone(), source })?;
         let slot = (request.volume.clone(), request.mount_id.clone());
         let mut active = self.active();
@@ -690,7 +690,7 @@ impl Engine {
     /// that serves it; the manifest and the entry are held against GC from
     /// the moment they are known.
     async fn resolve_request(&self, reference: &str, options: &ExcludeOptions) -> Result<Resolved, EngineError> {
-        let reference = ModelRef::parse(reference)?;
+        let reference = ModelRef::parse(reference).map_err(RegistryError::from)?;
         let digest = self.resolve(&reference).await?;
         let manifest_hold = self.store.hold(None, std::slice::from_ref(&digest));
         let model = self.model(&reference, &digest).await?;
@@ -1201,7 +1201,7 @@ impl Engine {
     /// # Errors
     /// Registry and manifest errors.
     pub async fn inspect(&self, reference: &str) -> Result<Inspection, EngineError> {
-        let reference = ModelRef::parse(reference)?;
+        let reference = ModelRef::parse(reference).map_err(RegistryError::from)?;
         let digest = self.resolve(&reference).await?;
         let model = if self.store.has_blob(&digest) {
             Model::parse(&digest, &self.store.read_blob(&digest)?)?
@@ -1481,7 +1481,7 @@ impl Engine {
         if let Ok(digest) = target.parse::<Digest>() {
             return Ok(digest);
         }
-        self.resolve(&ModelRef::parse(target)?).await
+        self.resolve(&ModelRef::parse(target).map_err(RegistryError::from)?).await
     }
 }
 

@@ -38,6 +38,7 @@ use tokio::sync::{AcquireError, Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
 use crate::digest::Digest;
+pub use modelcache_api::reference::{ModelRef, ReferenceError};
 use crate::error::ErrorKind;
 use crate::flight::Progress;
 use crate::modelpack::{Descriptor, MANIFEST_MEDIA_TYPE};
@@ -205,83 +206,11 @@ impl TagMemory {
     }
 }
 
-/// A model reference as the user wrote it, parsed.
-#[derive(Clone, Debug)]
-pub struct ModelRef {
-    text: String,
-    reference: Reference,
-}
-
-impl ModelRef {
-    /// Parses `registry/repository:tag` or `registry/repository@sha256:…`.
-    ///
-    /// # Errors
-    /// [`RegistryError::InvalidReference`].
-    pub fn parse(text: &str) -> Result<ModelRef, RegistryError> {
-        let invalid = |reason: String| RegistryError::InvalidReference { reference: text.to_owned(), reason };
-        let parse_name =
-            |name: &str| name.parse::<Reference>().map_err(|error: oci_client::ParseError| invalid(error.to_string()));
-        // The digest is split off and checked here, the name alone given to
-        // oci-client's reference regex: matched against a whole
-        // `…@sha256:<64 hex>`, that regex builds its lazy DFA afresh on
-        // each thread and took ~5 ms there, twice per mount by digest.
-        // A tag beside a digest (`repo:tag@sha256:…`) is ignored, as
-        // registries do: the digest names the manifest.
-        let reference = match text.trim().split_once('@') {
-            Some((name, digest)) => {
-                let digest = digest.parse::<Digest>().map_err(|error| invalid(error.to_string()))?;
-                let name = parse_name(name)?;
-                Reference::with_digest(name.registry().to_owned(), name.repository().to_owned(), digest.to_string())
-            }
-            None => parse_name(text.trim())?,
-        };
-        Ok(ModelRef { text: text.trim().to_owned(), reference })
-    }
-
-    /// The reference as written.
-    pub fn as_str(&self) -> &str {
-        &self.text
-    }
-
-    /// The registry host (`host[:port]`).
-    pub fn registry(&self) -> &str {
-        self.reference.registry()
-    }
-
-    pub fn repository(&self) -> &str {
-        self.reference.repository()
-    }
-
-    /// The digest the reference pins, if it pins one.
-    pub fn digest(&self) -> Option<Digest> {
-        self.reference.digest().and_then(|digest| digest.parse().ok())
-    }
-
-    /// The same repository at `host` (a mirror), by the same tag or digest.
-    fn on(&self, host: &str) -> Reference {
-        match (self.reference.digest(), self.reference.tag()) {
-            (Some(digest), _) => Reference::with_digest(host.to_owned(), self.repository().to_owned(), digest.to_owned()),
-            (None, tag) => Reference::with_tag(host.to_owned(), self.repository().to_owned(), tag.unwrap_or("latest").to_owned()),
-        }
-    }
-
-    /// The same repository, at `digest`, on `host`.
-    fn at(&self, host: &str, digest: &Digest) -> Reference {
-        Reference::with_digest(host.to_owned(), self.repository().to_owned(), digest.to_string())
-    }
-}
-
-impl std::fmt::Display for ModelRef {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.text)
-    }
-}
-
 /// What went wrong talking to a registry.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("`{reference}` is not a valid model reference: {reason}")]
-    InvalidReference { reference: String, reason: String },
+    #[error(transparent)]
+    InvalidReference(#[from] ReferenceError),
     #[error("{reference}: not found in the registry")]
     NotFound { reference: String },
     #[error("{reference}: the registry refused access ({reason})")]
@@ -323,7 +252,7 @@ pub enum RegistryError {
 impl RegistryError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            RegistryError::InvalidReference { .. } => ErrorKind::InvalidArgument,
+            RegistryError::InvalidReference(_) => ErrorKind::InvalidArgument,
             RegistryError::NotFound { .. } => ErrorKind::NotFound,
             RegistryError::Denied { .. } => ErrorKind::PermissionDenied,
             RegistryError::Unavailable { .. } => ErrorKind::Unavailable,
@@ -688,7 +617,7 @@ impl Registry {
             tracing::debug!(mirror = %mirror.host, reference = %reference, "mirror failed {what}: {failure}");
         }
         let auth = session.auth(reference, reference.registry()).await?;
-        self.with_retries(reference, what, || operation(session.client.clone(), reference.reference.clone(), auth.clone())).await
+        self.with_retries(reference, what, || operation(session.client.clone(), reference.as_reference().clone(), auth.clone())).await
     }
 
     /// Streams the blob `blob` into `ingest`, from the first mirror that has
@@ -896,8 +825,8 @@ impl Registry {
         let session = self.session();
         let client = &session.client;
         let auth = session.auth(reference, reference.registry()).await?;
-        client.store_auth_if_needed(reference.reference.resolve_registry(), &auth).await;
-        let image = &reference.reference;
+        client.store_auth_if_needed(reference.as_reference().resolve_registry(), &auth).await;
+        let image = reference.as_reference();
         let exists = client.blob_exists(image, &digest.to_string()).await.unwrap_or(false);
         if exists {
             return Ok(());
@@ -921,12 +850,12 @@ impl Registry {
         let session = self.session();
         let client = &session.client;
         let auth = session.auth(reference, reference.registry()).await?;
-        client.store_auth_if_needed(reference.reference.resolve_registry(), &auth).await;
+        client.store_auth_if_needed(reference.as_reference().resolve_registry(), &auth).await;
         let digest = Digest::of(&manifest);
         let content_type = reqwest_header(MANIFEST_MEDIA_TYPE);
         self.with_retries(reference, "pushing the manifest", || async {
             client
-                .push_manifest_raw(&reference.reference, manifest.clone(), content_type.clone())
+                .push_manifest_raw(reference.as_reference(), manifest.clone(), content_type.clone())
                 .await
                 .map_err(|error| classify(reference, error))
         })
@@ -1057,7 +986,7 @@ fn read_authorities(path: &Path) -> Result<Vec<Certificate>, RegistryError> {
                 .map_err(|error| refuse(format!("a certificate in it cannot be used: {error}")))?;
             Ok(Certificate { encoding: CertificateEncoding::Der, data: der.to_vec() })
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, RegistryError>>()?;
     if certificates.is_empty() {
         return Err(refuse("no PEM certificate in it".into()));
     }
@@ -1222,25 +1151,6 @@ mod tests {
         assert_eq!((asking.fresh(&tag), asking.fall_back(&tag)), (None, Some(two)));
         asking.forget(&tag);
         assert_eq!(asking.fall_back(&tag), None);
-    }
-
-    /// References parse with their registry, repository and pinned digest.
-    #[test]
-    fn references() {
-        let pinned = format!("registry.local:5000/models/llama@sha256:{}", "a".repeat(64));
-        let reference = ModelRef::parse(&pinned).unwrap();
-        assert_eq!(reference.registry(), "registry.local:5000");
-        assert_eq!(reference.repository(), "models/llama");
-        assert_eq!(reference.digest().unwrap().hex(), "a".repeat(64));
-        let tagged = ModelRef::parse("registry.local/models/llama:v1").unwrap();
-        assert_eq!(tagged.digest(), None);
-        assert!(matches!(ModelRef::parse("Not A Reference"), Err(RegistryError::InvalidReference { .. })));
-        assert!(ModelRef::parse("registry.local/m@sha256:abc").is_err());
-        assert!(ModelRef::parse(&format!("registry.local/Upper@sha256:{}", "a".repeat(64))).is_err());
-        // With a tag beside it, the digest names the manifest.
-        let both = ModelRef::parse(&format!("registry.local/models/llama:v1@sha256:{}", "b".repeat(64))).unwrap();
-        assert_eq!((both.repository(), both.digest().unwrap().hex()), ("models/llama", "b".repeat(64).as_str()));
-        assert_eq!(both.on("mirror.local").to_string(), format!("mirror.local/models/llama@sha256:{}", "b".repeat(64)));
     }
 
     /// Credentials come from `auths` (either form), keyed by host.

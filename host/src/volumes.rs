@@ -22,202 +22,31 @@
 //! records and set-aside broken records older than the GC grace are removed,
 //! then the volume's record and tree directories if they are empty.
 
-use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+pub use modelcache_api::ids::{IdError, MountId, VolumeId};
+pub use modelcache_api::record::{RecordError, VolumeRecord, VolumeState};
 
-use crate::digest::Digest;
 use crate::error::ErrorKind;
-use crate::link::{LinkMethod, LinkReport};
-use crate::modelpack::SelectionKey;
-use crate::plugins::exclude::{ExcludeOptions, Skip};
+use crate::plugins::exclude::ExcludeOptions;
 use crate::store::{EntryKey, StoreError, write_json, write_json_volatile};
 
-const MAX_ID: usize = 128;
-
-/// A name used as a file name: 1–128 of `[A-Za-z0-9._-]`, not starting with `.`.
-fn check_id(kind: &'static str, text: &str) -> Result<(), VolumeError> {
-    let valid = !text.is_empty()
-        && text.len() <= MAX_ID
-        && !text.starts_with('.')
-        && text.bytes().all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-'));
-    if valid { Ok(()) } else { Err(VolumeError::InvalidId { kind, id: text.to_owned() }) }
-}
-
-/// A volume's id (the CSI volume id).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct VolumeId(String);
-
-/// Tells mounts of one volume apart (default `default`).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct MountId(String);
-
-macro_rules! id_type {
-    ($type:ident, $kind:literal) => {
-        impl $type {
-            /// Validates an id.
-            ///
-            /// # Errors
-            /// [`VolumeError::InvalidId`] naming the id.
-            pub fn new(text: &str) -> Result<$type, VolumeError> {
-                check_id($kind, text)?;
-                Ok($type(text.to_owned()))
-            }
-
-            pub fn as_str(&self) -> &str {
-                &self.0
-            }
-        }
-
-        impl TryFrom<String> for $type {
-            type Error = VolumeError;
-
-            fn try_from(text: String) -> Result<$type, VolumeError> {
-                $type::new(&text)
-            }
-        }
-
-        impl From<$type> for String {
-            fn from(id: $type) -> String {
-                id.0
-            }
-        }
-
-        impl fmt::Display for $type {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
-            }
-        }
-    };
-}
-
-id_type!(VolumeId, "volume id");
-id_type!(MountId, "mount id");
-
-impl Default for MountId {
-    fn default() -> Self {
-        MountId("default".to_owned())
-    }
-}
-
-/// Where a volume stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum VolumeState {
-    /// The model is being resolved, pulled or linked.
-    Pulling,
-    /// The tree is complete.
-    Ready,
-    /// The last attempt failed; `error` says why. Asking again retries.
-    Failed,
-    /// The volume was released; its tree is gone.
-    Released,
-}
-
-impl VolumeState {
-    /// Whether the record holds its entry against garbage collection.
-    pub fn holds_entry(self) -> bool {
-        matches!(self, VolumeState::Pulling | VolumeState::Ready)
-    }
-}
-
-/// A typed error carried in a record.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct RecordError {
-    pub kind: ErrorKind,
-    pub message: String,
-}
-
-/// One volume's record.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct VolumeRecord {
-    pub volume: VolumeId,
-    pub mount_id: MountId,
-    /// The reference as requested.
-    pub reference: String,
-    pub options: ExcludeOptions,
-    pub state: VolumeState,
-    /// The manifest digest the reference resolved to.
-    pub digest: Option<Digest>,
-    pub selection: Option<SelectionKey>,
-    /// Where the volume's tree is.
-    pub path: PathBuf,
-    pub bytes_done: u64,
-    pub bytes_total: u64,
-    /// Served without fetching anything (the entry was cached).
-    pub reused_from_cache: bool,
-    /// Joined a pull another request had started.
-    pub coalesced: bool,
-    pub link_method: Option<LinkMethod>,
-    pub link: Option<LinkReport>,
-    /// Files left out, and why.
-    pub skipped: Vec<Skip>,
-    pub error: Option<RecordError>,
-    /// The process that wrote the record.
-    pub pid: u32,
-    #[serde(with = "time::serde::rfc3339")]
-    pub created_at: time::OffsetDateTime,
-    #[serde(with = "time::serde::rfc3339")]
-    pub updated_at: time::OffsetDateTime,
-    #[serde(with = "time::serde::rfc3339::option")]
-    pub ready_at: Option<time::OffsetDateTime>,
-}
-
-impl VolumeRecord {
-    /// A fresh record in `pulling` state.
-    pub fn pulling(volume: VolumeId, mount_id: MountId, reference: String, options: ExcludeOptions, path: PathBuf) -> Self {
-        let now = time::OffsetDateTime::now_utc();
-        VolumeRecord {
-            volume,
-            mount_id,
-            reference,
-            options,
-            state: VolumeState::Pulling,
-            digest: None,
-            selection: None,
-            path,
-            bytes_done: 0,
-            bytes_total: 0,
-            reused_from_cache: false,
-            coalesced: false,
-            link_method: None,
-            link: None,
-            skipped: Vec::new(),
-            error: None,
-            pid: std::process::id(),
-            created_at: now,
-            updated_at: now,
-            ready_at: None,
-        }
-    }
-
-    /// What a record file that does not parse reads as: a `failed` record of
-    /// the volume whose error says why, so the volume can be mounted again
-    /// or released like any failed one.
-    fn unreadable(volume: VolumeId, mount_id: MountId, tree: PathBuf, reason: String) -> Self {
-        let mut record = VolumeRecord::pulling(volume, mount_id, String::new(), ExcludeOptions::default(), tree);
-        record.state = VolumeState::Failed;
-        record.error = Some(RecordError { kind: ErrorKind::DataLoss, message: reason });
-        record
-    }
-
-    /// The entry the record holds, once the selection is known.
-    pub fn entry(&self) -> Option<EntryKey> {
-        Some(EntryKey::new(self.digest.clone()?, self.selection.clone()?))
-    }
+/// What a record file that does not parse reads as: a `failed` record of
+/// the volume whose error says why, so the volume can be mounted again
+/// or released like any failed one.
+fn unreadable_record(volume: VolumeId, mount_id: MountId, tree: PathBuf, reason: String) -> VolumeRecord {
+    let mut record = VolumeRecord::pulling(volume, mount_id, String::new(), ExcludeOptions::default(), tree);
+    record.state = VolumeState::Failed;
+    record.error = Some(RecordError { kind: ErrorKind::DataLoss, message: reason });
+    record
 }
 
 /// What went wrong with a volume.
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
-    #[error("`{id}` is not a valid {kind}: use 1 to 128 of A-Z a-z 0-9 . _ - (not starting with `.`)")]
-    InvalidId { kind: &'static str, id: String },
+    #[error(transparent)]
+    InvalidId(#[from] IdError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -225,7 +54,7 @@ pub enum VolumeError {
 impl VolumeError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            VolumeError::InvalidId { .. } => ErrorKind::InvalidArgument,
+            VolumeError::InvalidId(_) => ErrorKind::InvalidArgument,
             VolumeError::Store(error) => error.kind(),
         }
     }
@@ -331,7 +160,7 @@ impl Volumes {
                 tracing::warn!(volume = %volume, mount_id = %mount_id, "{reason}; it reads as failed until replaced");
                 let slot = (volume.clone(), mount_id.clone());
                 self.unreadable.lock().unwrap_or_else(|poison| poison.into_inner()).insert(slot);
-                Ok(Some(VolumeRecord::unreadable(volume.clone(), mount_id.clone(), self.tree(volume, mount_id), reason)))
+                Ok(Some(unreadable_record(volume.clone(), mount_id.clone(), self.tree(volume, mount_id), reason)))
             }
         }
     }
@@ -399,7 +228,7 @@ impl Volumes {
                     Ok(bytes) => parse_record(&bytes, &volume, &mount_id).unwrap_or_else(|reason| {
                         let reason = format!("the volume's record {} is unreadable: {reason}", path.display());
                         tracing::warn!(volume = %volume, mount_id = %mount_id, "{reason}");
-                        VolumeRecord::unreadable(volume.clone(), mount_id.clone(), self.tree(&volume, &mount_id), reason)
+                        unreadable_record(volume.clone(), mount_id.clone(), self.tree(&volume, &mount_id), reason)
                     }),
                     Err(error) => {
                         tracing::warn!(path = %path.display(), "skipping a volume record that cannot be read: {error}");
@@ -536,18 +365,7 @@ fn set_aside(path: &Path, aside: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Ids are file-name safe, and say what is wrong when they are not.
-    #[test]
-    fn ids_are_validated() {
-        assert!(VolumeId::new("csi-0123abcd_x.y").is_ok());
-        for bad in ["", ".hidden", "a/b", "..", "x y", &"v".repeat(129)] {
-            let error = VolumeId::new(bad).unwrap_err();
-            assert_eq!(error.kind(), ErrorKind::InvalidArgument);
-            assert!(error.to_string().contains("volume id"), "{error}");
-        }
-        assert!(serde_json::from_str::<MountId>("\"../x\"").is_err());
-    }
+    use crate::link::LinkReport;
 
     /// Records round-trip, list in order, and recovery fails what was cut short.
     #[test]
