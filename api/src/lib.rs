@@ -10,6 +10,7 @@
 //! - [`options`]: what a request leaves out;
 //! - [`error`]: the kinds callers branch on.
 
+#[cfg(feature = "client")]
 pub mod client;
 pub mod digest;
 pub mod entry;
