@@ -10,7 +10,7 @@ use modelcache::api::client::{Client, ClientError};
 use modelcache::api::{MountBody, VolumeSocket, VolumeSocketBody};
 use modelcache::error::ErrorKind;
 use modelcache::plugins::PluginStatus;
-use modelcache::volumes::{VolumeRecord, VolumeState};
+use modelcache::volumes::{Origin, VolumeRecord, VolumeState};
 use support::{
     BlobAnswer, Daemon, HostileBlobProxy, PluginDir, Registry, TestAuthority, basic_auth, bytes, digest_of, publish, push,
     push_as, read_tree, skipping, start_registry, write_docker_config, write_tree,
@@ -552,7 +552,7 @@ fn the_cli_goes_through_the_daemon() {
     assert!(run(&["pin"]).contains(&reference));
 
     let record: VolumeRecord = serde_json::from_str(&run(&["mount", &reference, "--volume", "cli", "--json"])).unwrap();
-    assert!(record.reused_from_cache, "prefetched before");
+    assert_eq!(record.origin, Some(Origin::Cached), "prefetched before");
     assert!(record.path.starts_with(&daemon.root));
     assert_eq!(read_tree(&record.path), read_tree(source.path()));
     let listed: Vec<VolumeRecord> = serde_json::from_str(&run(&["ls", "--json"])).unwrap();

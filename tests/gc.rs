@@ -15,7 +15,7 @@ use modelcache::gc::Trigger;
 use modelcache::plugins::exclude::ExcludeOptions;
 use modelcache::registry::RegistryConfig;
 use modelcache::store::EntryKey;
-use modelcache::volumes::{MountId, VolumeId, VolumeState};
+use modelcache::volumes::{MountId, Origin, VolumeId, VolumeState};
 use support::{PluginDir, Registry, Unmount, bytes, mount_tmpfs, push, read_tree, start_registry, write_tree};
 
 const KIB: usize = 1 << 10;
@@ -273,7 +273,7 @@ async fn lru_watermark_frees_to_the_low_mark() {
         tokio::time::sleep(Duration::from_millis(1100)).await;
     }
     let again = engine.mount(request("m0-again", &models.references[0])).await.unwrap();
-    assert!(again.reused_from_cache);
+    assert_eq!(again.origin, Some(Origin::Cached));
     engine.unmount(&again.volume, &again.mount_id).await.unwrap();
 
     let before = used_percent(root.path());

@@ -15,7 +15,7 @@ use modelcache::error::ErrorKind;
 use modelcache::link::LinkMethod;
 use modelcache::plugins::exclude::ExcludeOptions;
 use modelcache::registry::{ModelRef, Registry as Client, RegistryConfig};
-use modelcache::volumes::{MountId, VolumeId, VolumeRecord, VolumeState};
+use modelcache::volumes::{MountId, Origin, VolumeId, VolumeRecord, VolumeState};
 use support::{PluginDir, Registry, Unmount, bytes, digest_of, mount_tmpfs, publish, read_tree, start_registry, tar_archive};
 
 const MIB: usize = 1 << 20;
@@ -113,7 +113,7 @@ async fn concurrent_mounts_share_one_download() {
         assert_eq!(stored.state, VolumeState::Ready);
         assert_eq!(stored.path, record.path);
     }
-    let starters = records.iter().filter(|record| !record.coalesced && !record.reused_from_cache).count();
+    let starters = records.iter().filter(|record| !matches!(record.origin, Some(Origin::Joined | Origin::Cached))).count();
     assert_eq!(starters, 1, "one request pulled, the others joined or reused");
     let gets = registry.blob_gets();
     for (path, digest) in digests(&files) {
@@ -176,7 +176,7 @@ async fn tags_are_trusted_for_their_ttl() {
     publish(&registry, "models/ttl:v1", &[("b.bin", bytes(22, 1000))]);
     let trusted = trusting.mount(request("second", &tagged)).await.unwrap();
     assert_eq!(trusted.digest.as_ref(), Some(&first), "within the TTL the tag is not asked again");
-    assert!(trusted.reused_from_cache && trusted.path.join("a.bin").exists());
+    assert!(trusted.origin == Some(Origin::Cached) && trusted.path.join("a.bin").exists());
     let asked = asking.mount(request("second", &tagged)).await.unwrap();
     assert_ne!(asked.digest.as_ref(), Some(&first));
     assert!(asked.path.join("b.bin").exists());
@@ -239,7 +239,7 @@ async fn a_registry_outage_mounts_what_tags_last_named() {
     drop(registry);
 
     let during = engine.mount(request("during", &tagged)).await.expect("served from what the tag last named");
-    assert_eq!((during.digest.as_ref(), during.reused_from_cache), (Some(&digest), true));
+    assert_eq!((during.digest(), during.origin), (Some(&digest), Some(Origin::Cached)));
     assert_eq!(read_tree(&during.path), read_tree(source.path()));
     for (volume, reference) in [("unknown", &unknown), ("deleted", &deleted)] {
         let error = engine.mount(request(volume, reference)).await.unwrap_err();
@@ -292,7 +292,7 @@ async fn first_caller_cancelled_others_succeed() {
     let expected = read_tree(source.path());
     for handle in &mut others {
         let record = handle.wait().await.expect("the others succeed");
-        assert!(record.coalesced);
+        assert_eq!(record.origin, Some(Origin::Joined));
         assert_eq!(read_tree(&record.path), expected);
     }
     assert_eq!(registry.blob_gets().get(&digest_of(&files[0].1)), Some(&1));
@@ -393,10 +393,10 @@ async fn one_digest_two_selections() {
 
     let before = registry.blob_gets();
     let again = engine.mount(excluding("light-2", &reference, true, &[])).await.unwrap();
-    assert!(again.reused_from_cache);
+    assert_eq!(again.origin, Some(Origin::Cached));
     let other_partial =
         engine.mount(excluding("docs-only", &reference, false, &["*.safetensors", "*.bin", "*.json"])).await.unwrap();
-    assert!(other_partial.reused_from_cache || other_partial.bytes_done == other_partial.bytes_total);
+    assert!(other_partial.origin == Some(Origin::Cached) || other_partial.bytes_done == other_partial.bytes_total);
     assert_eq!(registry.blob_gets(), before, "partial trees come from stored blobs");
     assert_eq!(engine.store().entries().unwrap().len(), 3);
 }

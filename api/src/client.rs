@@ -119,14 +119,15 @@ impl Client {
         let stream = UnixStream::connect(&self.socket)
             .await
             .map_err(|source| ClientError::Connect { socket: self.socket.clone(), source })?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(ClientError::Dropped)?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(ClientError::Dropped)?;
         tokio::spawn(async move {
             let _ = connection.await;
         });
         let payload = match body {
-            Some(body) => Bytes::from(serde_json::to_vec(body).map_err(|source| ClientError::Encode { path: path.to_owned(), source })?),
+            Some(body) => {
+                Bytes::from(serde_json::to_vec(body).map_err(|source| ClientError::Encode { path: path.to_owned(), source })?)
+            }
             None => Bytes::new(),
         };
         let request = Request::builder()
@@ -146,8 +147,7 @@ impl Client {
             });
             return Err(ClientError::Api { status, error });
         }
-        let body = serde_json::from_slice(&bytes)
-            .map_err(|source| ClientError::Decode { path: path.to_owned(), source })?;
+        let body = serde_json::from_slice(&bytes).map_err(|source| ClientError::Decode { path: path.to_owned(), source })?;
         Ok(Answer { status, body })
     }
 }

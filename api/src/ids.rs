@@ -89,7 +89,6 @@ impl Default for MountId {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

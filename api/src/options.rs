@@ -17,7 +17,6 @@ impl ExcludeOptions {
     pub fn is_empty(&self) -> bool {
         !self.exclude_weights && self.patterns.is_empty()
     }
-
 }
 
 /// A file to leave out, and who said so.

@@ -32,8 +32,9 @@ use crate::flight::{Flights, Progress};
 use crate::gc::{DuEntry, DuReport, Eviction, GcReport, Pin, Pins, Trigger};
 use crate::link::{LinkReport, Linker};
 use crate::modelpack::{Layer, LayerFormat, Model, ModelError, Selection};
-use crate::plugins::exclude::{ValidatePatterns, 
+use crate::plugins::exclude::{
     Artifact, ExcludeDecision, ExcludeError, ExcludeInput, ExcludeMemo, ExcludeOptions, MemoKey, ModelFile, Skip,
+    ValidatePatterns,
 };
 use crate::plugins::gc::{Candidate, GcInput};
 use crate::plugins::quota::{QuotaInput, QuotaVerdict};
@@ -174,16 +175,7 @@ fn join_error(error: tokio::task::JoinError) -> EngineError {
 }
 
 /// How a request got its entry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Source {
-    /// It was in the cache.
-    Cached,
-    /// This request started the pull.
-    Pulled,
-    /// It joined a pull another request had started.
-    Joined,
-}
+pub use crate::volumes::Origin as Source;
 
 /// What a prefetch did.
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
@@ -451,7 +443,7 @@ impl Engine {
         let mut recorded: Vec<_> = volumes.list().into_iter().filter(|record| record.ready_at.is_some()).collect();
         recorded.sort_by_key(|record| std::cmp::Reverse(record.ready_at));
         for record in recorded {
-            if let (Some(digest), Ok(reference)) = (&record.digest, ModelRef::parse(&record.reference))
+            if let (Some(digest), Ok(reference)) = (record.digest(), ModelRef::parse(&record.reference))
                 && reference.digest().is_none()
             {
                 tags.recall(reference.as_str(), digest);
@@ -541,7 +533,7 @@ impl Engine {
         }
         if let Some(record) = self.volumes.get(&request.volume, &request.mount_id)? {
             let same = record.reference == request.reference && record.options == request.options;
-            match record.state {
+            match record.state() {
                 VolumeState::Ready if same && record.path.is_dir() => {
                     let (_, result) = watch::channel(Some(Ok(record)));
                     return Ok(MountHandle { result });
@@ -550,8 +542,8 @@ impl Engine {
                     return Err(EngineError::Conflict {
                         volume: request.volume,
                         mount_id: request.mount_id,
+                        state: record.state(),
                         holds: record.reference,
-                        state: record.state,
                     });
                 }
                 _ => {}
@@ -615,17 +607,14 @@ impl Engine {
         // lets its slot go instead of leaving it to look busy forever.
         match crate::flight::catch_panic(self.fill(&request, &mut record, &progress, &mut hold)).await {
             Ok(()) => {
-                record.state = VolumeState::Ready;
-                record.error = None;
-                record.ready_at = Some(time::OffsetDateTime::now_utc());
+                record.set_ready();
                 self.put_record(&mut record)?;
                 tracing::info!(volume = %record.volume, mount_id = %record.mount_id, reference = %record.reference,
-                    reused = record.reused_from_cache, coalesced = record.coalesced, link = ?record.link_method, "volume ready");
+                    origin = ?record.origin, link = ?record.link_method, "volume ready");
                 Ok(record)
             }
             Err(error) => {
-                record.state = VolumeState::Failed;
-                record.error = Some(RecordError { kind: error.kind(), message: crate::plugins::error_chain(&error) });
+                record.set_failed(RecordError { kind: error.kind(), message: crate::plugins::error_chain(&error) });
                 if let Err(write_error) = self.put_record(&mut record) {
                     tracing::error!(volume = %record.volume, "cannot record the failure: {write_error}");
                 }
@@ -645,9 +634,8 @@ impl Engine {
         hold: &mut SlotHold,
     ) -> Result<(), EngineError> {
         let resolved = self.resolve_request(&request.reference, &request.options).await?;
-        record.digest = Some(resolved.key.manifest.clone());
+        record.entry = Some(resolved.key.clone());
         record.skipped = resolved.skips.clone();
-        record.selection = Some(resolved.key.selection.clone());
         record.bytes_total = resolved.bytes();
         progress.bytes_total.store(record.bytes_total, std::sync::atomic::Ordering::Relaxed);
         // From here the record holds the entry too, and keeps holding it
@@ -666,8 +654,7 @@ impl Engine {
                 },
             )
             .await?;
-        record.reused_from_cache = source == Source::Cached;
-        record.coalesced = source == Source::Joined;
+        record.origin = Some(source);
         record.bytes_done = record.bytes_total;
 
         let tree = lease.tree();
@@ -1111,11 +1098,8 @@ impl Engine {
         };
         let tree = record.path.clone();
         tokio::task::spawn_blocking(move || remove_any(&tree)).await.map_err(join_error)??;
-        if record.state != VolumeState::Released {
-            if record.state == VolumeState::Pulling {
-                record.error = Some(RecordError { kind: ErrorKind::Cancelled, message: "released while pulling".into() });
-            }
-            record.state = VolumeState::Released;
+        if record.state() != VolumeState::Released {
+            record.set_released();
             self.put_record(&mut record)?;
             tracing::info!(volume = %volume, mount_id = %mount_id, "volume released");
         }
@@ -1150,9 +1134,8 @@ impl Engine {
         for ((volume, mount_id), lock) in remaining {
             let _held = lock.lock_owned().await;
             if let Ok(Some(mut record)) = self.volumes.get(&volume, &mount_id) {
-                if record.state == VolumeState::Pulling {
-                    record.state = VolumeState::Failed;
-                    record.error = Some(RecordError {
+                if record.state() == VolumeState::Pulling {
+                    record.set_failed(RecordError {
                         kind: ErrorKind::Cancelled,
                         message: "modelcache shut down before the mount finished; ask again".into(),
                     });
@@ -1181,7 +1164,7 @@ impl Engine {
             .volumes
             .get(volume, mount_id)?
             .ok_or_else(|| EngineError::NotFound { volume: volume.clone(), mount_id: mount_id.clone() })?;
-        if record.state == VolumeState::Pulling {
+        if record.state() == VolumeState::Pulling {
             if let Some((done, total)) = self.progress(volume, mount_id) {
                 record.bytes_done = done;
                 record.bytes_total = total.max(record.bytes_total);

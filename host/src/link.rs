@@ -51,7 +51,6 @@ pub enum LinkError {
     Refused { path: String, reason: String },
 }
 
-
 /// Links files one after another, starting each from the method that last
 /// worked for the whole tree.
 #[derive(Debug)]

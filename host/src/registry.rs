@@ -38,11 +38,11 @@ use tokio::sync::{AcquireError, Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
 use crate::digest::Digest;
-pub use modelcache_api::reference::{ModelRef, ReferenceError};
 use crate::error::ErrorKind;
 use crate::flight::Progress;
 use crate::modelpack::{Descriptor, MANIFEST_MEDIA_TYPE};
 use crate::store::{Ingest, StoreError};
+pub use modelcache_api::reference::{ModelRef, ReferenceError};
 
 /// How to reach registries.
 #[derive(Clone, Debug)]
@@ -617,7 +617,8 @@ impl Registry {
             tracing::debug!(mirror = %mirror.host, reference = %reference, "mirror failed {what}: {failure}");
         }
         let auth = session.auth(reference, reference.registry()).await?;
-        self.with_retries(reference, what, || operation(session.client.clone(), reference.as_reference().clone(), auth.clone())).await
+        self.with_retries(reference, what, || operation(session.client.clone(), reference.as_reference().clone(), auth.clone()))
+            .await
     }
 
     /// Streams the blob `blob` into `ingest`, from the first mirror that has

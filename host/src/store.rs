@@ -36,7 +36,6 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::archive::{ArchiveError, ArchiveReader};
 use crate::digest::Digest;
-pub use modelcache_api::entry::EntryKey;
 use crate::error::ErrorKind;
 use crate::link::{Entry, LinkError, TreeBuilder};
 use crate::modelpack::{
@@ -44,6 +43,7 @@ use crate::modelpack::{
     TreeProblem, check_tree,
 };
 use crate::plugins::quota::Filesystem;
+pub use modelcache_api::entry::EntryKey;
 
 /// Bytes buffered by a blob writer before each `write(2)`.
 const WRITE_BUFFER: usize = 1 << 20;

@@ -26,7 +26,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 pub use modelcache_api::ids::{IdError, MountId, VolumeId};
-pub use modelcache_api::record::{RecordError, VolumeRecord, VolumeState};
+pub use modelcache_api::record::{Origin, RecordError, VolumeRecord, VolumeState};
 
 use crate::error::ErrorKind;
 use crate::plugins::exclude::ExcludeOptions;
@@ -37,8 +37,7 @@ use crate::store::{EntryKey, StoreError, write_json, write_json_volatile};
 /// or released like any failed one.
 fn unreadable_record(volume: VolumeId, mount_id: MountId, tree: PathBuf, reason: String) -> VolumeRecord {
     let mut record = VolumeRecord::pulling(volume, mount_id, String::new(), ExcludeOptions::default(), tree);
-    record.state = VolumeState::Failed;
-    record.error = Some(RecordError { kind: ErrorKind::DataLoss, message: reason });
+    record.set_failed(RecordError { kind: ErrorKind::DataLoss, message: reason });
     record
 }
 
@@ -91,13 +90,13 @@ impl Volumes {
     fn index(&self, record: &VolumeRecord) {
         let mut holding = self.holding.lock().unwrap_or_else(|poison| poison.into_inner());
         let slot = (record.volume.clone(), record.mount_id.clone());
-        match record.entry().filter(|_| record.state.holds_entry()) {
+        match record.entry().filter(|_| record.state().holds_entry()) {
             Some(key) => holding.insert(slot.clone(), key),
             None => holding.remove(&slot),
         };
         drop(holding);
         let mut copied = self.copied.lock().unwrap_or_else(|poison| poison.into_inner());
-        match record.link.map(|link| link.copied_bytes).filter(|bytes| record.state == VolumeState::Ready && *bytes > 0) {
+        match record.link.map(|link| link.copied_bytes).filter(|bytes| record.state() == VolumeState::Ready && *bytes > 0) {
             Some(bytes) => copied.insert(slot, bytes),
             None => copied.remove(&slot),
         };
@@ -184,7 +183,7 @@ impl Volumes {
     /// # Errors
     /// On I/O failure.
     pub fn put_pulling(&self, record: &mut VolumeRecord) -> Result<(), VolumeError> {
-        debug_assert_eq!(record.state, VolumeState::Pulling);
+        debug_assert_eq!(record.state(), VolumeState::Pulling);
         self.write(record, false)
     }
 
@@ -277,7 +276,7 @@ impl Volumes {
                 // else still tells its volume's story.
                 let released =
                     MountId::new(mount_id).ok().and_then(|mount_id| parse_record(&fs::read(&path).ok()?, volume, &mount_id).ok());
-                released.is_some_and(|record| record.state == VolumeState::Released && record.updated_at < cutoff)
+                released.is_some_and(|record| record.state() == VolumeState::Released && record.updated_at < cutoff)
             } else {
                 name.ends_with(".json.broken") || name.starts_with(".tmp-")
             };
@@ -316,13 +315,12 @@ impl Volumes {
             }
         }
         for mut record in self.list() {
-            let reason = match record.state {
+            let reason = match record.state() {
                 VolumeState::Pulling => "interrupted: the process that was pulling it exited",
                 VolumeState::Ready if !record.path.is_dir() => "the volume's tree is missing",
                 _ => continue,
             };
-            record.state = VolumeState::Failed;
-            record.error = Some(RecordError { kind: ErrorKind::Unavailable, message: reason.to_owned() });
+            record.set_failed(RecordError { kind: ErrorKind::Unavailable, message: reason.to_owned() });
             self.put(&mut record)?;
             tracing::info!(volume = %record.volume, mount_id = %record.mount_id, "{reason}; marked failed");
             failed.push(record);
@@ -367,6 +365,15 @@ mod tests {
     use super::*;
     use crate::link::LinkReport;
 
+    fn set_state(record: &mut VolumeRecord, state: VolumeState) {
+        match state {
+            VolumeState::Pulling => record.set_pulling(),
+            VolumeState::Ready => record.set_ready(),
+            VolumeState::Failed => record.set_failed(RecordError { kind: ErrorKind::Internal, message: "failed".into() }),
+            VolumeState::Released => record.set_released(),
+        }
+    }
+
     /// Records round-trip, list in order, and recovery fails what was cut short.
     #[test]
     fn records_round_trip_and_recover() {
@@ -376,7 +383,7 @@ mod tests {
             let volume = VolumeId::new(volume).unwrap();
             let path = volumes.tree(&volume, &MountId::default());
             let mut record = VolumeRecord::pulling(volume, MountId::default(), "r/m:1".into(), Default::default(), path.clone());
-            record.state = state;
+            set_state(&mut record, state);
             if tree {
                 fs::create_dir_all(&path).unwrap();
             }
@@ -388,16 +395,16 @@ mod tests {
         make("c-lost", VolumeState::Ready, false);
         fs::create_dir_all(dir.path().join("trees/b-ready/.tmp-half")).unwrap();
 
-        assert_eq!(volumes.get(&ready.volume, &ready.mount_id).unwrap().unwrap().state, VolumeState::Ready);
+        assert_eq!(volumes.get(&ready.volume, &ready.mount_id).unwrap().unwrap().state(), VolumeState::Ready);
         let names: Vec<String> = volumes.list().iter().map(|record| record.volume.to_string()).collect();
         assert_eq!(names, ["a-pulling", "b-ready", "c-lost"]);
 
         let failed = volumes.recover().unwrap();
         assert_eq!(failed.len(), 2);
-        let states: Vec<VolumeState> = volumes.list().iter().map(|record| record.state).collect();
+        let states: Vec<VolumeState> = volumes.list().iter().map(|record| record.state()).collect();
         assert_eq!(states, [VolumeState::Failed, VolumeState::Ready, VolumeState::Failed]);
         assert!(!dir.path().join("trees/b-ready/.tmp-half").exists());
-        assert!(volumes.list()[0].error.as_ref().unwrap().message.contains("interrupted"));
+        assert!(volumes.list()[0].error().unwrap().message.contains("interrupted"));
     }
 
     fn ready(volumes: &Volumes, volume: &str, copied_bytes: u64) -> VolumeRecord {
@@ -405,7 +412,7 @@ mod tests {
         let path = volumes.tree(&volume, &MountId::default());
         fs::create_dir_all(&path).unwrap();
         let mut record = VolumeRecord::pulling(volume, MountId::default(), "r/m:1".into(), Default::default(), path);
-        record.state = VolumeState::Ready;
+        record.set_ready();
         record.link = Some(LinkReport { files: 1, copied_bytes, copies: 1, ..LinkReport::default() });
         volumes.put(&mut record).unwrap();
         record
@@ -421,14 +428,16 @@ mod tests {
         let mut record = ready(&volumes, "v", 0);
         let file = dir.path().join("records/v/default.json");
         let aside = dir.path().join("records/v/default.json.broken");
-        let other = serde_json::to_vec(&VolumeRecord { volume: VolumeId::new("w").unwrap(), ..record.clone() }).unwrap();
+        let mut other = record.clone();
+        other.volume = VolumeId::new("w").unwrap();
+        let other = serde_json::to_vec(&other).unwrap();
         for broken in [b"{\"volume\": \"v\", \"mount-".to_vec(), b"\x00\xff garbage".to_vec(), b"[1, 2]".to_vec(), other] {
             fs::write(&file, &broken).unwrap();
             for read in [volumes.get(&record.volume, &record.mount_id).unwrap().unwrap(), volumes.list().remove(0)] {
-                assert_eq!(read.state, VolumeState::Failed);
+                assert_eq!(read.state(), VolumeState::Failed);
                 assert_eq!((read.volume.as_str(), read.mount_id.as_str()), ("v", "default"));
                 assert_eq!(read.path, record.path);
-                let error = read.error.unwrap();
+                let error = read.error().unwrap().clone();
                 assert_eq!(error.kind, ErrorKind::DataLoss);
                 assert!(error.message.contains("unreadable") && error.message.contains("default.json"), "{}", error.message);
             }
@@ -452,7 +461,7 @@ mod tests {
         for name in ["gone", "young", "failed"] {
             let mut record = ready(&volumes, name, 0);
             fs::remove_dir(&record.path).unwrap();
-            record.state = if name == "failed" { VolumeState::Failed } else { VolumeState::Released };
+            set_state(&mut record, if name == "failed" { VolumeState::Failed } else { VolumeState::Released });
             volumes.put(&mut record).unwrap();
         }
         fs::write(dir.path().join("records/gone/x.json.broken"), b"old").unwrap();
@@ -484,7 +493,7 @@ mod tests {
         ready(&volumes, "c", 0);
         assert_eq!(volumes.copied_bytes(), 1024);
         assert_eq!(Volumes::new(dir.path().join("records"), dir.path().join("trees")).copied_bytes(), 1024, "rebuilt at start");
-        a.state = VolumeState::Released;
+        a.set_released();
         volumes.put(&mut a).unwrap();
         assert_eq!(volumes.copied_bytes(), 24);
     }

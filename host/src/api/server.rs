@@ -255,7 +255,7 @@ async fn mount(
         Err(_) => {
             // Still pulling: the mount goes on; ask again, or poll the status.
             let record = state.engine.status(&volume, &mount_id)?;
-            let status = if record.state == VolumeState::Pulling { StatusCode::ACCEPTED } else { StatusCode::OK };
+            let status = if record.state() == VolumeState::Pulling { StatusCode::ACCEPTED } else { StatusCode::OK };
             Ok((status, Json(record)).into_response())
         }
     }
@@ -365,8 +365,8 @@ async fn open_volume_socket(State(state): State<AppState>, Json(body): Json<Volu
     let path = sockets.dir.join(format!("{volume}.sock"));
     // A pod's user is unknown: whoever can reach the file (it is mounted into
     // one pod) may use it, and it can only ever touch this volume.
-    let listener = bind(&path, 0o666)
-        .map_err(|error| refusal(ErrorKind::Internal, format!("cannot bind {}: {error}", path.display())))?;
+    let listener =
+        bind(&path, 0o666).map_err(|error| refusal(ErrorKind::Internal, format!("cannot bind {}: {error}", path.display())))?;
     let scoped = AppState { scope: Scope::Volume(volume.clone()), ..state.clone() };
     let task = tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, router(scoped)).await {
