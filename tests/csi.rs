@@ -252,12 +252,12 @@ async fn publish_and_unpublish() {
     let client = daemon.client();
     let records: Vec<VolumeRecord> = client.get("/v1/volumes").await.unwrap();
     let record = records.iter().find(|record| record.volume.as_str() == volume).unwrap().clone();
-    assert_eq!(record.state, VolumeState::Ready);
+    assert_eq!(record.state(), VolumeState::Ready);
     node.node_unpublish_volume(unpublish_request(volume, &target)).await.unwrap();
     assert!(mounts_at(&target).is_empty());
     assert!(!target.exists(), "the target is removed");
     let released: VolumeRecord = client.get(&format!("/v1/volumes/{volume}/{}", record.mount_id)).await.unwrap();
-    assert_eq!(released.state, VolumeState::Released);
+    assert_eq!(released.state(), VolumeState::Released);
     node.node_unpublish_volume(unpublish_request(volume, &target)).await.unwrap();
     node.node_unpublish_volume(unpublish_request("csi-never", &daemon.dir.path().join("pods/never/mount"))).await.unwrap();
     node.node_unpublish_volume(unpublish_request("csi-concurrent", &second)).await.unwrap();
@@ -288,7 +288,7 @@ async fn a_failed_publish_releases_and_unpublish_needs_no_daemon() {
     assert_eq!(status.code(), Code::Internal, "{status:?}");
     let records: Vec<VolumeRecord> = daemon.client().get("/v1/volumes").await.unwrap();
     let record = records.iter().find(|record| record.volume.as_str() == "csi-unmountable").expect("a record");
-    assert_eq!(record.state, VolumeState::Released, "the shim released what it could not mount");
+    assert_eq!(record.state(), VolumeState::Released, "the shim released what it could not mount");
 
     daemon.terminate();
     let never = daemon.dir.path().join("pods/p10/volumes/kubernetes.io~csi/model/mount");
@@ -367,7 +367,7 @@ async fn slow_pulls_are_retried_and_released() {
     node.node_unpublish_volume(unpublish_request("csi-gone", &gone)).await.unwrap();
     let records: Vec<VolumeRecord> = daemon.client().get("/v1/volumes").await.unwrap();
     let record = records.iter().find(|record| record.volume.as_str() == "csi-gone").unwrap();
-    assert_eq!(record.state, VolumeState::Released, "the pull was released");
+    assert_eq!(record.state(), VolumeState::Released, "the pull was released");
     let health: modelcache::api::Health = daemon.client().get("/v1/health").await.unwrap();
     assert_eq!(health.active_mounts, 0);
 }
@@ -406,5 +406,5 @@ async fn restarts_large_requests_and_static_volumes() {
         assert!(mounts_at(target).is_empty() && !target.exists());
     }
     let records: Vec<VolumeRecord> = daemon.client().get("/v1/volumes").await.unwrap();
-    assert!(records.iter().all(|record| record.state == VolumeState::Released), "{records:?}");
+    assert!(records.iter().all(|record| record.state() == VolumeState::Released), "{records:?}");
 }

@@ -10,7 +10,7 @@ use modelcache::api::client::{Client, ClientError};
 use modelcache::api::{MountBody, VolumeSocket, VolumeSocketBody};
 use modelcache::error::ErrorKind;
 use modelcache::plugins::PluginStatus;
-use modelcache::volumes::{VolumeRecord, VolumeState};
+use modelcache::volumes::{Origin, VolumeRecord, VolumeState};
 use support::{
     BlobAnswer, Daemon, HostileBlobProxy, PluginDir, Registry, TestAuthority, basic_auth, bytes, digest_of, publish, push,
     push_as, read_tree, skipping, start_registry, write_docker_config, write_tree,
@@ -56,7 +56,7 @@ async fn concurrent_mounts_through_the_api() {
     let expected = read_tree(source.path());
     for task in tasks {
         let record = task.await.unwrap().expect("every mount succeeds");
-        assert_eq!(record.state, VolumeState::Ready);
+        assert_eq!(record.state(), VolumeState::Ready);
         assert_eq!(read_tree(&record.path), expected);
     }
     let gets = registry.blob_gets();
@@ -102,7 +102,7 @@ async fn volume_sockets_are_bound_to_their_volume() {
     let socket: VolumeSocket = admin.post("/v1/volume-sockets", &VolumeSocketBody { volume: "pod-a".into() }).await.unwrap().body;
     let bound = Client::new(&socket.path);
 
-    assert_eq!(mount(&bound, "pod-a", &reference).await.unwrap().state, VolumeState::Ready);
+    assert_eq!(mount(&bound, "pod-a", &reference).await.unwrap().state(), VolumeState::Ready);
     let _: VolumeRecord = bound.get("/v1/volumes/pod-a/default").await.unwrap();
     let listed: Vec<VolumeRecord> = bound.get("/v1/volumes").await.unwrap();
     assert_eq!(listed.iter().map(|record| record.volume.as_str()).collect::<Vec<_>>(), ["pod-a"]);
@@ -127,9 +127,9 @@ async fn volume_sockets_are_bound_to_their_volume() {
 
     // pod-b is untouched; pod-a can be released through its own socket.
     let b: VolumeRecord = admin.get("/v1/volumes/pod-b/default").await.unwrap();
-    assert_eq!(b.state, VolumeState::Ready);
+    assert_eq!(b.state(), VolumeState::Ready);
     let released: VolumeRecord = bound.delete("/v1/volumes/pod-a/default").await.unwrap();
-    assert_eq!(released.state, VolumeState::Released);
+    assert_eq!(released.state(), VolumeState::Released);
 }
 
 async fn plugin_status(client: &Client, name: &str) -> PluginStatus {
@@ -229,10 +229,10 @@ async fn status_long_polls_until_the_mount_ends() {
     let answer = client.put::<_, VolumeRecord>("/v1/volumes/pod/default", &mount_body(&reference, 0.0)).await.unwrap();
     assert_eq!(answer.status.as_u16(), 202);
     let at_once: VolumeRecord = client.get("/v1/volumes/pod/default").await.unwrap();
-    assert_eq!(at_once.state, VolumeState::Pulling, "without a wait the status answers at once");
+    assert_eq!(at_once.state(), VolumeState::Pulling, "without a wait the status answers at once");
 
     let record: VolumeRecord = client.get("/v1/volumes/pod/default?wait-seconds=120").await.unwrap();
-    assert_eq!(record.state, VolumeState::Ready);
+    assert_eq!(record.state(), VolumeState::Ready);
     assert_eq!(read_tree(&record.path), read_tree(source.path()));
 }
 
@@ -259,8 +259,8 @@ async fn sigterm_mid_pull_leaves_a_clean_store() {
     assert!(std::fs::read_dir(daemon.root.join("tmp")).unwrap().next().is_none(), "no temporaries left");
     let record: VolumeRecord =
         serde_json::from_slice(&std::fs::read(daemon.root.join("records/pod/default.json")).unwrap()).unwrap();
-    assert_eq!(record.state, VolumeState::Failed);
-    assert_eq!(record.error.unwrap().kind, ErrorKind::Cancelled);
+    assert_eq!(record.state(), VolumeState::Failed);
+    assert_eq!(record.error().unwrap().kind, ErrorKind::Cancelled);
 
     daemon.spawn();
     let opened = daemon.log_text();
@@ -312,7 +312,7 @@ async fn mirrors_serve_before_the_origin() {
 
     drop(mirror);
     let record = mount(&client, "pod-2", &other).await.unwrap();
-    assert_eq!(record.state, VolumeState::Ready);
+    assert_eq!(record.state(), VolumeState::Ready);
     let cached: Vec<String> = files.iter().map(|(_, content)| digest_of(content)).collect();
     for (path, content) in model(5) {
         let digest = digest_of(&content);
@@ -394,7 +394,7 @@ async fn rotated_credentials_are_used_without_a_restart() {
     // A secret that no longer parses keeps the last good credentials.
     std::fs::write(secret.path().join("..data/config.json"), "{ half-written").unwrap();
     let (third, _) = guarded.publish("models/third:v1", 13);
-    assert_eq!(mount(&client, "pod-4", &third).await.unwrap().state, VolumeState::Ready);
+    assert_eq!(mount(&client, "pod-4", &third).await.unwrap().state(), VolumeState::Ready);
     assert!(daemon.log_text().contains("the credentials read before stay in use"), "{}", daemon.log_text());
 }
 
@@ -552,13 +552,13 @@ fn the_cli_goes_through_the_daemon() {
     assert!(run(&["pin"]).contains(&reference));
 
     let record: VolumeRecord = serde_json::from_str(&run(&["mount", &reference, "--volume", "cli", "--json"])).unwrap();
-    assert!(record.reused_from_cache, "prefetched before");
+    assert_eq!(record.origin, Some(Origin::Cached), "prefetched before");
     assert!(record.path.starts_with(&daemon.root));
     assert_eq!(read_tree(&record.path), read_tree(source.path()));
     let listed: Vec<VolumeRecord> = serde_json::from_str(&run(&["ls", "--json"])).unwrap();
     assert_eq!(listed.len(), 1);
     let status: VolumeRecord = serde_json::from_str(&run(&["status", "--volume", "cli", "--json"])).unwrap();
-    assert_eq!(status.state, VolumeState::Ready);
+    assert_eq!(status.state(), VolumeState::Ready);
     let plugins_listed: Vec<PluginStatus> = serde_json::from_str(&run(&["plugins", "ls", "--json"])).unwrap();
     assert_eq!(plugins_listed.len(), 3);
     let report: serde_json::Value = serde_json::from_str(&run(&["gc", "--dry-run", "--json"])).unwrap();
@@ -622,17 +622,17 @@ async fn a_trickling_registry_is_cut_off_while_others_pull() {
         .await;
 
     let record = client.put::<_, VolumeRecord>("/v1/volumes/healthy/default", &mount_body(&healthy, 30.0)).await.unwrap().body;
-    assert_eq!(record.state, VolumeState::Ready, "the healthy mount is not held up by the trickle: {record:?}");
+    assert_eq!(record.state(), VolumeState::Ready, "the healthy mount is not held up by the trickle: {record:?}");
     assert_eq!(read_tree(&record.path), read_tree(healthy_source.path()));
     let meanwhile: VolumeRecord = client.get("/v1/volumes/slow/default").await.unwrap();
-    assert_eq!(meanwhile.state, VolumeState::Pulling, "the healthy mount completed while the trickled one went on");
+    assert_eq!(meanwhile.state(), VolumeState::Pulling, "the healthy mount completed while the trickled one went on");
 
     let failed: VolumeRecord = client.get("/v1/volumes/slow/default?wait-seconds=60").await.unwrap();
     let elapsed = started.elapsed();
-    assert_eq!(failed.state, VolumeState::Failed);
+    assert_eq!(failed.state(), VolumeState::Failed);
     // 5 attempts of one 2 s window each, 3 s of backoff between them.
     assert!(elapsed < Duration::from_secs(20), "the trickle held on for {elapsed:?}");
-    let error = failed.error.unwrap();
+    let error = failed.error().unwrap();
     assert_eq!(error.kind, ErrorKind::Unavailable);
     let message = &error.message;
     assert!(message.contains("too slow") && message.contains("below the floor of 16.0 KiB/s"), "{message}");

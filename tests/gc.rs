@@ -15,7 +15,7 @@ use modelcache::gc::Trigger;
 use modelcache::plugins::exclude::ExcludeOptions;
 use modelcache::registry::RegistryConfig;
 use modelcache::store::EntryKey;
-use modelcache::volumes::{MountId, VolumeId, VolumeState};
+use modelcache::volumes::{MountId, Origin, VolumeId, VolumeState};
 use support::{PluginDir, Registry, Unmount, bytes, mount_tmpfs, push, read_tree, start_registry, write_tree};
 
 const KIB: usize = 1 << 10;
@@ -169,12 +169,12 @@ async fn stress_gc_never_takes_what_is_used() {
     );
     for (volume, model) in still_mounted {
         let record = engine.status(&VolumeId::new(&volume).unwrap(), &MountId::default()).unwrap();
-        assert_eq!(record.state, VolumeState::Ready);
+        assert_eq!(record.state(), VolumeState::Ready);
         assert_eq!(read_tree(&record.path), models.trees[model], "{volume} is intact");
         // Its manifest is in the store again even if GC took it between
         // mounts: a parse kept in memory never stands in for the blob.
         let layout = modelcache::store::Layout::new(root.path());
-        assert!(layout.blob(record.digest.as_ref().unwrap()).exists(), "{volume}: manifest missing from the store");
+        assert!(layout.blob(record.digest().unwrap()).exists(), "{volume}: manifest missing from the store");
     }
     // Re-pulls after evictions prove the cycle ran: more blob GETs than blobs.
     let gets: usize = registry.blob_gets().values().sum();
@@ -273,7 +273,7 @@ async fn lru_watermark_frees_to_the_low_mark() {
         tokio::time::sleep(Duration::from_millis(1100)).await;
     }
     let again = engine.mount(request("m0-again", &models.references[0])).await.unwrap();
-    assert!(again.reused_from_cache);
+    assert_eq!(again.origin, Some(Origin::Cached));
     engine.unmount(&again.volume, &again.mount_id).await.unwrap();
 
     let before = used_percent(root.path());
@@ -416,7 +416,7 @@ async fn quota_deny_runs_gc_then_asks_again() {
     let first_key = first.entry().unwrap();
     engine.unmount(&first.volume, &first.mount_id).await.unwrap();
     let second = engine.mount(request("b", &models.references[1])).await.expect("admitted after GC made room");
-    assert_eq!(second.state, VolumeState::Ready);
+    assert_eq!(second.state(), VolumeState::Ready);
     assert!(!engine.store().has_entry(&first_key), "the unused model made room");
 }
 
@@ -469,7 +469,7 @@ async fn gc_prunes_released_records_and_empty_volume_directories() {
     pruned.sort();
     assert_eq!(pruned, [records.join("old"), records.join("old/default.json"), volumes.join("old"), volumes.join("young")]);
     assert!(!records.join("old").exists() && !volumes.join("old").exists());
-    let listed: Vec<_> = engine.list().into_iter().map(|record| (record.volume.to_string(), record.state)).collect();
+    let listed: Vec<_> = engine.list().into_iter().map(|record| (record.volume.to_string(), record.state())).collect();
     assert_eq!(listed, [("kept".to_owned(), VolumeState::Ready), ("young".to_owned(), VolumeState::Released)]);
     assert_eq!(read_tree(&volumes.join("kept/default")), models.trees[0]);
 

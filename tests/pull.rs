@@ -15,7 +15,7 @@ use modelcache::error::ErrorKind;
 use modelcache::link::LinkMethod;
 use modelcache::plugins::exclude::ExcludeOptions;
 use modelcache::registry::{ModelRef, Registry as Client, RegistryConfig};
-use modelcache::volumes::{MountId, VolumeId, VolumeRecord, VolumeState};
+use modelcache::volumes::{MountId, Origin, VolumeId, VolumeRecord, VolumeState};
 use support::{PluginDir, Registry, Unmount, bytes, digest_of, mount_tmpfs, publish, read_tree, start_registry, tar_archive};
 
 const MIB: usize = 1 << 20;
@@ -107,13 +107,13 @@ async fn concurrent_mounts_share_one_download() {
     let expected = read_tree(source.path());
     for (index, record) in records.iter().enumerate() {
         assert_eq!(record.volume.as_str(), format!("vol-{index}"));
-        assert_eq!(record.state, VolumeState::Ready);
+        assert_eq!(record.state(), VolumeState::Ready);
         assert_eq!(read_tree(&record.path), expected, "{} is complete and identical", record.volume);
         let stored = engine.status(&record.volume, &record.mount_id).unwrap();
-        assert_eq!(stored.state, VolumeState::Ready);
+        assert_eq!(stored.state(), VolumeState::Ready);
         assert_eq!(stored.path, record.path);
     }
-    let starters = records.iter().filter(|record| !record.coalesced && !record.reused_from_cache).count();
+    let starters = records.iter().filter(|record| !matches!(record.origin, Some(Origin::Joined | Origin::Cached))).count();
     assert_eq!(starters, 1, "one request pulled, the others joined or reused");
     let gets = registry.blob_gets();
     for (path, digest) in digests(&files) {
@@ -153,7 +153,7 @@ async fn a_herd_asking_for_one_tag_resolves_it_once() {
         })
         .collect();
     for task in tasks {
-        assert_eq!(task.await.unwrap().expect("every mount succeeds").state, VolumeState::Ready);
+        assert_eq!(task.await.unwrap().expect("every mount succeeds").state(), VolumeState::Ready);
     }
     assert_eq!(heads(), 1, "one resolution for the herd");
 
@@ -170,19 +170,19 @@ async fn tags_are_trusted_for_their_ttl() {
     let (trusting_root, asking_root) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let trusting = engine(trusting_root.path(), &registry);
     let asking = asking_engine(asking_root.path(), &registry);
-    let first = trusting.mount(request("first", &tagged)).await.unwrap().digest.unwrap();
-    assert_eq!(asking.mount(request("first", &tagged)).await.unwrap().digest.as_ref(), Some(&first));
+    let first = trusting.mount(request("first", &tagged)).await.unwrap().digest().unwrap().clone();
+    assert_eq!(asking.mount(request("first", &tagged)).await.unwrap().digest(), Some(&first));
 
     publish(&registry, "models/ttl:v1", &[("b.bin", bytes(22, 1000))]);
     let trusted = trusting.mount(request("second", &tagged)).await.unwrap();
-    assert_eq!(trusted.digest.as_ref(), Some(&first), "within the TTL the tag is not asked again");
-    assert!(trusted.reused_from_cache && trusted.path.join("a.bin").exists());
+    assert_eq!(trusted.digest(), Some(&first), "within the TTL the tag is not asked again");
+    assert!(trusted.origin == Some(Origin::Cached) && trusted.path.join("a.bin").exists());
     let asked = asking.mount(request("second", &tagged)).await.unwrap();
-    assert_ne!(asked.digest.as_ref(), Some(&first));
+    assert_ne!(asked.digest(), Some(&first));
     assert!(asked.path.join("b.bin").exists());
     // `inspect` answers what a mount would use.
     assert_eq!(trusting.inspect(&tagged).await.unwrap().digest, first);
-    assert_eq!(asking.inspect(&tagged).await.unwrap().digest, asked.digest.unwrap());
+    assert_eq!(&asking.inspect(&tagged).await.unwrap().digest, asked.digest().unwrap());
 }
 
 /// An outage costs one wait per TTL: once a mount was served from memory,
@@ -207,15 +207,15 @@ async fn an_outage_is_asked_about_once_per_ttl() {
     config.registry.tag_ttl = Duration::from_secs(2);
     config.registry.attempts = 1;
     let engine = Engine::open(config).unwrap();
-    let digest = engine.mount(request("before", &through_proxy)).await.unwrap().digest.unwrap();
+    let digest = engine.mount(request("before", &through_proxy)).await.unwrap().digest().unwrap().clone();
     assert_eq!(heads(), 1);
     tokio::time::sleep(Duration::from_millis(2100)).await;
     drop(registry);
 
     let first = engine.mount(request("first", &through_proxy)).await.expect("served from memory");
-    assert_eq!((first.digest.as_ref(), heads()), (Some(&digest), 2), "the TTL ran out: asked once");
+    assert_eq!((first.digest(), heads()), (Some(&digest), 2), "the TTL ran out: asked once");
     let second = engine.mount(request("second", &through_proxy)).await.unwrap();
-    assert_eq!((second.digest.as_ref(), heads()), (Some(&digest), 2), "within the TTL of the fallback: not asked");
+    assert_eq!((second.digest(), heads()), (Some(&digest), 2), "within the TTL of the fallback: not asked");
 }
 
 /// While the registry cannot be reached, a cached model still mounts by tag
@@ -230,8 +230,8 @@ async fn a_registry_outage_mounts_what_tags_last_named() {
     let unknown = registry.reference("models/outage:v2");
     let root = tempfile::tempdir().unwrap();
     let engine = asking_engine(root.path(), &registry);
-    let digest = engine.mount(request("before", &tagged)).await.unwrap().digest.unwrap();
-    let gone = engine.mount(request("gone", &deleted)).await.unwrap().digest.unwrap();
+    let digest = engine.mount(request("before", &tagged)).await.unwrap().digest().unwrap().clone();
+    let gone = engine.mount(request("gone", &deleted)).await.unwrap().digest().unwrap().clone();
     registry.delete(&format!("models/outage/manifests/{gone}"));
     let error = engine.mount(request("gone-now", &deleted)).await.unwrap_err();
     assert_eq!(error.kind(), ErrorKind::NotFound, "{error}");
@@ -239,7 +239,7 @@ async fn a_registry_outage_mounts_what_tags_last_named() {
     drop(registry);
 
     let during = engine.mount(request("during", &tagged)).await.expect("served from what the tag last named");
-    assert_eq!((during.digest.as_ref(), during.reused_from_cache), (Some(&digest), true));
+    assert_eq!((during.digest(), during.origin), (Some(&digest), Some(Origin::Cached)));
     assert_eq!(read_tree(&during.path), read_tree(source.path()));
     for (volume, reference) in [("unknown", &unknown), ("deleted", &deleted)] {
         let error = engine.mount(request(volume, reference)).await.unwrap_err();
@@ -251,7 +251,7 @@ async fn a_registry_outage_mounts_what_tags_last_named() {
     config.registry.attempts = 1;
     let restarted = Engine::open(config).unwrap();
     let after = restarted.mount(request("after", &tagged)).await.expect("learned from the records");
-    assert_eq!(after.digest.as_ref(), Some(&digest));
+    assert_eq!(after.digest(), Some(&digest));
 }
 
 /// The first caller cancelled mid-download while three others wait: the
@@ -287,16 +287,16 @@ async fn first_caller_cancelled_others_succeed() {
     let (done, total) = engine.progress(&first.volume, &first.mount_id).unwrap();
     assert!(done < total, "the download finished before the cancel; make the model larger");
     let released = engine.unmount(&first.volume, &first.mount_id).await.unwrap();
-    assert_eq!(released.state, VolumeState::Released);
+    assert_eq!(released.state(), VolumeState::Released);
 
     let expected = read_tree(source.path());
     for handle in &mut others {
         let record = handle.wait().await.expect("the others succeed");
-        assert!(record.coalesced);
+        assert_eq!(record.origin, Some(Origin::Joined));
         assert_eq!(read_tree(&record.path), expected);
     }
     assert_eq!(registry.blob_gets().get(&digest_of(&files[0].1)), Some(&1));
-    assert_eq!(engine.status(&first.volume, &first.mount_id).unwrap().state, VolumeState::Released);
+    assert_eq!(engine.status(&first.volume, &first.mount_id).unwrap().state(), VolumeState::Released);
     assert!(!engine.volumes().tree(&first.volume, &first.mount_id).exists());
     assert!(tmp_is_empty(root.path()));
 }
@@ -381,8 +381,8 @@ async fn one_digest_two_selections() {
     let (full, light) =
         tokio::join!(engine.mount(request("full", &reference)), engine.mount(excluding("light", &reference, true, &[])));
     let (full, light) = (full.unwrap(), light.unwrap());
-    assert_ne!(full.selection, light.selection);
-    assert_eq!(full.selection.as_ref().unwrap().as_str(), "full");
+    assert_ne!(full.selection(), light.selection());
+    assert_eq!(full.selection().unwrap().as_str(), "full");
     let everything = read_tree(source.path());
     assert_eq!(read_tree(&full.path), everything);
     let mut without_weights = everything.clone();
@@ -393,10 +393,10 @@ async fn one_digest_two_selections() {
 
     let before = registry.blob_gets();
     let again = engine.mount(excluding("light-2", &reference, true, &[])).await.unwrap();
-    assert!(again.reused_from_cache);
+    assert_eq!(again.origin, Some(Origin::Cached));
     let other_partial =
         engine.mount(excluding("docs-only", &reference, false, &["*.safetensors", "*.bin", "*.json"])).await.unwrap();
-    assert!(other_partial.reused_from_cache || other_partial.bytes_done == other_partial.bytes_total);
+    assert!(other_partial.origin == Some(Origin::Cached) || other_partial.bytes_done == other_partial.bytes_total);
     assert_eq!(registry.blob_gets(), before, "partial trees come from stored blobs");
     assert_eq!(engine.store().entries().unwrap().len(), 3);
 }
@@ -425,8 +425,8 @@ async fn corrupt_blob_publishes_nothing() {
     assert!(engine.store().entries().unwrap().is_empty());
     assert!(tmp_is_empty(root.path()));
     let record = engine.status(&VolumeId::new("v").unwrap(), &MountId::default()).unwrap();
-    assert_eq!(record.state, VolumeState::Failed);
-    assert_eq!(record.error.unwrap().kind, ErrorKind::DataLoss);
+    assert_eq!(record.state(), VolumeState::Failed);
+    assert_eq!(record.error().unwrap().kind, ErrorKind::DataLoss);
     assert!(!record.path.exists(), "no half-made volume");
 }
 
@@ -624,14 +624,14 @@ async fn unmount_during_the_link_step_leaves_nothing_behind() {
         tokio::task::yield_now().await;
     }
     let released = unmount.await.unwrap().unwrap();
-    assert_eq!(released.state, VolumeState::Released);
+    assert_eq!(released.state(), VolumeState::Released);
     assert_eq!(entries(), 0, "the unmount left the tree or its staging");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(entries(), 0, "the cancelled link step put the tree back after the unmount");
     drop(mounting);
 
     let again = engine.mount(request("cut", &reference)).await.unwrap();
-    assert_eq!(again.state, VolumeState::Ready);
+    assert_eq!(again.state(), VolumeState::Ready);
     assert_eq!(read_tree(&again.path), read_tree(source.path()));
 }
 
@@ -687,8 +687,8 @@ async fn crash_leftovers_are_recovered() {
     assert_eq!(recovery.incomplete_entries.len(), 1);
     assert_eq!(failed.len(), 1);
     let record = engine.status(&volume, &MountId::default()).unwrap();
-    assert_eq!(record.state, VolumeState::Failed);
-    assert!(record.error.unwrap().message.contains("interrupted"));
+    assert_eq!(record.state(), VolumeState::Failed);
+    assert!(record.error().unwrap().message.contains("interrupted"));
     assert!(tmp_is_empty(root.path()));
     assert!(!root.path().join(format!("models/sha256/{}/full", "ab".repeat(32))).exists());
 }
@@ -725,7 +725,7 @@ fn killed_mount_recovers() {
         .unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let record: VolumeRecord = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(record.state, VolumeState::Ready);
+    assert_eq!(record.state(), VolumeState::Ready);
     assert_eq!(read_tree(&record.path), read_tree(source.path()));
     assert!(tmp_is_empty(root.path()));
 }
@@ -800,7 +800,7 @@ fn cli_mounts_lists_inspects_and_unmounts() {
     let output = support::modelcache().args(["ls", "--json", "--root"]).arg(root.path()).output().unwrap();
     let records: Vec<VolumeRecord> = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(records.len(), 1);
-    assert_eq!(records[0].state, VolumeState::Ready);
+    assert_eq!(records[0].state(), VolumeState::Ready);
     let output = support::modelcache().args(["ls", "--root"]).arg(root.path()).output().unwrap();
     assert!(String::from_utf8_lossy(&output.stdout).contains("v1"));
 
@@ -867,15 +867,15 @@ async fn pinned_digests_are_honoured() {
     let root = tempfile::tempdir().unwrap();
     let engine = asking_engine(root.path(), &registry);
     let first = engine.mount(request("tagged", &tagged)).await.unwrap();
-    let digest = first.digest.clone().unwrap();
+    let digest = first.digest().cloned().unwrap();
     // The tag moves to another model; the pinned reference still names the first.
     publish(&registry, "models/moving:v1", &[("b.bin", bytes(17, 1000))]);
     let pinned = format!("{}/models/moving@{digest}", registry.host());
     let record = engine.mount(request("pinned", &pinned)).await.unwrap();
-    assert_eq!(record.digest.as_ref(), Some(&digest));
+    assert_eq!(record.digest(), Some(&digest));
     assert!(record.path.join("a.bin").exists() && !record.path.join("b.bin").exists());
     let moved = engine.mount(request("moved", &tagged)).await.unwrap();
-    assert_ne!(moved.digest.as_ref(), Some(&digest));
+    assert_ne!(moved.digest(), Some(&digest));
     assert!(moved.path.join("b.bin").exists());
 }
 
@@ -975,8 +975,8 @@ fn an_unreadable_record_does_not_wedge_its_volume() {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let records: Vec<VolumeRecord> = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(records.len(), 1, "the volume is listed");
-    assert_eq!((records[0].volume.as_str(), records[0].state), ("v", VolumeState::Failed));
-    let error = records[0].error.clone().unwrap();
+    assert_eq!((records[0].volume.as_str(), records[0].state()), ("v", VolumeState::Failed));
+    let error = records[0].error().cloned().unwrap();
     assert_eq!(error.kind, ErrorKind::DataLoss);
     assert!(error.message.contains("unreadable") && error.message.contains("default.json"), "{}", error.message);
     let output = support::modelcache().args(["ls", "--root"]).arg(root.path()).output().unwrap();
@@ -987,7 +987,7 @@ fn an_unreadable_record_does_not_wedge_its_volume() {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(!tree.exists(), "the tree is removed");
     let released: VolumeRecord = serde_json::from_slice(&std::fs::read(&record_file).unwrap()).unwrap();
-    assert_eq!(released.state, VolumeState::Released);
+    assert_eq!(released.state(), VolumeState::Released);
     assert_eq!(std::fs::read(&aside).unwrap(), &whole[..whole.len() / 2], "the broken bytes are kept aside");
 
     // Another shape altogether: a mount replaces it and serves the model.
@@ -996,7 +996,7 @@ fn an_unreadable_record_does_not_wedge_its_volume() {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert_eq!(read_tree(&tree), read_tree(source.path()));
     let ready: VolumeRecord = serde_json::from_slice(&std::fs::read(&record_file).unwrap()).unwrap();
-    assert_eq!(ready.state, VolumeState::Ready);
+    assert_eq!(ready.state(), VolumeState::Ready);
     assert_eq!(std::fs::read(&aside).unwrap(), b"[\"not\", \"a record\"]", "one file aside per mount id, the latest");
     let names: Vec<_> =
         std::fs::read_dir(root.path().join("records/v")).unwrap().map(|entry| entry.unwrap().file_name()).collect();

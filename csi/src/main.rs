@@ -15,7 +15,7 @@ struct Args {
     #[arg(long, env = "CSI_ENDPOINT", default_value = "/csi/csi.sock")]
     endpoint: String,
     /// The modelcache daemon's API socket.
-    #[arg(long, env = "MODELCACHE_SOCKET", default_value = modelcache::daemon::config::DEFAULT_SOCKET)]
+    #[arg(long, env = "MODELCACHE_SOCKET", default_value = modelcache_api::DEFAULT_SOCKET)]
     daemon_socket: PathBuf,
     /// This node's id (the Kubernetes node name).
     #[arg(long, env = "NODE_NAME")]

@@ -14,9 +14,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use modelcache::plugins::exclude::ExcludeOptions;
-use modelcache::registry::ModelRef;
-use modelcache::volumes::{MountId, VolumeId};
+use modelcache_api::ids::{MountId, VolumeId};
+use modelcache_api::options::ExcludeOptions;
+use modelcache_api::reference::ModelRef;
 use sha2::{Digest as _, Sha256};
 
 pub const PREFIX: &str = "modelcache.io/";

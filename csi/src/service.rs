@@ -15,10 +15,10 @@ use bpfman_csi::v1::{
     NodePublishVolumeResponse, NodeStageVolumeRequest, NodeStageVolumeResponse, NodeUnpublishVolumeRequest,
     NodeUnpublishVolumeResponse, NodeUnstageVolumeRequest, NodeUnstageVolumeResponse, ProbeRequest, ProbeResponse,
 };
-use modelcache::api::MountBody;
-use modelcache::api::client::{Client, ClientError};
-use modelcache::error::ErrorKind;
-use modelcache::volumes::{VolumeRecord, VolumeState};
+use modelcache_api::client::{Client, ClientError};
+use modelcache_api::error::ErrorKind;
+use modelcache_api::protocol::MountBody;
+use modelcache_api::record::{VolumeRecord, VolumeState};
 use tonic::{Request, Response, Status};
 
 use crate::targets::{Published, Targets};
@@ -41,7 +41,7 @@ pub struct Shim {
 /// An engine error as the gRPC status kubelet acts on: retryable codes
 /// (ABORTED, UNAVAILABLE, RESOURCE_EXHAUSTED) for what may pass.
 fn status_of(error: ClientError) -> Status {
-    status_for(error.kind(), error.to_string())
+    status_for(error.kind(), modelcache_api::error::chain(&error))
 }
 
 fn status_for(kind: ErrorKind, message: String) -> Status {
@@ -166,7 +166,7 @@ impl Shim {
         let path = format!("/v1/volumes/{}/{}", published.volume, published.mount_id);
         let answer = self.daemon.put::<_, VolumeRecord>(&path, &body).await.map_err(status_of)?;
         let record = answer.body;
-        match record.state {
+        match record.state() {
             VolumeState::Ready => {}
             VolumeState::Pulling => {
                 return Err(Status::aborted(format!(
@@ -178,8 +178,8 @@ impl Shim {
             // quota denial stays RESOURCE_EXHAUSTED and a cancellation
             // ABORTED, whichever answer carried it.
             state => {
-                return Err(match record.error {
-                    Some(error) => status_for(error.kind, error.message),
+                return Err(match record.error() {
+                    Some(error) => status_for(error.kind, error.message.clone()),
                     None => Status::aborted(format!("the volume is {state:?}; retry")),
                 });
             }

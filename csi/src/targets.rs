@@ -4,8 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use modelcache::plugins::exclude::ExcludeOptions;
-use modelcache::volumes::{MountId, VolumeId};
+use modelcache_api::ids::{MountId, VolumeId};
+use modelcache_api::options::ExcludeOptions;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 

@@ -2,9 +2,7 @@
 
 #[path = "../../host/src/archive.rs"]
 pub mod archive;
-#[path = "../../host/src/digest.rs"]
-pub mod digest;
-#[path = "../../host/src/error.rs"]
-pub mod error;
 #[path = "../../host/src/modelpack.rs"]
 pub mod modelpack;
+
+pub use modelcache_api::{digest, error};

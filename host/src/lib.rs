@@ -16,14 +16,13 @@
 //! - [`api`], [`daemon`]: the long-lived daemon and its API on a unix socket;
 //! - [`pack`]: a directory packed and pushed as a model;
 //! - [`metrics`]: counters for Prometheus;
-//! - [`digest`], [`error`]: the small types everything shares.
+//! - [`digest`], [`error`]: the small types everything shares, from the
+//!   `modelcache-api` crate with the API's request and record types.
 
 pub mod api;
 pub mod archive;
 pub mod daemon;
-pub mod digest;
 pub mod engine;
-pub mod error;
 pub mod flight;
 pub mod gc;
 mod ingest_sink;
@@ -36,3 +35,5 @@ pub mod plugins;
 pub mod registry;
 pub mod store;
 pub mod volumes;
+
+pub use modelcache_api::{digest, error};

@@ -26,26 +26,7 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::{AtFlags, CWD, FileType, Mode, OFlags};
 
-use serde::{Deserialize, Serialize};
-
-/// How a file reached its place, from cheapest to dearest.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum LinkMethod {
-    Hardlink,
-    Reflink,
-    Copy,
-}
-
-impl LinkMethod {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LinkMethod::Hardlink => "hardlink",
-            LinkMethod::Reflink => "reflink",
-            LinkMethod::Copy => "copy",
-        }
-    }
-}
+pub use modelcache_api::record::{LinkMethod, LinkReport};
 
 /// A file or directory that could not be materialised.
 #[derive(Debug, thiserror::Error)]
@@ -68,48 +49,6 @@ pub enum LinkError {
     /// A tree walk's visitor refused the name before it was made.
     #[error("`{path}` {reason}")]
     Refused { path: String, reason: String },
-}
-
-/// What a tree copy did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct LinkReport {
-    pub files: u64,
-    /// Bytes of the files that got data of their own (reflinks and copies);
-    /// a hardlink shares the store's. Hardlinked files are not even
-    /// `stat`ed: for a 1,000-file model that was a tenth of the link step.
-    /// Records written before it have none (and a `bytes` field, ignored).
-    #[serde(default)]
-    pub copied_bytes: u64,
-    pub hardlinks: u64,
-    pub reflinks: u64,
-    pub copies: u64,
-}
-
-impl LinkReport {
-    /// The weakest method any file needed; `None` for a tree without files.
-    pub fn method(&self) -> Option<LinkMethod> {
-        if self.copies > 0 {
-            Some(LinkMethod::Copy)
-        } else if self.reflinks > 0 {
-            Some(LinkMethod::Reflink)
-        } else if self.hardlinks > 0 {
-            Some(LinkMethod::Hardlink)
-        } else {
-            None
-        }
-    }
-
-    /// One more file, holding `copied_bytes` of its own (0 for a hardlink).
-    fn count(&mut self, method: LinkMethod, copied_bytes: u64) {
-        self.files += 1;
-        self.copied_bytes += copied_bytes;
-        match method {
-            LinkMethod::Hardlink => self.hardlinks += 1,
-            LinkMethod::Reflink => self.reflinks += 1,
-            LinkMethod::Copy => self.copies += 1,
-        }
-    }
 }
 
 /// Links files one after another, starting each from the method that last

@@ -28,6 +28,7 @@ use std::time::SystemTime;
 use serde::Deserialize;
 
 use crate::digest::Digest;
+pub use modelcache_api::entry::SelectionKey;
 
 pub const ARTIFACT_TYPE: &str = "application/vnd.cncf.model.manifest.v1+json";
 pub const LEGACY_ARTIFACT_TYPE: &str = "application/vnd.cnai.model.manifest.v1+json";
@@ -409,46 +410,17 @@ pub struct Selection {
     key: SelectionKey,
 }
 
-/// Names a selection within one manifest: `full` when every layer is kept,
-/// otherwise `part-` and 16 hex digits of the sha256 of the kept paths. Two
-/// requests whose exclusions keep the same files share a tree; a partial
-/// tree is never served for a request that wants more.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(transparent)]
-pub struct SelectionKey(String);
-
-impl SelectionKey {
-    pub const FULL: &'static str = "full";
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// Parses a key as stored on disk.
-    pub fn parse(text: &str) -> Option<SelectionKey> {
-        let valid = text == SelectionKey::FULL
-            || text.strip_prefix("part-").is_some_and(|hex| hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit()));
-        valid.then(|| SelectionKey(text.to_owned()))
-    }
-}
-
-impl fmt::Display for SelectionKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
 impl Selection {
     fn new(model: &Model, mut kept: Vec<usize>) -> Selection {
         kept.sort_unstable();
         kept.dedup();
         let key = if kept.len() == model.layers.len() {
-            SelectionKey(SelectionKey::FULL.to_owned())
+            SelectionKey::full()
         } else {
             let mut paths: Vec<&str> = kept.iter().map(|&index| model.layers[index].path.as_str()).collect();
             paths.sort_unstable();
             let digest = Digest::of(paths.join("\n").as_bytes());
-            SelectionKey(format!("part-{}", &digest.hex()[..16]))
+            SelectionKey::part(&digest)
         };
         Selection { kept, key }
     }
@@ -463,7 +435,7 @@ impl Selection {
     }
 
     pub fn is_full(&self) -> bool {
-        self.key.0 == SelectionKey::FULL
+        self.key.as_str() == SelectionKey::FULL
     }
 }
 

@@ -43,6 +43,7 @@ use crate::modelpack::{
     TreeProblem, check_tree,
 };
 use crate::plugins::quota::Filesystem;
+pub use modelcache_api::entry::EntryKey;
 
 /// Bytes buffered by a blob writer before each `write(2)`.
 const WRITE_BUFFER: usize = 1 << 20;
@@ -113,44 +114,6 @@ impl Layout {
 
     fn lock(&self) -> PathBuf {
         self.root.join("lock")
-    }
-}
-
-/// Names one model tree: a manifest and the selection of its files.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct EntryKey {
-    pub manifest: Digest,
-    pub selection: SelectionKey,
-}
-
-impl EntryKey {
-    pub fn new(manifest: Digest, selection: SelectionKey) -> EntryKey {
-        EntryKey { manifest, selection }
-    }
-
-    /// Parses `sha256:<hex>/<selection>`.
-    pub fn parse(text: &str) -> Option<EntryKey> {
-        let (manifest, selection) = text.rsplit_once('/')?;
-        Some(EntryKey { manifest: manifest.parse().ok()?, selection: SelectionKey::parse(selection)? })
-    }
-}
-
-impl std::fmt::Display for EntryKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.manifest, self.selection)
-    }
-}
-
-impl Serialize for EntryKey {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for EntryKey {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<EntryKey, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        EntryKey::parse(&text).ok_or_else(|| serde::de::Error::custom(format!("`{text}` is not an entry key")))
     }
 }
 

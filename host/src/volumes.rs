@@ -29,198 +29,28 @@ use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+pub use modelcache_api::ids::{IdError, MountId, VolumeId};
+pub use modelcache_api::record::{Origin, RecordError, VolumeRecord, VolumeState};
 
-use crate::digest::Digest;
 use crate::error::ErrorKind;
-use crate::link::{LinkMethod, LinkReport, Linker};
-use crate::modelpack::SelectionKey;
-use crate::plugins::exclude::{ExcludeOptions, Skip};
+use crate::link::{LinkReport, Linker};
+use crate::plugins::exclude::ExcludeOptions;
 use crate::store::{EntryKey, StoreError, remove_any, sync_dir, sync_tree, write_json, write_json_volatile};
 
-const MAX_ID: usize = 128;
-
-/// A name used as a file name: 1–128 of `[A-Za-z0-9._-]`, not starting with `.`.
-fn check_id(kind: &'static str, text: &str) -> Result<(), VolumeError> {
-    let valid = !text.is_empty()
-        && text.len() <= MAX_ID
-        && !text.starts_with('.')
-        && text.bytes().all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-'));
-    if valid { Ok(()) } else { Err(VolumeError::InvalidId { kind, id: text.to_owned() }) }
-}
-
-/// A volume's id (the CSI volume id).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct VolumeId(String);
-
-/// Tells mounts of one volume apart (default `default`).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct MountId(String);
-
-macro_rules! id_type {
-    ($type:ident, $kind:literal) => {
-        impl $type {
-            /// Validates an id.
-            ///
-            /// # Errors
-            /// [`VolumeError::InvalidId`] naming the id.
-            pub fn new(text: &str) -> Result<$type, VolumeError> {
-                check_id($kind, text)?;
-                Ok($type(text.to_owned()))
-            }
-
-            pub fn as_str(&self) -> &str {
-                &self.0
-            }
-        }
-
-        impl TryFrom<String> for $type {
-            type Error = VolumeError;
-
-            fn try_from(text: String) -> Result<$type, VolumeError> {
-                $type::new(&text)
-            }
-        }
-
-        impl From<$type> for String {
-            fn from(id: $type) -> String {
-                id.0
-            }
-        }
-
-        impl fmt::Display for $type {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
-            }
-        }
-    };
-}
-
-id_type!(VolumeId, "volume id");
-id_type!(MountId, "mount id");
-
-impl Default for MountId {
-    fn default() -> Self {
-        MountId("default".to_owned())
-    }
-}
-
-/// Where a volume stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum VolumeState {
-    /// The model is being resolved, pulled or linked.
-    Pulling,
-    /// The tree is complete.
-    Ready,
-    /// The last attempt failed; `error` says why. Asking again retries.
-    Failed,
-    /// The volume was released; its tree is gone.
-    Released,
-}
-
-impl VolumeState {
-    /// Whether the record holds its entry against garbage collection.
-    pub fn holds_entry(self) -> bool {
-        matches!(self, VolumeState::Pulling | VolumeState::Ready)
-    }
-}
-
-/// A typed error carried in a record.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct RecordError {
-    pub kind: ErrorKind,
-    pub message: String,
-}
-
-/// One volume's record.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct VolumeRecord {
-    pub volume: VolumeId,
-    pub mount_id: MountId,
-    /// The reference as requested.
-    pub reference: String,
-    pub options: ExcludeOptions,
-    pub state: VolumeState,
-    /// The manifest digest the reference resolved to.
-    pub digest: Option<Digest>,
-    pub selection: Option<SelectionKey>,
-    /// Where the volume's tree is.
-    pub path: PathBuf,
-    pub bytes_done: u64,
-    pub bytes_total: u64,
-    /// Served without fetching anything (the entry was cached).
-    pub reused_from_cache: bool,
-    /// Joined a pull another request had started.
-    pub coalesced: bool,
-    pub link_method: Option<LinkMethod>,
-    pub link: Option<LinkReport>,
-    /// Files left out, and why.
-    pub skipped: Vec<Skip>,
-    pub error: Option<RecordError>,
-    /// The process that wrote the record.
-    pub pid: u32,
-    #[serde(with = "time::serde::rfc3339")]
-    pub created_at: time::OffsetDateTime,
-    #[serde(with = "time::serde::rfc3339")]
-    pub updated_at: time::OffsetDateTime,
-    #[serde(with = "time::serde::rfc3339::option")]
-    pub ready_at: Option<time::OffsetDateTime>,
-}
-
-impl VolumeRecord {
-    /// A fresh record in `pulling` state.
-    pub fn pulling(volume: VolumeId, mount_id: MountId, reference: String, options: ExcludeOptions, path: PathBuf) -> Self {
-        let now = time::OffsetDateTime::now_utc();
-        VolumeRecord {
-            volume,
-            mount_id,
-            reference,
-            options,
-            state: VolumeState::Pulling,
-            digest: None,
-            selection: None,
-            path,
-            bytes_done: 0,
-            bytes_total: 0,
-            reused_from_cache: false,
-            coalesced: false,
-            link_method: None,
-            link: None,
-            skipped: Vec::new(),
-            error: None,
-            pid: std::process::id(),
-            created_at: now,
-            updated_at: now,
-            ready_at: None,
-        }
-    }
-
-    /// What a record file that does not parse reads as: a `failed` record of
-    /// the volume whose error says why, so the volume can be mounted again
-    /// or released like any failed one.
-    fn unreadable(volume: VolumeId, mount_id: MountId, tree: PathBuf, reason: String) -> Self {
-        let mut record = VolumeRecord::pulling(volume, mount_id, String::new(), ExcludeOptions::default(), tree);
-        record.state = VolumeState::Failed;
-        record.error = Some(RecordError { kind: ErrorKind::DataLoss, message: reason });
-        record
-    }
-
-    /// The entry the record holds, once the selection is known.
-    pub fn entry(&self) -> Option<EntryKey> {
-        Some(EntryKey::new(self.digest.clone()?, self.selection.clone()?))
-    }
+/// What a record file that does not parse reads as: a `failed` record of
+/// the volume whose error says why, so the volume can be mounted again
+/// or released like any failed one.
+fn unreadable_record(volume: VolumeId, mount_id: MountId, tree: PathBuf, reason: String) -> VolumeRecord {
+    let mut record = VolumeRecord::pulling(volume, mount_id, String::new(), ExcludeOptions::default(), tree);
+    record.set_failed(RecordError { kind: ErrorKind::DataLoss, message: reason });
+    record
 }
 
 /// What went wrong with a volume.
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
-    #[error("`{id}` is not a valid {kind}: use 1 to 128 of A-Z a-z 0-9 . _ - (not starting with `.`)")]
-    InvalidId { kind: &'static str, id: String },
+    #[error(transparent)]
+    InvalidId(#[from] IdError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -228,7 +58,7 @@ pub enum VolumeError {
 impl VolumeError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            VolumeError::InvalidId { .. } => ErrorKind::InvalidArgument,
+            VolumeError::InvalidId(_) => ErrorKind::InvalidArgument,
             VolumeError::Store(error) => error.kind(),
         }
     }
@@ -265,13 +95,13 @@ impl Volumes {
     fn index(&self, record: &VolumeRecord) {
         let mut holding = self.holding.lock().unwrap_or_else(|poison| poison.into_inner());
         let slot = (record.volume.clone(), record.mount_id.clone());
-        match record.entry().filter(|_| record.state.holds_entry()) {
+        match record.entry().filter(|_| record.state().holds_entry()) {
             Some(key) => holding.insert(slot.clone(), key),
             None => holding.remove(&slot),
         };
         drop(holding);
         let mut copied = self.copied.lock().unwrap_or_else(|poison| poison.into_inner());
-        match record.link.map(|link| link.copied_bytes).filter(|bytes| record.state == VolumeState::Ready && *bytes > 0) {
+        match record.link.map(|link| link.copied_bytes).filter(|bytes| record.state() == VolumeState::Ready && *bytes > 0) {
             Some(bytes) => copied.insert(slot, bytes),
             None => copied.remove(&slot),
         };
@@ -334,7 +164,7 @@ impl Volumes {
                 tracing::warn!(volume = %volume, mount_id = %mount_id, "{reason}; it reads as failed until replaced");
                 let slot = (volume.clone(), mount_id.clone());
                 self.unreadable.lock().unwrap_or_else(|poison| poison.into_inner()).insert(slot);
-                Ok(Some(VolumeRecord::unreadable(volume.clone(), mount_id.clone(), self.tree(volume, mount_id), reason)))
+                Ok(Some(unreadable_record(volume.clone(), mount_id.clone(), self.tree(volume, mount_id), reason)))
             }
         }
     }
@@ -358,7 +188,7 @@ impl Volumes {
     /// # Errors
     /// On I/O failure.
     pub fn put_pulling(&self, record: &mut VolumeRecord) -> Result<(), VolumeError> {
-        debug_assert_eq!(record.state, VolumeState::Pulling);
+        debug_assert_eq!(record.state(), VolumeState::Pulling);
         self.write(record, false)
     }
 
@@ -402,7 +232,7 @@ impl Volumes {
                     Ok(bytes) => parse_record(&bytes, &volume, &mount_id).unwrap_or_else(|reason| {
                         let reason = format!("the volume's record {} is unreadable: {reason}", path.display());
                         tracing::warn!(volume = %volume, mount_id = %mount_id, "{reason}");
-                        VolumeRecord::unreadable(volume.clone(), mount_id.clone(), self.tree(&volume, &mount_id), reason)
+                        unreadable_record(volume.clone(), mount_id.clone(), self.tree(&volume, &mount_id), reason)
                     }),
                     Err(error) => {
                         tracing::warn!(path = %path.display(), "skipping a volume record that cannot be read: {error}");
@@ -451,7 +281,7 @@ impl Volumes {
                 // else still tells its volume's story.
                 let released =
                     MountId::new(mount_id).ok().and_then(|mount_id| parse_record(&fs::read(&path).ok()?, volume, &mount_id).ok());
-                released.is_some_and(|record| record.state == VolumeState::Released && record.updated_at < cutoff)
+                released.is_some_and(|record| record.state() == VolumeState::Released && record.updated_at < cutoff)
             } else {
                 name.ends_with(".json.broken") || name.starts_with(".tmp-")
             };
@@ -490,13 +320,12 @@ impl Volumes {
             }
         }
         for mut record in self.list() {
-            let reason = match record.state {
+            let reason = match record.state() {
                 VolumeState::Pulling => "interrupted: the process that was pulling it exited",
                 VolumeState::Ready if !record.path.is_dir() => "the volume's tree is missing",
                 _ => continue,
             };
-            record.state = VolumeState::Failed;
-            record.error = Some(RecordError { kind: ErrorKind::Unavailable, message: reason.to_owned() });
+            record.set_failed(RecordError { kind: ErrorKind::Unavailable, message: reason.to_owned() });
             self.put(&mut record)?;
             tracing::info!(volume = %record.volume, mount_id = %record.mount_id, "{reason}; marked failed");
             failed.push(record);
@@ -603,17 +432,15 @@ pub fn link_volume(tree: &Path, target: &Path) -> Result<LinkReport, VolumeError
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::link::LinkReport;
 
-    /// Ids are file-name safe, and say what is wrong when they are not.
-    #[test]
-    fn ids_are_validated() {
-        assert!(VolumeId::new("csi-0123abcd_x.y").is_ok());
-        for bad in ["", ".hidden", "a/b", "..", "x y", &"v".repeat(129)] {
-            let error = VolumeId::new(bad).unwrap_err();
-            assert_eq!(error.kind(), ErrorKind::InvalidArgument);
-            assert!(error.to_string().contains("volume id"), "{error}");
+    fn set_state(record: &mut VolumeRecord, state: VolumeState) {
+        match state {
+            VolumeState::Pulling => record.set_pulling(),
+            VolumeState::Ready => record.set_ready(),
+            VolumeState::Failed => record.set_failed(RecordError { kind: ErrorKind::Internal, message: "failed".into() }),
+            VolumeState::Released => record.set_released(),
         }
-        assert!(serde_json::from_str::<MountId>("\"../x\"").is_err());
     }
 
     /// Records round-trip, list in order, and recovery fails what was cut short.
@@ -625,7 +452,7 @@ mod tests {
             let volume = VolumeId::new(volume).unwrap();
             let path = volumes.tree(&volume, &MountId::default());
             let mut record = VolumeRecord::pulling(volume, MountId::default(), "r/m:1".into(), Default::default(), path.clone());
-            record.state = state;
+            set_state(&mut record, state);
             if tree {
                 fs::create_dir_all(&path).unwrap();
             }
@@ -637,16 +464,16 @@ mod tests {
         make("c-lost", VolumeState::Ready, false);
         fs::create_dir_all(dir.path().join("trees/b-ready/.tmp-half")).unwrap();
 
-        assert_eq!(volumes.get(&ready.volume, &ready.mount_id).unwrap().unwrap().state, VolumeState::Ready);
+        assert_eq!(volumes.get(&ready.volume, &ready.mount_id).unwrap().unwrap().state(), VolumeState::Ready);
         let names: Vec<String> = volumes.list().iter().map(|record| record.volume.to_string()).collect();
         assert_eq!(names, ["a-pulling", "b-ready", "c-lost"]);
 
         let failed = volumes.recover().unwrap();
         assert_eq!(failed.len(), 2);
-        let states: Vec<VolumeState> = volumes.list().iter().map(|record| record.state).collect();
+        let states: Vec<VolumeState> = volumes.list().iter().map(|record| record.state()).collect();
         assert_eq!(states, [VolumeState::Failed, VolumeState::Ready, VolumeState::Failed]);
         assert!(!dir.path().join("trees/b-ready/.tmp-half").exists());
-        assert!(volumes.list()[0].error.as_ref().unwrap().message.contains("interrupted"));
+        assert!(volumes.list()[0].error().unwrap().message.contains("interrupted"));
     }
 
     fn ready(volumes: &Volumes, volume: &str, copied_bytes: u64) -> VolumeRecord {
@@ -654,7 +481,7 @@ mod tests {
         let path = volumes.tree(&volume, &MountId::default());
         fs::create_dir_all(&path).unwrap();
         let mut record = VolumeRecord::pulling(volume, MountId::default(), "r/m:1".into(), Default::default(), path);
-        record.state = VolumeState::Ready;
+        record.set_ready();
         record.link = Some(LinkReport { files: 1, copied_bytes, copies: 1, ..LinkReport::default() });
         volumes.put(&mut record).unwrap();
         record
@@ -670,14 +497,16 @@ mod tests {
         let mut record = ready(&volumes, "v", 0);
         let file = dir.path().join("records/v/default.json");
         let aside = dir.path().join("records/v/default.json.broken");
-        let other = serde_json::to_vec(&VolumeRecord { volume: VolumeId::new("w").unwrap(), ..record.clone() }).unwrap();
+        let mut other = record.clone();
+        other.volume = VolumeId::new("w").unwrap();
+        let other = serde_json::to_vec(&other).unwrap();
         for broken in [b"{\"volume\": \"v\", \"mount-".to_vec(), b"\x00\xff garbage".to_vec(), b"[1, 2]".to_vec(), other] {
             fs::write(&file, &broken).unwrap();
             for read in [volumes.get(&record.volume, &record.mount_id).unwrap().unwrap(), volumes.list().remove(0)] {
-                assert_eq!(read.state, VolumeState::Failed);
+                assert_eq!(read.state(), VolumeState::Failed);
                 assert_eq!((read.volume.as_str(), read.mount_id.as_str()), ("v", "default"));
                 assert_eq!(read.path, record.path);
-                let error = read.error.unwrap();
+                let error = read.error().unwrap().clone();
                 assert_eq!(error.kind, ErrorKind::DataLoss);
                 assert!(error.message.contains("unreadable") && error.message.contains("default.json"), "{}", error.message);
             }
@@ -701,7 +530,7 @@ mod tests {
         for name in ["gone", "young", "failed"] {
             let mut record = ready(&volumes, name, 0);
             fs::remove_dir(&record.path).unwrap();
-            record.state = if name == "failed" { VolumeState::Failed } else { VolumeState::Released };
+            set_state(&mut record, if name == "failed" { VolumeState::Failed } else { VolumeState::Released });
             volumes.put(&mut record).unwrap();
         }
         fs::write(dir.path().join("records/gone/x.json.broken"), b"old").unwrap();
@@ -733,7 +562,7 @@ mod tests {
         ready(&volumes, "c", 0);
         assert_eq!(volumes.copied_bytes(), 1024);
         assert_eq!(Volumes::new(dir.path().join("records"), dir.path().join("trees")).copied_bytes(), 1024, "rebuilt at start");
-        a.state = VolumeState::Released;
+        a.set_released();
         volumes.put(&mut a).unwrap();
         assert_eq!(volumes.copied_bytes(), 24);
     }

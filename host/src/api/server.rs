@@ -44,37 +44,50 @@ struct AppState {
     started: Instant,
 }
 
-impl IntoResponse for ApiError {
+/// A request refused: the error a handler answers with.
+struct Refusal(ApiError);
+
+fn refusal(kind: ErrorKind, message: String) -> Refusal {
+    Refusal(ApiError { kind, message })
+}
+
+impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
-        (status_of(self.kind), Json(ErrorBody { error: self })).into_response()
+        (status_of(self.0.kind), Json(ErrorBody { error: self.0 })).into_response()
     }
 }
 
-impl From<EngineError> for ApiError {
-    fn from(error: EngineError) -> ApiError {
-        ApiError { kind: error.kind(), message: crate::plugins::error_chain(&error) }
+impl From<EngineError> for Refusal {
+    fn from(error: EngineError) -> Refusal {
+        refusal(error.kind(), crate::plugins::error_chain(&error))
     }
 }
 
-impl From<crate::volumes::VolumeError> for ApiError {
-    fn from(error: crate::volumes::VolumeError) -> ApiError {
-        ApiError { kind: error.kind(), message: error.to_string() }
+impl From<crate::volumes::VolumeError> for Refusal {
+    fn from(error: crate::volumes::VolumeError) -> Refusal {
+        refusal(error.kind(), crate::plugins::error_chain(&error))
     }
 }
 
-fn denied(what: &str) -> ApiError {
-    ApiError { kind: ErrorKind::PermissionDenied, message: format!("this socket is bound to one volume and may not {what}") }
+impl From<crate::volumes::IdError> for Refusal {
+    fn from(error: crate::volumes::IdError) -> Refusal {
+        refusal(error.kind(), error.to_string())
+    }
+}
+
+fn denied(what: &str) -> Refusal {
+    refusal(ErrorKind::PermissionDenied, format!("this socket is bound to one volume and may not {what}"))
 }
 
 impl AppState {
-    fn admin(&self, what: &str) -> Result<(), ApiError> {
+    fn admin(&self, what: &str) -> Result<(), Refusal> {
         match &self.scope {
             Scope::Admin => Ok(()),
             Scope::Volume(_) => Err(denied(what)),
         }
     }
 
-    fn volume(&self, volume: &str) -> Result<VolumeId, ApiError> {
+    fn volume(&self, volume: &str) -> Result<VolumeId, Refusal> {
         let volume = VolumeId::new(volume)?;
         match &self.scope {
             Scope::Volume(bound) if *bound != volume => Err(denied(&format!("touch volume {volume}"))),
@@ -211,7 +224,7 @@ async fn volume_status(
     State(state): State<AppState>,
     UrlPath((volume, mount_id)): UrlPath<(String, String)>,
     Query(query): Query<WaitQuery>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Refusal> {
     let volume = state.volume(&volume)?;
     let mount_id = MountId::new(&mount_id)?;
     // A watcher's long poll: answered the moment the mount ends. Its outcome
@@ -227,7 +240,7 @@ async fn mount(
     State(state): State<AppState>,
     UrlPath((volume, mount_id)): UrlPath<(String, String)>,
     Json(body): Json<MountBody>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Refusal> {
     let volume = state.volume(&volume)?;
     let mount_id = MountId::new(&mount_id)?;
     let request = MountRequest {
@@ -242,7 +255,7 @@ async fn mount(
         Err(_) => {
             // Still pulling: the mount goes on; ask again, or poll the status.
             let record = state.engine.status(&volume, &mount_id)?;
-            let status = if record.state == VolumeState::Pulling { StatusCode::ACCEPTED } else { StatusCode::OK };
+            let status = if record.state() == VolumeState::Pulling { StatusCode::ACCEPTED } else { StatusCode::OK };
             Ok((status, Json(record)).into_response())
         }
     }
@@ -251,13 +264,13 @@ async fn mount(
 async fn release(
     State(state): State<AppState>,
     UrlPath((volume, mount_id)): UrlPath<(String, String)>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Refusal> {
     let volume = state.volume(&volume)?;
     let record = state.engine.unmount(&volume, &MountId::new(&mount_id)?).await?;
     Ok(Json(record).into_response())
 }
 
-async fn prefetch(State(state): State<AppState>, Json(body): Json<PrefetchBody>) -> Result<Response, ApiError> {
+async fn prefetch(State(state): State<AppState>, Json(body): Json<PrefetchBody>) -> Result<Response, Refusal> {
     state.admin("prefetch")?;
     let engine = state.engine.clone();
     let (reference, pin) = (body.reference.clone(), body.pin);
@@ -283,36 +296,36 @@ async fn prefetch(State(state): State<AppState>, Json(body): Json<PrefetchBody>)
         })
         .into_response()),
         Ok(Ok(Err(error))) => Err(error.into()),
-        Ok(Err(join)) => Err(ApiError { kind: ErrorKind::Internal, message: format!("the prefetch task failed: {join}") }),
+        Ok(Err(join)) => Err(refusal(ErrorKind::Internal, format!("the prefetch task failed: {join}"))),
         Err(_) => Ok((StatusCode::ACCEPTED, Json(pulling())).into_response()),
     }
 }
 
-async fn inspect(State(state): State<AppState>, Json(body): Json<InspectBody>) -> Result<Response, ApiError> {
+async fn inspect(State(state): State<AppState>, Json(body): Json<InspectBody>) -> Result<Response, Refusal> {
     state.admin("inspect models")?;
     Ok(Json(state.engine.inspect(&body.reference).await?).into_response())
 }
 
-async fn collect(State(state): State<AppState>, Json(body): Json<GcBody>) -> Result<Response, ApiError> {
+async fn collect(State(state): State<AppState>, Json(body): Json<GcBody>) -> Result<Response, Refusal> {
     state.admin("collect garbage")?;
     Ok(Json(state.engine.gc(body.dry_run, Trigger::OnDemand).await?).into_response())
 }
 
-async fn disk_usage(State(state): State<AppState>) -> Result<Response, ApiError> {
+async fn disk_usage(State(state): State<AppState>) -> Result<Response, Refusal> {
     state.admin("read disk usage")?;
     let engine = state.engine.clone();
     let report = tokio::task::spawn_blocking(move || engine.du())
         .await
-        .map_err(|join| ApiError { kind: ErrorKind::Internal, message: join.to_string() })??;
+        .map_err(|join| refusal(ErrorKind::Internal, join.to_string()))??;
     Ok(Json(report).into_response())
 }
 
-async fn list_pins(State(state): State<AppState>) -> Result<Response, ApiError> {
+async fn list_pins(State(state): State<AppState>) -> Result<Response, Refusal> {
     state.admin("read pins")?;
     Ok(Json(state.engine.pins()).into_response())
 }
 
-async fn pin(State(state): State<AppState>, Json(body): Json<PinBody>) -> Result<Response, ApiError> {
+async fn pin(State(state): State<AppState>, Json(body): Json<PinBody>) -> Result<Response, Refusal> {
     state.admin("pin")?;
     Ok(Json(state.engine.pin(&body.target).await?).into_response())
 }
@@ -322,27 +335,27 @@ struct TargetQuery {
     target: String,
 }
 
-async fn unpin(State(state): State<AppState>, Query(query): Query<TargetQuery>) -> Result<Response, ApiError> {
+async fn unpin(State(state): State<AppState>, Query(query): Query<TargetQuery>) -> Result<Response, Refusal> {
     state.admin("unpin")?;
     let removed = state.engine.unpin(&query.target).await?;
     Ok(Json(serde_json::json!({ "target": query.target, "removed": removed })).into_response())
 }
 
-async fn plugins(State(state): State<AppState>) -> Result<Response, ApiError> {
+async fn plugins(State(state): State<AppState>) -> Result<Response, Refusal> {
     state.admin("read plugins")?;
     Ok(Json(state.engine.plugins().current().statuses().to_vec()).into_response())
 }
 
-async fn reload_plugins(State(state): State<AppState>) -> Result<Response, ApiError> {
+async fn reload_plugins(State(state): State<AppState>) -> Result<Response, Refusal> {
     state.admin("reload plugins")?;
     let engine = state.engine.clone();
     let set = tokio::task::spawn_blocking(move || engine.plugins().reload())
         .await
-        .map_err(|join| ApiError { kind: ErrorKind::Internal, message: join.to_string() })?;
+        .map_err(|join| refusal(ErrorKind::Internal, join.to_string()))?;
     Ok(Json(set.statuses().to_vec()).into_response())
 }
 
-async fn open_volume_socket(State(state): State<AppState>, Json(body): Json<VolumeSocketBody>) -> Result<Response, ApiError> {
+async fn open_volume_socket(State(state): State<AppState>, Json(body): Json<VolumeSocketBody>) -> Result<Response, Refusal> {
     state.admin("make volume sockets")?;
     let volume = VolumeId::new(&body.volume)?;
     let sockets = state.sockets.clone();
@@ -352,8 +365,8 @@ async fn open_volume_socket(State(state): State<AppState>, Json(body): Json<Volu
     let path = sockets.dir.join(format!("{volume}.sock"));
     // A pod's user is unknown: whoever can reach the file (it is mounted into
     // one pod) may use it, and it can only ever touch this volume.
-    let listener = bind(&path, 0o666)
-        .map_err(|error| ApiError { kind: ErrorKind::Internal, message: format!("cannot bind {}: {error}", path.display()) })?;
+    let listener =
+        bind(&path, 0o666).map_err(|error| refusal(ErrorKind::Internal, format!("cannot bind {}: {error}", path.display())))?;
     let scoped = AppState { scope: Scope::Volume(volume.clone()), ..state.clone() };
     let task = tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, router(scoped)).await {
@@ -365,7 +378,7 @@ async fn open_volume_socket(State(state): State<AppState>, Json(body): Json<Volu
     Ok(Json(VolumeSocket { volume: volume.to_string(), path }).into_response())
 }
 
-async fn close_volume_socket(State(state): State<AppState>, UrlPath(volume): UrlPath<String>) -> Result<Response, ApiError> {
+async fn close_volume_socket(State(state): State<AppState>, UrlPath(volume): UrlPath<String>) -> Result<Response, Refusal> {
     state.admin("close volume sockets")?;
     let volume = VolumeId::new(&volume)?;
     match state.sockets.served().remove(&volume) {
@@ -374,7 +387,7 @@ async fn close_volume_socket(State(state): State<AppState>, UrlPath(volume): Url
             let _ = std::fs::remove_file(&path);
             Ok(Json(VolumeSocket { volume: volume.to_string(), path }).into_response())
         }
-        None => Err(ApiError { kind: ErrorKind::NotFound, message: format!("no socket is bound to volume {volume}") }),
+        None => Err(refusal(ErrorKind::NotFound, format!("no socket is bound to volume {volume}"))),
     }
 }
 

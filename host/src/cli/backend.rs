@@ -189,13 +189,13 @@ impl Backend {
                 // Long polls, each answered the moment the mount ends, so
                 // no time is lost between the end and the next look.
                 let watch = format!("{path}?wait-seconds={}", tick.as_secs_f64());
-                while record.state == VolumeState::Pulling {
+                while record.state() == VolumeState::Pulling {
                     progress(record.bytes_done, record.bytes_total);
                     record = client.get(&watch).await?;
                 }
                 // Only `ready` is a mount: a volume released meanwhile is
                 // reported, not printed as ready at a path that is gone.
-                match (record.state, &record.error) {
+                match (record.state(), &record.error()) {
                     (VolumeState::Ready, _) => {}
                     (_, Some(error)) => anyhow::bail!("{} ({})", error.message, error.kind),
                     (state, None) => anyhow::bail!("the volume is {state:?}, not ready; ask again"),

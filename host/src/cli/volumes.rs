@@ -8,7 +8,7 @@ use anyhow::Context;
 use modelcache::engine::MountRequest;
 use modelcache::plugins::exclude::ExcludeOptions;
 use modelcache::registry::{ModelRef, Registry};
-use modelcache::volumes::{MountId, VolumeId, VolumeRecord};
+use modelcache::volumes::{MountId, Origin, VolumeId, VolumeRecord};
 use modelcache_policy::size::HumanBytes;
 
 use super::backend::{RegistryArgs, RootArgs, Threads, runtime};
@@ -135,15 +135,13 @@ pub fn mount(args: MountArgs) -> anyhow::Result<ExitCode> {
         record.volume,
         record.mount_id,
         record.reference,
-        record.digest.as_ref().map(|digest| digest.short()).unwrap_or_default(),
+        record.digest().map(|digest| digest.short()).unwrap_or_default(),
         record.path.display()
     );
-    let source = if record.reused_from_cache {
-        "from the cache"
-    } else if record.coalesced {
-        "joined a pull under way"
-    } else {
-        "pulled"
+    let source = match record.origin {
+        Some(Origin::Cached) => "from the cache",
+        Some(Origin::Joined) => "joined a pull under way",
+        Some(Origin::Pulled) | None => "pulled",
     };
     let method = record.link_method.map(|method| method.as_str()).unwrap_or("nothing to link");
     outln!("  {} {source}, {method}, {} files left out", HumanBytes(record.bytes_total), record.skipped.len());
@@ -222,7 +220,7 @@ pub fn status(args: VolumeArgs) -> anyhow::Result<ExitCode> {
         return print_json(&record);
     }
     outln!("{}", list_line(&record));
-    if let Some(error) = &record.error {
+    if let Some(error) = &record.error() {
         outln!("  error ({}): {}", error.kind, error.message);
     }
     Ok(ExitCode::SUCCESS)
@@ -244,13 +242,13 @@ pub fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn list_line(record: &VolumeRecord) -> String {
-    let state = serde_json::to_value(record.state).ok().and_then(|value| value.as_str().map(str::to_owned)).unwrap_or_default();
+    let state = serde_json::to_value(record.state()).ok().and_then(|value| value.as_str().map(str::to_owned)).unwrap_or_default();
     format!(
         "{:<28} {:<10} {:<9} {:<22} {:>10} {:<9} {}",
         record.volume.as_str(),
         record.mount_id.as_str(),
         state,
-        record.digest.as_ref().map(|digest| digest.short()).unwrap_or_else(|| "-".into()),
+        record.digest().map(|digest| digest.short()).unwrap_or_else(|| "-".into()),
         HumanBytes(record.bytes_total).to_string(),
         record.link_method.map(|method| method.as_str()).unwrap_or("-"),
         record.reference,

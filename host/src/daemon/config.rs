@@ -147,7 +147,7 @@ struct RawShutdown {
 
 /// Defaults, as `docs/modelcache.toml` states them.
 pub const DEFAULT_ROOT: &str = "/var/lib/modelcache";
-pub const DEFAULT_SOCKET: &str = "/run/modelcache/modelcache.sock";
+pub use modelcache_api::DEFAULT_SOCKET;
 pub const DEFAULT_VOLUME_SOCKETS: &str = "/run/modelcache/volumes";
 const DEFAULT_GC_INTERVAL: &str = "10m";
 const DEFAULT_GC_GRACE: &str = "1h";

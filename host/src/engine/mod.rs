@@ -267,7 +267,7 @@ impl Engine {
         let mut recorded: Vec<_> = volumes.list().into_iter().filter(|record| record.ready_at.is_some()).collect();
         recorded.sort_by_key(|record| std::cmp::Reverse(record.ready_at));
         for record in recorded {
-            if let (Some(digest), Ok(reference)) = (&record.digest, ModelRef::parse(&record.reference))
+            if let (Some(digest), Ok(reference)) = (&record.digest(), ModelRef::parse(&record.reference))
                 && reference.digest().is_none()
             {
                 tags.recall(reference.as_str(), digest);

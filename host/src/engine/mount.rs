@@ -8,11 +8,10 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::pull::Source;
 use super::{Engine, EngineError, off_the_runtime};
 use crate::error::ErrorKind;
 use crate::flight::Progress;
-use crate::plugins::exclude::ExcludeOptions;
+use crate::plugins::exclude::{ExcludeOptions, ValidatePatterns};
 use crate::registry::ModelRef;
 use crate::store::remove_any;
 use crate::volumes::{MountId, RecordError, VolumeId, VolumeRecord, VolumeSlot, VolumeState, link_volume};
@@ -182,13 +181,13 @@ impl Engine {
         }
         if let Some(record) = self.volumes.get(&request.volume, &request.mount_id)? {
             let same = record.reference == request.reference && record.options == request.options;
-            match record.state {
+            match record.state() {
                 VolumeState::Ready if same && record.path.is_dir() => {
                     let (_, result) = watch::channel(Some(Ok(record)));
                     return Ok(MountHandle { result });
                 }
                 VolumeState::Ready | VolumeState::Pulling if !same => {
-                    return Err(EngineError::Conflict { slot, holds: record.reference, state: record.state });
+                    return Err(EngineError::Conflict { slot, state: record.state(), holds: record.reference });
                 }
                 _ => {}
             }
@@ -251,17 +250,14 @@ impl Engine {
         // lets its slot go instead of leaving it to look busy forever.
         match crate::flight::catch_panic(self.fill(&request, &mut record, &progress, &mut hold)).await {
             Ok(()) => {
-                record.state = VolumeState::Ready;
-                record.error = None;
-                record.ready_at = Some(time::OffsetDateTime::now_utc());
+                record.set_ready();
                 self.put_record(&mut record)?;
                 tracing::info!(volume = %record.volume, mount_id = %record.mount_id, reference = %record.reference,
-                    reused = record.reused_from_cache, coalesced = record.coalesced, link = ?record.link_method, "volume ready");
+                    origin = ?record.origin, link = ?record.link_method, "volume ready");
                 Ok(record)
             }
             Err(error) => {
-                record.state = VolumeState::Failed;
-                record.error = Some(RecordError { kind: error.kind(), message: crate::plugins::error_chain(&error) });
+                record.set_failed(RecordError { kind: error.kind(), message: crate::plugins::error_chain(&error) });
                 if let Err(write_error) = self.put_record(&mut record) {
                     tracing::error!(volume = %record.volume, "cannot record the failure: {write_error}");
                 }
@@ -281,9 +277,8 @@ impl Engine {
         hold: &mut SlotHold,
     ) -> Result<(), EngineError> {
         let resolved = self.resolve_request(&request.reference, &request.options).await?;
-        record.digest = Some(resolved.key.manifest.clone());
+        record.entry = Some(resolved.key.clone());
         record.skipped = resolved.skips.clone();
-        record.selection = Some(resolved.key.selection.clone());
         record.bytes_total = resolved.bytes();
         progress.bytes_total.store(record.bytes_total, std::sync::atomic::Ordering::Relaxed);
         // From here the record holds the entry too, and keeps holding it
@@ -302,8 +297,7 @@ impl Engine {
                 },
             )
             .await?;
-        record.reused_from_cache = source == Source::Cached;
-        record.coalesced = source == Source::Joined;
+        record.origin = Some(source);
         record.bytes_done = record.bytes_total;
 
         let tree = lease.tree();
@@ -354,11 +348,8 @@ impl Engine {
         };
         let tree = record.path.clone();
         tokio::task::spawn_blocking(move || remove_any(&tree)).await.map_err(EngineError::join("remove the volume tree"))??;
-        if record.state != VolumeState::Released {
-            if record.state == VolumeState::Pulling {
-                record.error = Some(RecordError { kind: ErrorKind::Cancelled, message: "released while pulling".into() });
-            }
-            record.state = VolumeState::Released;
+        if record.state() != VolumeState::Released {
+            record.set_released();
             self.put_record(&mut record)?;
             tracing::info!(volume = %slot.volume, mount_id = %slot.mount_id, "volume released");
         }
@@ -393,10 +384,9 @@ impl Engine {
         for (VolumeSlot { volume, mount_id }, lock) in remaining {
             let _held = lock.lock_owned().await;
             if let Ok(Some(mut record)) = self.volumes.get(&volume, &mount_id)
-                && record.state == VolumeState::Pulling
+                && record.state() == VolumeState::Pulling
             {
-                record.state = VolumeState::Failed;
-                record.error = Some(RecordError {
+                record.set_failed(RecordError {
                     kind: ErrorKind::Cancelled,
                     message: "modelcache shut down before the mount finished; ask again".into(),
                 });
@@ -424,7 +414,7 @@ impl Engine {
             .volumes
             .get(volume, mount_id)?
             .ok_or_else(|| EngineError::NotFound { slot: VolumeSlot::new(volume.clone(), mount_id.clone()) })?;
-        if record.state == VolumeState::Pulling
+        if record.state() == VolumeState::Pulling
             && let Some((done, total)) = self.progress(volume, mount_id)
         {
             record.bytes_done = done;

@@ -16,7 +16,7 @@ use crate::digest::Digest;
 use crate::error::ErrorKind;
 use crate::flight::Progress;
 use crate::modelpack::{Layer, LayerFormat, Model, Selection};
-use crate::plugins::exclude::ExcludeOptions;
+use crate::plugins::exclude::{ExcludeOptions, ValidatePatterns};
 use crate::registry::{DownloadSlot, ModelRef};
 use crate::store::{EntryKey, EntryLease, UnpackLimits};
 use crate::volumes::VolumeError;
@@ -24,17 +24,8 @@ use crate::volumes::VolumeError;
 /// How often a waiting mount writes its progress into its record.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 
-/// How a request got its entry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Source {
-    /// It was in the cache.
-    Cached,
-    /// This request started the pull.
-    Pulled,
-    /// It joined a pull another request had started.
-    Joined,
-}
+/// How a request got its entry (a record's origin).
+pub use crate::volumes::Origin as Source;
 
 /// What a prefetch did.
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]

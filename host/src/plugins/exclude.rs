@@ -6,6 +6,7 @@
 //! plugin nothing is skipped, and a request that asks for exclusion is
 //! refused rather than silently served in full.
 
+pub use modelcache_api::options::{ExcludeOptions, Skip};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 
@@ -44,22 +45,9 @@ pub struct ModelFile {
     pub layer_digest: String,
 }
 
-/// What a request asks to leave out.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub struct ExcludeOptions {
-    #[serde(default)]
-    pub exclude_weights: bool,
-    #[serde(default)]
-    pub patterns: Vec<String>,
-}
-
-impl ExcludeOptions {
-    /// Whether the request asks to leave anything out.
-    pub fn is_empty(&self) -> bool {
-        !self.exclude_weights && self.patterns.is_empty()
-    }
-
+/// The check of a request's patterns, here because it needs the SDK's
+/// pattern parser, which the API's types do not carry.
+pub trait ValidatePatterns {
     /// Checks the request's patterns against the gitignore syntax the WIT
     /// promises plugins (the SDK's parser, which the reference plugin uses).
     /// A request is checked before anything is fetched: a pattern a plugin
@@ -69,20 +57,15 @@ impl ExcludeOptions {
     ///
     /// # Errors
     /// [`ExcludeError::InvalidPattern`] naming the first bad pattern.
-    pub fn validate(&self) -> Result<(), ExcludeError> {
+    fn validate(&self) -> Result<(), ExcludeError>;
+}
+
+impl ValidatePatterns for ExcludeOptions {
+    fn validate(&self) -> Result<(), ExcludeError> {
         modelcache_policy::pattern::Rules::parse(self.patterns.iter().map(String::as_str))
             .map(drop)
             .map_err(ExcludeError::InvalidPattern)
     }
-}
-
-/// A file to leave out, and who said so.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct Skip {
-    pub path: String,
-    pub reason: String,
-    pub plugin: String,
 }
 
 /// The composed answer.

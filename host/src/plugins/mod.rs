@@ -542,14 +542,7 @@ fn plugin_files(dir: &Path, statuses: &mut Vec<PluginStatus>) -> Vec<(String, Pa
 
 /// An error and its causes on one line.
 pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
+    crate::error::chain(error)
 }
 
 /// The plugins of a directory, reloadable as a whole.

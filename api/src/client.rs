@@ -10,7 +10,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
 
-use super::{ApiError, ErrorBody, Health};
+use crate::error::ErrorKind;
+use crate::protocol::{ApiError, ErrorBody, Health};
 
 /// What can go wrong reaching the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -23,21 +24,39 @@ pub enum ClientError {
     },
     #[error("modelcache answered {status}: {error}")]
     Api { status: StatusCode, error: ApiError },
-    #[error("talking to modelcache: {0}")]
-    Protocol(String),
+    /// The request could not be encoded.
+    #[error("cannot encode the request to {path}")]
+    Encode {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot build the request to {path}")]
+    Request {
+        path: String,
+        #[source]
+        source: http::Error,
+    },
+    /// The daemon answered something that is not the expected JSON.
+    #[error("unexpected answer to {path}")]
+    Decode {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
     /// The daemon went away mid-request (a restart, a crash): worth asking
     /// again, unlike a malformed exchange.
-    #[error("the connection to modelcache ended mid-request: {0}")]
-    Dropped(String),
+    #[error("the connection to modelcache ended mid-request")]
+    Dropped(#[source] hyper::Error),
 }
 
 impl ClientError {
     /// The error's kind as the daemon reported it; unreachable is `unavailable`.
-    pub fn kind(&self) -> crate::error::ErrorKind {
+    pub fn kind(&self) -> ErrorKind {
         match self {
             ClientError::Api { error, .. } => error.kind,
-            ClientError::Connect { .. } | ClientError::Dropped(_) => crate::error::ErrorKind::Unavailable,
-            ClientError::Protocol(_) => crate::error::ErrorKind::Internal,
+            ClientError::Connect { .. } | ClientError::Dropped(_) => ErrorKind::Unavailable,
+            ClientError::Encode { .. } | ClientError::Request { .. } | ClientError::Decode { .. } => ErrorKind::Internal,
         }
     }
 }
@@ -100,14 +119,15 @@ impl Client {
         let stream = UnixStream::connect(&self.socket)
             .await
             .map_err(|source| ClientError::Connect { socket: self.socket.clone(), source })?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|error| ClientError::Dropped(error.to_string()))?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(ClientError::Dropped)?;
         tokio::spawn(async move {
             let _ = connection.await;
         });
         let payload = match body {
-            Some(body) => Bytes::from(serde_json::to_vec(body).map_err(|error| ClientError::Protocol(error.to_string()))?),
+            Some(body) => {
+                Bytes::from(serde_json::to_vec(body).map_err(|source| ClientError::Encode { path: path.to_owned(), source })?)
+            }
             None => Bytes::new(),
         };
         let request = Request::builder()
@@ -116,19 +136,18 @@ impl Client {
             .header("host", "modelcache")
             .header("content-type", "application/json")
             .body(Full::new(payload))
-            .map_err(|error| ClientError::Protocol(error.to_string()))?;
-        let response = sender.send_request(request).await.map_err(|error| ClientError::Dropped(error.to_string()))?;
+            .map_err(|source| ClientError::Request { path: path.to_owned(), source })?;
+        let response = sender.send_request(request).await.map_err(ClientError::Dropped)?;
         let status = response.status();
-        let bytes = response.into_body().collect().await.map_err(|error| ClientError::Dropped(error.to_string()))?.to_bytes();
+        let bytes = response.into_body().collect().await.map_err(ClientError::Dropped)?.to_bytes();
         if !status.is_success() {
             let error = serde_json::from_slice::<ErrorBody>(&bytes).map(|body| body.error).unwrap_or_else(|_| ApiError {
-                kind: crate::error::ErrorKind::Internal,
+                kind: ErrorKind::Internal,
                 message: String::from_utf8_lossy(&bytes).into_owned(),
             });
             return Err(ClientError::Api { status, error });
         }
-        let body = serde_json::from_slice(&bytes)
-            .map_err(|error| ClientError::Protocol(format!("unexpected answer to {path}: {error}")))?;
+        let body = serde_json::from_slice(&bytes).map_err(|source| ClientError::Decode { path: path.to_owned(), source })?;
         Ok(Answer { status, body })
     }
 }

@@ -51,3 +51,16 @@ impl std::fmt::Display for ErrorKind {
         f.write_str(self.as_str())
     }
 }
+
+/// An error and its causes, outermost first, joined by `: ` (how an error
+/// reads in an answer or a log line, where no reporter walks the chain).
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
