@@ -1354,7 +1354,11 @@ impl Engine {
         }
         // A dry run lists the blobs unneeded now; what the chosen entries
         // would leave behind is in their exclusive bytes.
-        let blobs = self.store.sweep(&pinned, dry_run)?;
+        let keep = |entries: &[crate::store::EntryLayers]| crate::store::Keep {
+            blobs: crate::gc::needed_blobs(entries.iter().map(|entry| (&entry.key, &entry.blobs[..])), &pinned),
+            unpacked: crate::gc::needed_blobs(entries.iter().map(|entry| (&entry.key, &entry.unpacked[..])), &pinned),
+        };
+        let blobs = self.store.sweep(keep, dry_run)?;
         let freed_bytes = if dry_run {
             evicted.iter().map(|eviction| eviction.exclusive_bytes).sum::<u64>()
                 + blobs.iter().map(|(_, bytes)| bytes).sum::<u64>()

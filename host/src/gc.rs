@@ -24,7 +24,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
-use crate::store::{EntryKey, Layout, StoreError, read_json, write_json};
+use crate::durable::{read_json, write_json};
+use crate::store::{EntryKey, Layout, StoreError};
 
 /// Who holds one link to an inode.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -219,7 +220,7 @@ pub struct Pin {
 impl Pins {
     /// The pins of a root (`ROOT/pins/<hex>.json`).
     pub fn new(layout: &Layout) -> Pins {
-        Pins { dir: layout.root().join("pins") }
+        Pins { dir: layout.pins() }
     }
 
     /// # Errors
