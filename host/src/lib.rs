@@ -4,6 +4,7 @@
 //! - [`registry`]: resolve references, fetch manifests and blobs by digest;
 //! - [`modelpack`]: manifests to file lists, and the path rules;
 //! - [`store`]: the content-addressed store and its on-disk layout;
+//! - [`durable`]: atomic, durable writes (JSON, sync, publish) below the store, volumes and gc;
 //! - [`archive`]: tar layers read with every allocation bounded;
 //! - [`flight`]: one download per key, however many ask;
 //! - `memo`: answers kept in memory, bounded;
@@ -22,6 +23,7 @@
 pub mod api;
 pub mod archive;
 pub mod daemon;
+pub mod durable;
 pub mod engine;
 pub mod flight;
 pub mod gc;

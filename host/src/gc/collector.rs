@@ -83,7 +83,7 @@ impl Collector<'_> {
         }
         // A dry run lists the blobs unneeded now; what the chosen entries
         // would leave behind is in their exclusive bytes.
-        let blobs = self.store.sweep(&roots.pinned, dry_run)?;
+        let blobs = self.store.sweep(|entries| plan::keep(entries, &roots.pinned), dry_run)?;
         let freed_bytes = if dry_run {
             evicted.iter().map(|eviction| eviction.exclusive_bytes).sum::<u64>()
                 + blobs.iter().map(|(_, bytes)| bytes).sum::<u64>()

@@ -9,7 +9,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
-use crate::store::{Layout, StoreError, read_json, write_json};
+use crate::durable::{read_json, write_json};
+use crate::store::{Layout, StoreError};
 
 /// Manifests an operator pinned: their entries are never offered to GC.
 #[derive(Debug)]
@@ -31,7 +32,7 @@ pub struct Pin {
 impl Pins {
     /// The pins of a root (`ROOT/pins/<hex>.json`).
     pub fn new(layout: &Layout) -> Pins {
-        Pins { dir: layout.root().join("pins") }
+        Pins { dir: layout.pins() }
     }
 
     /// # Errors

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::digest::Digest;
 use crate::plugins::gc::GcChoice;
-use crate::store::EntryKey;
+use crate::store::{EntryKey, EntryLayers, Keep};
 
 /// What GC never evicts.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -67,6 +67,15 @@ pub fn needed_blobs<'a>(
         needed.extend(layers.iter().cloned());
     }
     needed
+}
+
+/// What a sweep keeps: every blob and unpacked layer the remaining entries
+/// use, and the pinned manifests.
+pub fn keep(entries: &[EntryLayers], pinned: &HashSet<Digest>) -> Keep {
+    Keep {
+        blobs: needed_blobs(entries.iter().map(|entry| (&entry.key, &entry.blobs[..])), pinned),
+        unpacked: needed_blobs(entries.iter().map(|entry| (&entry.key, &entry.unpacked[..])), pinned),
+    }
 }
 
 #[cfg(test)]

@@ -16,13 +16,7 @@ use modelcache_policy::size::HumanBytes;
 /// The share of the filesystem the built-in rule keeps free, in percent.
 pub const BUILTIN_FREE_PERCENT: u64 = 5;
 
-/// The cache's filesystem.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub struct Filesystem {
-    pub total_bytes: u64,
-    pub free_bytes: u64,
-}
+pub use crate::durable::Filesystem;
 
 impl From<Filesystem> for types::Filesystem {
     fn from(filesystem: Filesystem) -> Self {
