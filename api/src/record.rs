@@ -276,7 +276,7 @@ pub mod wire {
             } else if record.coalesced {
                 Some(Origin::Joined)
             } else {
-                (record.state == VolumeState::Ready).then_some(Origin::Pulled)
+                None
             });
             VolumeRecord {
                 volume: record.volume,
