@@ -6,7 +6,7 @@
 //! - [`protocol`]: routes, request bodies, answers and how errors travel;
 //! - [`client`]: one request at a time over the daemon's socket;
 //! - [`record`]: a volume's record, its state and how its tree was linked;
-//! - [`reference`], [`ids`], [`entry`], [`digest`]: names validated once;
+//! - [`reference`](mod@reference), [`ids`], [`entry`], [`digest`]: names validated once;
 //! - [`options`]: what a request leaves out;
 //! - [`error`]: the kinds callers branch on.
 

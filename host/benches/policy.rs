@@ -18,6 +18,10 @@ use modelcache::plugins::{CompiledCache, Plugin, PluginConfig, Runtime, RuntimeO
 
 const GIB: u64 = 1 << 30;
 
+/// A benchmark row: its label, the plugin, iterations, the call through
+/// the plugin and the same decision made natively.
+type Row<'a> = (&'a str, Plugin, usize, Box<dyn Fn(&Plugin) + 'a>, Box<dyn Fn() + 'a>);
+
 fn exclude_input() -> ExcludeInput {
     let files = (0..100)
         .map(|index| {
@@ -117,7 +121,7 @@ fn main() {
             Plugin::load(&runtime, Some(&cache), &support::plugin_wasm(name), config).expect("plugin")
         };
         let allocator = format!("{:?}", runtime.allocation());
-        let rows: [(&str, Plugin, usize, Box<dyn Fn(&Plugin)>, Box<dyn Fn()>); 3] = [
+        let rows: [Row<'_>; 3] = [
             (
                 "exclude/100 files",
                 load("exclude-patterns"),
@@ -146,7 +150,7 @@ fn main() {
                 continue;
             }
             let wasm = measure(iterations, || call(&plugin));
-            let native = measure(iterations, || native_call());
+            let native = measure(iterations, native_call);
             println!(
                 "{label:<20} {allocator:<10} {:>12} {:>12} {:>12} {:>11.1}x",
                 micros(wasm.median),

@@ -279,10 +279,10 @@ impl Model {
         if raw.schema_version != 2 {
             return Err(manifest_error(format!("schemaVersion {} is not 2", raw.schema_version)));
         }
-        if let Some(media_type) = &raw.media_type {
-            if media_type != MANIFEST_MEDIA_TYPE {
-                return Err(manifest_error(format!("mediaType `{media_type}` is not `{MANIFEST_MEDIA_TYPE}`")));
-            }
+        if let Some(media_type) = &raw.media_type
+            && media_type != MANIFEST_MEDIA_TYPE
+        {
+            return Err(manifest_error(format!("mediaType `{media_type}` is not `{MANIFEST_MEDIA_TYPE}`")));
         }
         // Some packers mark the model only through the config's media type.
         let artifact_type = raw.artifact_type.clone().unwrap_or_default();

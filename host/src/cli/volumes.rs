@@ -187,7 +187,7 @@ impl Bar {
                 bar.set_position(done);
             }
             Bar::Log(last_percent) => {
-                let percent = if total == 0 { 0 } else { done * 100 / total };
+                let percent = (done * 100).checked_div(total).unwrap_or(0);
                 if percent >= last_percent.get() + 10 {
                     last_percent.set(percent - percent % 10);
                     tracing::info!("pulled {} of {} ({percent}%)", HumanBytes(done), HumanBytes(total));

@@ -1,6 +1,6 @@
 //! One GC run against the disk: remove stale temporaries, prune released
 //! records, take the census, offer the candidates to the `gc` plugins, evict
-//! what the [plan](super::plan) honours, sweep the blobs nothing needs; and
+//! what the plan honours, sweep the blobs nothing needs; and
 //! runs on a timer.
 
 use std::collections::HashMap;

@@ -13,9 +13,9 @@
 //! | file | what it holds |
 //! |------|---------------|
 //! | [`plan`] | the pure decisions: candidates from entries and roots, the plugins' choices honoured, the blobs to keep |
-//! | [`account`] | the census of inodes and the pure accounting of each entry's bytes |
+//! | [`account`](mod@account) | the census of inodes and the pure accounting of each entry's bytes |
 //! | [`collector`] | one run against the disk: census, plugin decision, eviction, sweep, record pruning; periodic runs |
-//! | [`du`] | `modelcache du`: each entry's bytes and who holds it |
+//! | [`du`](mod@du) | `modelcache du`: each entry's bytes and who holds it |
 //! | [`pins`] | manifests an operator pinned |
 //!
 //! The accounting is pure: [`account()`] turns a census of inodes (size, link

@@ -93,7 +93,7 @@ pub fn decide(mut request: Request) -> Result<Vec<String>, String> {
     for (last_used_at, index) in order {
         let idle = now.saturating_sub(last_used_at);
         let expired = settings.ttl.is_some_and(|ttl| idle > ttl);
-        if !expired && !(over_high && used > low) {
+        if !(expired || (over_high && used > low)) {
             // Sorted by last use, so no later entry is expired either, and
             // usage only falls: nothing further qualifies.
             break;
