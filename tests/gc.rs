@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use modelcache::engine::{Engine, EngineConfig, MountRequest};
 use modelcache::gc::Trigger;
 use modelcache::plugins::exclude::ExcludeOptions;
-use modelcache::registry::RegistryConfig;
+use modelcache::registry::{ModelRef, RegistryConfig};
 use modelcache::store::EntryKey;
 use modelcache::volumes::{MountId, Origin, VolumeId, VolumeState};
 use support::{PluginDir, Registry, Unmount, bytes, mount_tmpfs, push, read_tree, start_registry, write_tree};
@@ -32,7 +32,7 @@ fn request(volume: &str, reference: &str) -> MountRequest {
     MountRequest {
         volume: VolumeId::new(volume).unwrap(),
         mount_id: MountId::default(),
-        reference: reference.to_owned(),
+        reference: ModelRef::parse(reference).unwrap(),
         options: ExcludeOptions::default(),
     }
 }

@@ -48,7 +48,7 @@ fn request(volume: &str, reference: &str) -> MountRequest {
     MountRequest {
         volume: VolumeId::new(volume).unwrap(),
         mount_id: MountId::default(),
-        reference: reference.to_owned(),
+        reference: ModelRef::parse(reference).unwrap(),
         options: ExcludeOptions::default(),
     }
 }

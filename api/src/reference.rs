@@ -32,7 +32,8 @@ impl ModelRef {
         // The digest is split off and checked here, the name alone given to
         // oci-client's reference regex: matched against a whole
         // `…@sha256:<64 hex>`, that regex builds its lazy DFA afresh on
-        // each thread and took ~5 ms there, twice per mount by digest.
+        // each thread, a cost a mount by digest would pay twice (figures in
+        // docs/benchmarks.md).
         // A tag beside a digest (`repo:tag@sha256:…`) is ignored, as
         // registries do: the digest names the manifest.
         let reference = match text.trim().split_once('@') {
@@ -89,6 +90,15 @@ impl std::fmt::Display for ModelRef {
         f.write_str(&self.text)
     }
 }
+
+/// Two references are equal when written alike (as requests compare them).
+impl PartialEq for ModelRef {
+    fn eq(&self, other: &ModelRef) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Eq for ModelRef {}
 
 impl Serialize for ModelRef {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {

@@ -22,6 +22,7 @@ use crate::engine::{Engine, EngineError, MountRequest};
 use crate::error::ErrorKind;
 use crate::gc::Trigger;
 use crate::plugins::exclude::ExcludeOptions;
+use crate::registry::ModelRef;
 use crate::volumes::{MountId, VolumeId, VolumeState};
 
 /// What a socket may touch.
@@ -246,7 +247,7 @@ async fn mount(
     let request = MountRequest {
         volume: volume.clone(),
         mount_id: mount_id.clone(),
-        reference: body.reference,
+        reference: ModelRef::parse(&body.reference).map_err(EngineError::from)?,
         options: ExcludeOptions { exclude_weights: body.exclude_weights, patterns: body.patterns },
     };
     let mut handle = state.engine.start_mount(request)?;

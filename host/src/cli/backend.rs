@@ -180,7 +180,7 @@ impl Backend {
             Backend::Daemon(client) => {
                 let path = volume_path(&request.volume, &request.mount_id);
                 let body = MountBody {
-                    reference: request.reference.clone(),
+                    reference: request.reference.to_string(),
                     exclude_weights: request.options.exclude_weights,
                     patterns: request.options.patterns.clone(),
                     wait_seconds: tick.as_secs_f64(),

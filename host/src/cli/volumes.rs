@@ -118,7 +118,7 @@ pub fn mount(args: MountArgs) -> anyhow::Result<ExitCode> {
     let request = MountRequest {
         volume: VolumeId::new(&args.volume)?,
         mount_id: MountId::new(&args.mount_id)?,
-        reference: args.reference.clone(),
+        reference: ModelRef::parse(&args.reference)?,
         options: args.exclude.options(),
     };
     let record = args.root.with_backend(|backend| async move {

@@ -116,6 +116,8 @@ pub enum EngineError {
     #[error(transparent)]
     Registry(Box<RegistryError>),
     #[error(transparent)]
+    InvalidReference(#[from] crate::registry::ReferenceError),
+    #[error(transparent)]
     Model(#[from] ModelError),
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -173,6 +175,7 @@ impl EngineError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             EngineError::Registry(error) => error.kind(),
+            EngineError::InvalidReference(_) => ErrorKind::InvalidArgument,
             EngineError::Model(error) => error.kind(),
             EngineError::Store(error) => error.kind(),
             EngineError::Volume(error) => error.kind(),

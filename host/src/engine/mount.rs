@@ -21,7 +21,7 @@ use crate::volumes::{MountId, RecordError, VolumeId, VolumeRecord, VolumeSlot, V
 pub struct MountRequest {
     pub volume: VolumeId,
     pub mount_id: MountId,
-    pub reference: String,
+    pub reference: ModelRef,
     pub options: ExcludeOptions,
 }
 
@@ -166,21 +166,24 @@ impl Engine {
     /// # Errors
     /// An invalid reference, or a conflict with what the volume holds.
     pub fn start_mount(self: &Arc<Self>, request: MountRequest) -> Result<MountHandle, EngineError> {
-        ModelRef::parse(&request.reference)?;
-        request.options.validate().map_err(|source| EngineError::Exclude { reference: request.reference.clone(), source })?;
+        request.options.validate().map_err(|source| EngineError::Exclude { reference: request.reference.to_string(), source })?;
         let slot = request.slot();
         let mut active = self.active();
         if let Some(running) = active.get(&slot) {
             if running.request == request {
                 return Ok(MountHandle { result: running.result.clone() });
             }
-            return Err(EngineError::Conflict { slot, holds: running.request.reference.clone(), state: VolumeState::Pulling });
+            return Err(EngineError::Conflict {
+                slot,
+                holds: running.request.reference.to_string(),
+                state: VolumeState::Pulling,
+            });
         }
         if self.releasing().contains_key(&slot) {
             return Err(EngineError::Releasing { slot });
         }
         if let Some(record) = self.volumes.get(&request.volume, &request.mount_id)? {
-            let same = record.reference == request.reference && record.options == request.options;
+            let same = record.reference == request.reference.as_str() && record.options == request.options;
             match record.state() {
                 VolumeState::Ready if same && record.path.is_dir() => {
                     let (_, result) = watch::channel(Some(Ok(record)));
@@ -197,7 +200,7 @@ impl Engine {
         let mut record = VolumeRecord::pulling(
             request.volume.clone(),
             request.mount_id.clone(),
-            request.reference.clone(),
+            request.reference.to_string(),
             request.options.clone(),
             self.volumes.tree(&request.volume, &request.mount_id),
         );

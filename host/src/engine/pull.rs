@@ -133,12 +133,13 @@ impl Engine {
         options: &ExcludeOptions,
         pin: bool,
     ) -> Result<Prefetched, EngineError> {
-        options.validate().map_err(|source| EngineError::Exclude { reference: reference.to_owned(), source })?;
-        let resolved = self.resolve_request(reference, options).await?;
+        let reference = ModelRef::parse(reference)?;
+        options.validate().map_err(|source| EngineError::Exclude { reference: reference.to_string(), source })?;
+        let resolved = self.resolve_request(&reference, options).await?;
         if pin {
             // As `pin`: not while a GC run decides with older pins.
             let _no_gc_run = self.collecting.lock().await;
-            self.pins.pin(&resolved.key.manifest, reference)?;
+            self.pins.pin(&resolved.key.manifest, reference.as_str())?;
         }
         let (lease, source) = self.ensure_entry(&resolved, |_| {}, |_| Ok(())).await?;
         drop(lease);

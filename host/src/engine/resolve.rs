@@ -60,16 +60,22 @@ impl Engine {
     /// A reference and options turned into a model, a selection and the entry
     /// that serves it; the manifest and the entry are held against GC from
     /// the moment they are known.
-    pub(super) async fn resolve_request(&self, reference: &str, options: &ExcludeOptions) -> Result<Resolved, EngineError> {
-        let reference = ModelRef::parse(reference)?;
-        let digest = self.resolve(&reference).await?;
+    pub(super) async fn resolve_request(&self, reference: &ModelRef, options: &ExcludeOptions) -> Result<Resolved, EngineError> {
+        let digest = self.resolve(reference).await?;
         let manifest_hold = self.store.hold(None, std::slice::from_ref(&digest));
-        let model = self.model(&reference, &digest).await?;
-        let decision = self.exclude(&reference, &model, options).await?;
+        let model = self.model(reference, &digest).await?;
+        let decision = self.exclude(reference, &model, options).await?;
         let selection = model.select(decision.skips.iter().map(|skip| skip.path.as_str()));
         let key = EntryKey::new(digest, selection.key().clone());
         let entry_hold = self.store.hold(Some(&key), &[]);
-        Ok(Resolved { reference, model, selection, key, skips: decision.skips, _holds: [manifest_hold, entry_hold] })
+        Ok(Resolved {
+            reference: reference.clone(),
+            model,
+            selection,
+            key,
+            skips: decision.skips,
+            _holds: [manifest_hold, entry_hold],
+        })
     }
 
     /// The digest `reference` names: what the registry said less than the

@@ -20,7 +20,7 @@
 //! held only while bytes are read, never through a backoff.
 //!
 //! The module is split by concern:
-//! - `reference`: [`ModelRef`], a reference as the user wrote it, parsed;
+//! - [`ModelRef`] (from the API crate): a reference as the user wrote it, parsed;
 //! - `tags`: [`TagMemory`], what tags named when last asked;
 //! - `session`: the HTTP client and the credentials it is given, renewed
 //!   when the credentials file changes or a helper's answer is refused;
@@ -32,7 +32,6 @@
 
 mod auth;
 mod blob;
-mod reference;
 mod retry;
 mod session;
 mod tags;
@@ -50,13 +49,13 @@ use oci_client::errors::OciDistributionError;
 
 use self::auth::Credentials;
 pub use self::blob::{BlobSink, DownloadSlot, Slow};
-pub use self::reference::ModelRef;
 use self::retry::{Failure, classify};
 use self::session::{Current, FileStamp, Session};
 pub use self::tags::TagMemory;
 use crate::digest::Digest;
 use crate::error::ErrorKind;
 use crate::modelpack::MANIFEST_MEDIA_TYPE;
+pub use modelcache_api::reference::{ModelRef, ReferenceError};
 
 /// How to reach registries.
 #[derive(Clone, Debug)]
@@ -143,8 +142,8 @@ impl Default for RegistryConfig {
 /// What went wrong talking to a registry.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("`{reference}` is not a valid model reference: {reason}")]
-    InvalidReference { reference: String, reason: String },
+    #[error(transparent)]
+    InvalidReference(#[from] ReferenceError),
     #[error("{reference}: not found in the registry")]
     NotFound { reference: String },
     #[error("{reference}: the registry refused access ({reason})")]
@@ -192,7 +191,7 @@ pub enum RegistryError {
 impl RegistryError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            RegistryError::InvalidReference { .. } => ErrorKind::InvalidArgument,
+            RegistryError::InvalidReference(_) => ErrorKind::InvalidArgument,
             RegistryError::NotFound { .. } => ErrorKind::NotFound,
             RegistryError::Denied { .. } => ErrorKind::PermissionDenied,
             RegistryError::Unavailable { .. } => ErrorKind::Unavailable,
@@ -289,8 +288,8 @@ impl Registry {
         let session = self.session();
         let client = &session.client;
         let auth = session.auth(reference, reference.registry()).await?;
-        client.store_auth_if_needed(reference.reference.resolve_registry(), &auth).await;
-        let image = &reference.reference;
+        client.store_auth_if_needed(reference.as_reference().resolve_registry(), &auth).await;
+        let image = reference.as_reference();
         let exists = client.blob_exists(image, &digest.to_string()).await.unwrap_or(false);
         if exists {
             return Ok(());
@@ -314,12 +313,12 @@ impl Registry {
         let session = self.session();
         let client = &session.client;
         let auth = session.auth(reference, reference.registry()).await?;
-        client.store_auth_if_needed(reference.reference.resolve_registry(), &auth).await;
+        client.store_auth_if_needed(reference.as_reference().resolve_registry(), &auth).await;
         let digest = Digest::of(&manifest);
         let content_type = reqwest_header(MANIFEST_MEDIA_TYPE);
         self.with_retries(reference, "pushing the manifest", || async {
             client
-                .push_manifest_raw(&reference.reference, manifest.clone(), content_type.clone())
+                .push_manifest_raw(reference.as_reference(), manifest.clone(), content_type.clone())
                 .await
                 .map_err(|error| classify(reference, error))
         })

@@ -86,7 +86,8 @@ impl Registry {
             tracing::debug!(mirror = %mirror.host, reference = %reference, "mirror failed {what}: {failure}");
         }
         let auth = session.auth(reference, reference.registry()).await?;
-        self.with_retries(reference, what, || operation(session.client.clone(), reference.reference.clone(), auth.clone())).await
+        self.with_retries(reference, what, || operation(session.client.clone(), reference.as_reference().clone(), auth.clone()))
+            .await
     }
 
     pub(super) async fn with_retries<T, F, Fut>(

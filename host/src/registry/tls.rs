@@ -46,7 +46,7 @@ pub(super) fn read_authorities(path: &Path) -> Result<Vec<Certificate>, Registry
             rustls::RootCertStore::empty()
                 .add(der.clone())
                 .map_err(|error| refuse(format!("a certificate in it cannot be used: {error}")))?;
-            Ok(Certificate { encoding: CertificateEncoding::Der, data: der.to_vec() })
+            Ok::<_, RegistryError>(Certificate { encoding: CertificateEncoding::Der, data: der.to_vec() })
         })
         .collect::<Result<Vec<_>, _>>()?;
     if certificates.is_empty() {
