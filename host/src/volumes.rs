@@ -73,12 +73,12 @@ impl VolumeError {
 pub struct Volumes {
     records: PathBuf,
     trees: PathBuf,
-    holding: std::sync::Mutex<std::collections::HashMap<(VolumeId, MountId), EntryKey>>,
+    holding: std::sync::Mutex<std::collections::HashMap<VolumeSlot, EntryKey>>,
     /// Copied bytes of each `ready` volume (see [`Volumes::copied_bytes`]).
-    copied: std::sync::Mutex<std::collections::HashMap<(VolumeId, MountId), u64>>,
+    copied: std::sync::Mutex<std::collections::HashMap<VolumeSlot, u64>>,
     /// Slots whose record file [`Volumes::get`] found unreadable: the next
     /// write keeps the broken file aside before replacing it.
-    unreadable: std::sync::Mutex<std::collections::HashSet<(VolumeId, MountId)>>,
+    unreadable: std::sync::Mutex<std::collections::HashSet<VolumeSlot>>,
 }
 
 impl Volumes {
@@ -94,7 +94,7 @@ impl Volumes {
 
     fn index(&self, record: &VolumeRecord) {
         let mut holding = self.holding.lock().unwrap_or_else(|poison| poison.into_inner());
-        let slot = (record.volume.clone(), record.mount_id.clone());
+        let slot = VolumeSlot::new(record.volume.clone(), record.mount_id.clone());
         match record.entry().filter(|_| record.state().holds_entry()) {
             Some(key) => holding.insert(slot.clone(), key),
             None => holding.remove(&slot),
@@ -118,7 +118,7 @@ impl Volumes {
     }
 
     /// The volumes whose records hold `key` (pulling or ready).
-    pub fn holders(&self, key: &EntryKey) -> Vec<(VolumeId, MountId)> {
+    pub fn holders(&self, key: &EntryKey) -> Vec<VolumeSlot> {
         let holding = self.holding.lock().unwrap_or_else(|poison| poison.into_inner());
         let mut holders: Vec<_> = holding.iter().filter(|(_, held)| *held == key).map(|(slot, _)| slot.clone()).collect();
         holders.sort();
@@ -162,7 +162,7 @@ impl Volumes {
             Err(reason) => {
                 let reason = format!("the volume's record {} is unreadable: {reason}", path.display());
                 tracing::warn!(volume = %volume, mount_id = %mount_id, "{reason}; it reads as failed until replaced");
-                let slot = (volume.clone(), mount_id.clone());
+                let slot = VolumeSlot::new(volume.clone(), mount_id.clone());
                 self.unreadable.lock().unwrap_or_else(|poison| poison.into_inner()).insert(slot);
                 Ok(Some(unreadable_record(volume.clone(), mount_id.clone(), self.tree(volume, mount_id), reason)))
             }
@@ -197,7 +197,7 @@ impl Volumes {
         let path = self.record_path(&record.volume, &record.mount_id);
         let dir = path.parent().expect("records live in a volume directory");
         fs::create_dir_all(dir).map_err(|source| StoreError::Io { action: "create", path: dir.to_owned(), source })?;
-        let slot = (record.volume.clone(), record.mount_id.clone());
+        let slot = VolumeSlot::new(record.volume.clone(), record.mount_id.clone());
         if self.unreadable.lock().unwrap_or_else(|poison| poison.into_inner()).remove(&slot) {
             set_aside(&path, &broken_path(&path));
         }

@@ -50,7 +50,7 @@ pub fn du(store: &Store, volumes: &Volumes, pins: &Pins) -> Result<DuReport, Sto
             bytes_on_disk: entry_bytes.on_disk,
             exclusive_bytes: entry_bytes.exclusive,
             shared_bytes: entry_bytes.shared(),
-            referenced_by: volumes.holders(&key).into_iter().map(|(volume, mount)| format!("{volume}/{mount}")).collect(),
+            referenced_by: volumes.holders(&key).iter().map(crate::volumes::VolumeSlot::to_string).collect(),
             pinned: pinned.contains(&key.manifest),
             references: usage.references,
             last_used_at: usage.last_used_at,
