@@ -4,6 +4,7 @@
 //! Reproduces what csi-sanity checks of a node-only plugin and what kubelet
 //! relies on.
 
+#[path = "it/support/mod.rs"]
 mod support;
 
 use std::path::{Path, PathBuf};

@@ -6,7 +6,7 @@
 //! Goals: exclude over 100 files ≤ 20 µs median; gc over 100,000 candidates
 //! ≤ 50 ms median.
 
-#[path = "../../tests/support/mod.rs"]
+#[path = "../../tests/it/support/mod.rs"]
 mod support;
 
 use std::time::{Duration, Instant};

@@ -3,7 +3,7 @@
 //! tmpfs; failing gc plugins; pins, dry runs, `du`, and the quota and
 //! periodic triggers.
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;

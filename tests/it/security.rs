@@ -3,7 +3,7 @@
 //! layers that try to exhaust the node (docs/security.md has the threat
 //! model these tests prove).
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;

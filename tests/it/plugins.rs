@@ -1,7 +1,7 @@
 //! The plugin runtime with real compiled components: the reference policies,
 //! composition, settings, reload, and hostile plugins.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

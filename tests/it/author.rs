@@ -5,7 +5,7 @@
 //! Python needs `componentize-py` on PATH and JavaScript needs `npm`; the
 //! tests that need them skip with the reason otherwise (CI installs both).
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

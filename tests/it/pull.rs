@@ -3,7 +3,7 @@
 //! selections of one digest, corrupt and hostile artifacts, cross-filesystem
 //! volumes, quota reservations, crash recovery, and the CLI.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::path::Path;

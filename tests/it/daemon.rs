@@ -2,7 +2,7 @@
 //! unix socket, the real loopback registry (and a mirror), metrics, hot
 //! reload, volume-bound sockets, SIGTERM mid-pull, and the CLI through it.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 
