@@ -63,29 +63,38 @@ pub fn target_dir() -> PathBuf {
 /// The `modelcache` binary under test: this package's, or (for the CSI
 /// shim's tests) built beside them.
 pub fn modelcache_binary() -> PathBuf {
-    // Set when several checkouts build into one target directory, where the
-    // last build's binary would otherwise be the one tested.
-    if let Some(path) = std::env::var_os("MODELCACHE_TEST_BINARY") {
-        return PathBuf::from(path);
-    }
-    if let Some(path) = option_env!("CARGO_BIN_EXE_modelcache") {
-        return PathBuf::from(path);
-    }
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
-        .get_or_init(|| {
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let status = Command::new(cargo)
-                .args(["build", "-p", "modelcache", "--bin", "modelcache"])
-                .env("CARGO_TARGET_DIR", target_dir())
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .status()
-                .expect("running cargo to build modelcache");
-            assert!(status.success(), "building modelcache failed");
-            let profile_dir = std::env::current_exe().unwrap().ancestors().nth(2).unwrap().to_owned();
-            profile_dir.join("modelcache")
-        })
+        .get_or_init(|| binary("MODELCACHE_TEST_BINARY", option_env!("CARGO_BIN_EXE_modelcache"), "modelcache", "modelcache"))
         .clone()
+}
+
+/// The `modelcache-csi` binary (the shim's package, built on demand).
+pub fn csi_binary() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| binary("MODELCACHE_CSI_TEST_BINARY", None, "modelcache-csi", "modelcache-csi")).clone()
+}
+
+/// A binary of the workspace: the one `variable` names (set when several
+/// checkouts build into one target directory, where the last build's binary
+/// would otherwise be the one tested), cargo's own, or one built now.
+fn binary(variable: &str, from_cargo: Option<&str>, package: &str, name: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(variable) {
+        return PathBuf::from(path);
+    }
+    if let Some(path) = from_cargo {
+        return PathBuf::from(path);
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "-p", package, "--bin", name])
+        .env("CARGO_TARGET_DIR", target_dir())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .unwrap_or_else(|error| panic!("running cargo to build {name}: {error}"));
+    assert!(status.success(), "building {name} failed");
+    let profile_dir = std::env::current_exe().unwrap().ancestors().nth(2).unwrap().to_owned();
+    profile_dir.join(name)
 }
 
 /// The `modelcache` binary under test.

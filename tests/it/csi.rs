@@ -4,8 +4,7 @@
 //! Reproduces what csi-sanity checks of a node-only plugin and what kubelet
 //! relies on.
 
-#[path = "it/support/mod.rs"]
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -34,7 +33,7 @@ impl Shim {
     fn start(dir: &Path, daemon_socket: &Path, publish_timeout: u64) -> Shim {
         let endpoint = dir.join("csi/csi.sock");
         let _ = std::fs::remove_file(&endpoint);
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_modelcache-csi"))
+        let child = std::process::Command::new(support::csi_binary())
             .arg("--endpoint")
             .arg(format!("unix://{}", endpoint.display()))
             .arg("--daemon-socket")
