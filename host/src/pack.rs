@@ -58,6 +58,9 @@ pub enum PackError {
     Refused { path: PathBuf, reason: String },
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// The blocking task that reads the directory panicked or was cancelled.
+    #[error("reading the directory did not finish")]
+    Join(#[source] tokio::task::JoinError),
 }
 
 /// The ModelPack layer type of a file, by its name.
@@ -219,9 +222,7 @@ pub fn file_chunks(path: PathBuf) -> impl futures_util::Stream<Item = std::io::R
 /// Packing or registry errors.
 pub async fn push_dir(registry: &Registry, reference: &ModelRef, dir: &Path) -> Result<Digest, PackError> {
     let dir = dir.to_owned();
-    let packed = tokio::task::spawn_blocking(move || pack_dir(&dir))
-        .await
-        .map_err(|error| PackError::Io { path: PathBuf::new(), source: std::io::Error::other(error.to_string()) })??;
+    let packed = tokio::task::spawn_blocking(move || pack_dir(&dir)).await.map_err(PackError::Join)??;
     futures_util::stream::iter(packed.files.iter())
         .map(|file| registry.push_blob(reference, &file.digest, file.size, file_chunks(file.source.clone())))
         .buffer_unordered(4)

@@ -337,7 +337,8 @@ async fn excluded_files_are_never_fetched() {
     let bare = engine_with(bare_root.path(), &registry.host(), None, None);
     let error = bare.mount(excluding("x", &reference, true, &[])).await.unwrap_err();
     assert_eq!(error.kind(), ErrorKind::InvalidArgument);
-    assert!(error.to_string().contains("no plugin serves the exclude decision"), "{error}");
+    let message = modelcache::plugins::error_chain(&error);
+    assert!(message.contains("no plugin serves the exclude decision"), "{message}");
 }
 
 /// A plugin set answers an exclude question once per reference, manifest
@@ -469,7 +470,7 @@ async fn hostile_artifacts_are_refused() {
     const RAW: &str = "application/vnd.cncf.model.weight.v1.raw";
     const TAR: &str = "application/vnd.cncf.model.code.v1.tar";
     let ok = || ("ok.txt", RAW, b"fine".to_vec());
-    let cases: Vec<(&str, Vec<(&str, &str, Vec<u8>)>, &str)> = vec![
+    let cases: Vec<(&str, Vec<support::RawLayer<'_>>, &str)> = vec![
         ("dotdot", vec![ok(), ("../escape.txt", RAW, b"x".to_vec())], "climbs out with `..`"),
         ("absolute", vec![("/etc/cron.d/evil", RAW, b"x".to_vec())], "is absolute"),
         ("duplicate", vec![ok(), ("./ok.txt", RAW, b"y".to_vec())], "both claim `ok.txt`"),

@@ -101,7 +101,7 @@ fn crafted_trees_stay_inside_the_root() {
     let deep = deep_tar(&deep_name);
     let too_deep = deep_tar(&format!("deep/{}file", "d/".repeat(300)));
     let weights = bytes(1, 4096);
-    let cases: Vec<(&str, Vec<(&str, &str, Vec<u8>)>, Option<&str>)> = vec![
+    let cases: Vec<(&str, Vec<support::RawLayer<'_>>, Option<&str>)> = vec![
         ("benign", vec![("pkg", TAR, benign.clone()), ("w.bin", RAW, weights.clone())], None),
         // The same archive, given another path, with a file under its symlink.
         ("reuse", vec![("other", TAR, benign.clone()), ("pkg/link/planted", RAW, weights.clone())], Some("outside the")),
@@ -223,7 +223,7 @@ fn decompression_bombs_are_refused() {
     let expanding = zstd_tar(|out| {
         write_header(out, "pkg/zeros", Regular, 4 * free);
         let zeros = vec![0u8; 1 << 20];
-        for _ in 0..(4 * free >> 20) {
+        for _ in 0..((4 * free) >> 20) {
             out.write_all(&zeros).unwrap();
         }
         out.write_all(&[0u8; 1024]).unwrap();

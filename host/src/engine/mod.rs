@@ -123,10 +123,7 @@ pub enum EngineError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Volume(#[from] VolumeError),
-    // The cause is in the message as well as the source, on purpose: a
-    // caller that shows only this error's own text (`to_string()`) must
-    // still say why no decision was made.
-    #[error("exclude decision for {reference}: {source}")]
+    #[error("exclude decision for {reference}")]
     Exclude {
         reference: String,
         #[source]

@@ -262,7 +262,7 @@ impl Engine {
             Err(error) => {
                 record.set_failed(RecordError { kind: error.kind(), message: crate::plugins::error_chain(&error) });
                 if let Err(write_error) = self.put_record(&mut record) {
-                    tracing::error!(volume = %record.volume, "cannot record the failure: {write_error}");
+                    tracing::error!(volume = %record.volume, "cannot record the failure: {}", crate::plugins::error_chain(&write_error));
                 }
                 tracing::warn!(volume = %record.volume, mount_id = %record.mount_id, reference = %record.reference,
                     "mount failed: {}", crate::plugins::error_chain(&error));
@@ -394,7 +394,7 @@ impl Engine {
                     message: "modelcache shut down before the mount finished; ask again".into(),
                 });
                 if let Err(error) = self.put_record(&mut record) {
-                    tracing::error!(volume = %volume, "cannot record the cancellation: {error}");
+                    tracing::error!(volume = %volume, "cannot record the cancellation: {}", crate::plugins::error_chain(&error));
                 }
             }
             tracing::info!(volume = %volume, mount_id = %mount_id, "mount cancelled by shutdown");

@@ -97,7 +97,7 @@ impl Engine {
             let built = match built {
                 Err(error) if ticket.coalesced() && !retried && joiner_retries(&error) => {
                     tracing::info!(reference = %resolved.reference,
-                        "the pull this mount joined failed ({error}); trying on its own");
+                        "the pull this mount joined failed ({}); trying on its own", crate::plugins::error_chain(&error));
                     retried = true;
                     continue;
                 }
@@ -251,7 +251,7 @@ impl Engine {
             match ticket.wait().await {
                 Err(error) if ticket.coalesced() && !retried && joiner_retries(&error) => {
                     tracing::info!(reference = %reference, blob = %layer.blob.digest.short(),
-                        "the download this pull joined failed ({error}); trying on its own");
+                        "the download this pull joined failed ({}); trying on its own", crate::plugins::error_chain(&error));
                     // The failed flight's bytes went with its temporary.
                     progress.take_back(ticket.progress().done());
                     retried = true;

@@ -6,8 +6,11 @@
 /// every request line and its Range.
 pub struct FlakyProxy {
     pub port: u16,
-    pub requests: std::sync::Arc<std::sync::Mutex<Vec<(String, Option<String>)>>>,
+    pub requests: RequestLog,
 }
+
+/// Request lines, each with the Range it asked for.
+pub type RequestLog = std::sync::Arc<std::sync::Mutex<Vec<(String, Option<String>)>>>;
 
 impl FlakyProxy {
     pub fn start(upstream: u16, cut_after: usize) -> FlakyProxy {

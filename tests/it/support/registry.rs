@@ -138,10 +138,10 @@ impl Registry {
             if parts.next() != Some("GET") {
                 continue;
             }
-            if let Some(digest) = parts.next().and_then(|uri| uri.split("/blobs/").nth(1)) {
-                if digest.starts_with("sha256:") {
-                    *counts.entry(digest.to_owned()).or_default() += 1;
-                }
+            if let Some(digest) = parts.next().and_then(|uri| uri.split("/blobs/").nth(1))
+                && digest.starts_with("sha256:")
+            {
+                *counts.entry(digest.to_owned()).or_default() += 1;
             }
         }
         counts
