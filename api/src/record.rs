@@ -326,9 +326,8 @@ impl LinkMethod {
 pub struct LinkReport {
     pub files: u64,
     /// Bytes of the files that got data of their own (reflinks and copies);
-    /// a hardlink shares the store's. Hardlinked files are not even
-    /// `stat`ed: for a 1,000-file model that was a tenth of the link step.
-    /// Records written before it have none (and a `bytes` field, ignored).
+    /// a hardlink shares the store's, and is not `stat`ed to count it (the
+    /// link step costs one `linkat` per file). Absent from older records.
     #[serde(default)]
     pub copied_bytes: u64,
     pub hardlinks: u64,

@@ -34,7 +34,7 @@ pub use modelcache_api::record::{Origin, RecordError, VolumeRecord, VolumeState}
 
 use crate::error::ErrorKind;
 use crate::link::{LinkReport, Linker};
-use crate::plugins::exclude::ExcludeOptions;
+use modelcache_api::options::ExcludeOptions;
 use crate::store::{EntryKey, StoreError, remove_any, sync_dir, sync_tree, write_json, write_json_volatile};
 
 /// What a record file that does not parse reads as: a `failed` record of

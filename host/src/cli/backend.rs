@@ -110,7 +110,7 @@ impl RootArgs {
 
     /// Runs `work` through the daemon when one answers on the socket, else
     /// on the engine in this process. A client of the daemon runs on one
-    /// thread: starting worker threads was a sixth of a command's ~3 ms.
+    /// thread: a command's own work is smaller than starting worker threads.
     pub fn with_backend<T, F>(&self, work: impl FnOnce(Backend) -> F) -> anyhow::Result<T>
     where
         F: std::future::Future<Output = anyhow::Result<T>>,

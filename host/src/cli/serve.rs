@@ -48,13 +48,12 @@ pub fn run(args: ServeArgs, log_format: Option<LogFormat>) -> anyhow::Result<Exi
     Ok(ExitCode::SUCCESS)
 }
 
-/// glibc gives threads their own malloc arenas, up to 8 per core, and an
-/// arena keeps what was freed in it. A pull's chunks are allocated on the
-/// network workers and freed on blocking writer threads, so every blocking
-/// thread's arena ended up holding some: B6's peak RSS during a 1 GiB pull
-/// was ~60 MiB against a 64 MiB goal. One arena per core (at least two)
-/// brought it to 49–52 MiB with no change in the pull's time or CPU. (A fixed
-/// mmap threshold did as well for memory but cost 45 % more CPU.)
+/// One malloc arena per core (at least two). glibc gives threads their own
+/// arenas, up to 8 per core, and an arena keeps what was freed in it; a
+/// pull's chunks are allocated on the network workers and freed on blocking
+/// writer threads, so with an arena per thread every writer would hold some
+/// and the daemon's memory during a pull would grow with its thread count
+/// (figures, and the alternative measured, in B6 of docs/benchmarks.md).
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {

@@ -24,11 +24,13 @@
 //! | `resolve.rs` | references to digests (tag memory), the parsed-manifest cache, exclude flights, `inspect` |
 //! | `pull.rs` | entry → layers → blobs: the entry's flight, layer fetches and unpacks, prefetch, unpack limits |
 //! | `admission.rs` | the quota decision and the reservations it makes |
+//! | `sink.rs` | the store's [`Ingest`](crate::store::Ingest) as the registry's blob sink, so neither knows the other |
 
 mod admission;
 mod mount;
 mod pull;
 mod resolve;
+mod sink;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
