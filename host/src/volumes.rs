@@ -32,10 +32,11 @@ use std::path::{Path, PathBuf};
 pub use modelcache_api::ids::{IdError, MountId, VolumeId};
 pub use modelcache_api::record::{Origin, RecordError, VolumeRecord, VolumeState};
 
+use crate::durable::{FsError, remove_any, sync_dir, sync_tree, write_json, write_json_volatile};
 use crate::error::ErrorKind;
 use crate::link::{LinkReport, Linker};
+use crate::store::{EntryKey, StoreError};
 use modelcache_api::options::ExcludeOptions;
-use crate::store::{EntryKey, StoreError, remove_any, sync_dir, sync_tree, write_json, write_json_volatile};
 
 /// What a record file that does not parse reads as: a `failed` record of
 /// the volume whose error says why, so the volume can be mounted again
@@ -53,6 +54,8 @@ pub enum VolumeError {
     InvalidId(#[from] IdError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Fs(#[from] FsError),
 }
 
 impl VolumeError {
@@ -60,6 +63,7 @@ impl VolumeError {
         match self {
             VolumeError::InvalidId(_) => ErrorKind::InvalidArgument,
             VolumeError::Store(error) => error.kind(),
+            VolumeError::Fs(_) => ErrorKind::Internal,
         }
     }
 }
@@ -315,7 +319,7 @@ impl Volumes {
         for volume in fs::read_dir(&self.trees).into_iter().flatten().flatten() {
             for staged in fs::read_dir(volume.path()).into_iter().flatten().flatten() {
                 if staged.file_name().to_string_lossy().starts_with(".tmp-") {
-                    crate::store::remove_any(&staged.path())?;
+                    remove_any(&staged.path())?;
                 }
             }
         }

@@ -125,6 +125,8 @@ pub enum EngineError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Volume(#[from] VolumeError),
+    #[error(transparent)]
+    Fs(#[from] crate::durable::FsError),
     #[error("exclude decision for {reference}")]
     Exclude {
         reference: String,
@@ -178,6 +180,7 @@ impl EngineError {
             EngineError::Model(error) => error.kind(),
             EngineError::Store(error) => error.kind(),
             EngineError::Volume(error) => error.kind(),
+            EngineError::Fs(_) => ErrorKind::Internal,
             EngineError::Exclude { source, .. } => source.kind(),
             EngineError::QuotaDenied { .. } => ErrorKind::QuotaDenied,
             EngineError::Conflict { .. } => ErrorKind::Conflict,

@@ -9,11 +9,11 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::{Engine, EngineError, off_the_runtime};
+use crate::durable::remove_any;
 use crate::error::ErrorKind;
 use crate::flight::Progress;
 use crate::plugins::exclude::{ExcludeOptions, ValidatePatterns};
 use crate::registry::ModelRef;
-use crate::store::remove_any;
 use crate::volumes::{MountId, RecordError, VolumeId, VolumeRecord, VolumeSlot, VolumeState, link_volume};
 
 /// A request to mount a model into a volume.

@@ -40,8 +40,6 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use serde::Serialize;
-
 pub use self::entries::{EntryInfo, EntryKey, EntryLayer, EntryUsage, TREE_RULES};
 pub use self::ingest::Ingest;
 pub use self::layout::Layout;
@@ -51,7 +49,7 @@ pub use self::sweep::{EntryLayers, Keep};
 pub use self::unpack::{LimitExceeded, UnpackLimits};
 use crate::archive::ArchiveError;
 use crate::digest::Digest;
-use crate::durable::{self, Filesystem, FsError};
+use crate::durable::{Filesystem, FsError};
 use crate::error::ErrorKind;
 use crate::link::LinkError;
 use crate::modelpack::TreeProblem;
@@ -256,26 +254,6 @@ fn tree_bytes(dir: &Path) -> u64 {
 // The `durable` steps reporting a `StoreError`, for the callers whose own
 // errors wrap the store's (volumes, the engine's link step). New code calls
 // `crate::durable` directly.
-
-pub(crate) fn write_json(path: &Path, value: &impl Serialize) -> Result<(), StoreError> {
-    Ok(durable::write_json(path, value)?)
-}
-
-pub(crate) fn write_json_volatile(path: &Path, value: &impl Serialize) -> Result<(), StoreError> {
-    Ok(durable::write_json_volatile(path, value)?)
-}
-
-pub(crate) fn remove_any(path: &Path) -> Result<(), StoreError> {
-    Ok(durable::remove_any(path)?)
-}
-
-pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    Ok(durable::sync_dir(dir)?)
-}
-
-pub(crate) fn sync_tree(dir: &Path) -> Result<(), StoreError> {
-    Ok(durable::sync_tree(dir)?)
-}
 
 #[cfg(test)]
 mod tests {
