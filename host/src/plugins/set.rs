@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -59,18 +60,40 @@ impl PluginStatus {
 }
 
 /// The plugins serving at one moment, in call order (by `order`, then name).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PluginSet {
+    /// Which set this is: see [`PluginSet::generation`].
+    generation: u64,
     plugins: Vec<Arc<Plugin>>,
     statuses: Vec<PluginStatus>,
 }
 
+/// The generation the last set made got: each new set (each load of a
+/// directory) takes the next.
+static LAST_GENERATION: AtomicU64 = AtomicU64::new(0);
+
+impl Default for PluginSet {
+    fn default() -> Self {
+        PluginSet::new(Vec::new())
+    }
+}
+
 impl PluginSet {
-    /// A set of the given plugins (sorted into call order).
+    /// A set of the given plugins (sorted into call order), with a
+    /// generation of its own.
     pub fn new(mut plugins: Vec<Arc<Plugin>>) -> PluginSet {
         plugins.sort_by(|a, b| (a.config.order, &a.name).cmp(&(b.config.order, &b.name)));
         let statuses = plugins.iter().map(|plugin| PluginStatus::loaded(plugin, None)).collect();
-        PluginSet { plugins, statuses }
+        let generation = LAST_GENERATION.fetch_add(1, Ordering::Relaxed) + 1;
+        PluginSet { generation, plugins, statuses }
+    }
+
+    /// The set's generation: no two sets of the process share one, and a
+    /// later load has a higher one. What a set decided is remembered, and
+    /// a decision in progress joined, by it: after a reload, answers of the
+    /// previous set are never taken for the new one's.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Loads every `NAME.wasm` of `dir`. `previous` is the set serving so far:
@@ -166,4 +189,19 @@ fn plugin_files(dir: &Path, statuses: &mut Vec<PluginStatus>) -> Vec<(String, Pa
         }
     }
     wasm.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every set made, empty or loaded, has a generation of its own, and a
+    /// later one a higher one.
+    #[test]
+    fn each_set_has_its_own_generation() {
+        let first = PluginSet::default();
+        let second = PluginSet::new(Vec::new());
+        assert!(second.generation() > first.generation());
+        assert_ne!(PluginSet::default().generation(), second.generation());
+    }
 }
