@@ -2,7 +2,7 @@
 
 #[path = "../../host/src/archive.rs"]
 pub mod archive;
-#[path = "../../host/src/modelpack.rs"]
+#[path = "../../host/src/modelpack/mod.rs"]
 pub mod modelpack;
 
 pub use modelcache_api::{digest, error};

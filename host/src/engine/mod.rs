@@ -224,9 +224,9 @@ pub struct Engine {
     plugins: PluginHost,
     /// Exclude decisions made, and being made (one plugin call for a herd).
     decisions: Arc<ExcludeMemo>,
-    /// Keyed by the plugin set too (its address, alive while its flight
-    /// runs): a mount after a reload never joins a decision of the old set.
-    excluding: Flights<(usize, MemoKey), ExcludeDecision, EngineError>,
+    /// Keyed by the plugin set's generation too: a mount after a reload
+    /// never joins a decision of the old set.
+    excluding: Flights<(u64, MemoKey), ExcludeDecision, EngineError>,
     volumes: Volumes,
     entries: Flights<EntryKey, pull::Built, EngineError>,
     blobs: Flights<Digest, (), EngineError>,

@@ -168,7 +168,7 @@ impl Engine {
             return Ok(decision);
         }
         let decisions = self.decisions.clone();
-        let flight_key = (Arc::as_ptr(&plugins) as usize, memo_key.clone());
+        let flight_key = (plugins.generation(), memo_key.clone());
         let mut ticket = self.excluding.join(flight_key, |_| {
             let input = ExcludeInput {
                 artifact: Artifact {

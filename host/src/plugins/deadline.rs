@@ -18,7 +18,7 @@ use wasmtime_wasi::p2::bindings::sync::io::streams::{self, InputStream, OutputSt
 use wasmtime_wasi::p2::{DynPollable, StreamError, StreamResult};
 
 /// A WASI wait reached the call's deadline. Returned from the host call as a
-/// trap, so the guest never resumes; `runtime::classify` reports it as a timeout.
+/// trap, so the guest never resumes; `runtime::call::classify` reports it as a timeout.
 #[derive(Debug, thiserror::Error)]
 #[error("the call's deadline passed while the plugin waited in WASI")]
 pub(super) struct DeadlinePassed;

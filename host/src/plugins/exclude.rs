@@ -8,7 +8,7 @@
 
 pub use modelcache_api::options::{ExcludeOptions, Skip};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
@@ -187,7 +187,8 @@ pub struct ExcludeMemo {
 /// The answers of one plugin set.
 #[derive(Debug)]
 struct Answers {
-    made_by: Weak<PluginSet>,
+    /// The [`PluginSet::generation`] of the set that answered.
+    made_by: u64,
     decisions: HashMap<MemoKey, ExcludeDecision>,
 }
 
@@ -204,22 +205,22 @@ impl ExcludeMemo {
     }
 
     /// What `set` decided for this model and these options, if it did.
-    pub fn get(&self, set: &Arc<PluginSet>, key: &MemoKey) -> Option<ExcludeDecision> {
+    pub fn get(&self, set: &PluginSet, key: &MemoKey) -> Option<ExcludeDecision> {
         let kept = self.kept();
-        let answers = kept.as_ref().filter(|answers| Weak::ptr_eq(&answers.made_by, &Arc::downgrade(set)))?;
+        let answers = kept.as_ref().filter(|answers| answers.made_by == set.generation())?;
         answers.decisions.get(key).cloned()
     }
 
     /// Keeps what `set` decided, unless a plugin failed; the answers of an
     /// earlier set go.
-    pub fn put(&self, set: &Arc<PluginSet>, key: MemoKey, decision: &ExcludeDecision) {
+    pub fn put(&self, set: &PluginSet, key: MemoKey, decision: &ExcludeDecision) {
         if !decision.failures.is_empty() {
             return;
         }
-        let made_by = Arc::downgrade(set);
+        let made_by = set.generation();
         let mut kept = self.kept();
         let answers = match kept.take() {
-            Some(answers) if Weak::ptr_eq(&answers.made_by, &made_by) => kept.insert(answers),
+            Some(answers) if answers.made_by == made_by => kept.insert(answers),
             _ => kept.insert(Answers { made_by, decisions: HashMap::new() }),
         };
         crate::memo::insert_bounded(&mut answers.decisions, Self::KEPT, key, decision.clone());
@@ -263,5 +264,26 @@ impl PluginSet {
             }
         }
         Ok(decision)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A remembered decision is given back for the set that made it only;
+    /// keeping one of a newer set drops the older set's answers.
+    #[test]
+    fn the_memo_answers_for_the_set_that_decided() {
+        let memo = ExcludeMemo::default();
+        let (old, new) = (PluginSet::default(), PluginSet::default());
+        let key: MemoKey = ("registry/model:1".into(), "sha256:aa".into(), ExcludeOptions::default());
+        let decision = ExcludeDecision { skips: Vec::new(), failures: Vec::new() };
+        memo.put(&old, key.clone(), &decision);
+        assert_eq!(memo.get(&old, &key), Some(decision.clone()));
+        assert_eq!(memo.get(&new, &key), None);
+        memo.put(&new, key.clone(), &decision);
+        assert_eq!(memo.get(&old, &key), None);
+        assert_eq!(memo.get(&new, &key), Some(decision));
     }
 }
