@@ -45,7 +45,7 @@ pub enum CaseFileError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{}: not a case file: {source}", path.display())]
+    #[error("{}: not a case file", path.display())]
     Parse {
         path: PathBuf,
         #[source]
@@ -183,7 +183,7 @@ fn load_file(path: &Path) -> Result<Vec<Case>, CaseFileError> {
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
     /// The input does not have the decision's shape.
-    #[error("not a valid {decision} input: {source}")]
+    #[error("not a valid {decision} input")]
     Input {
         decision: Decision,
         #[source]
