@@ -342,14 +342,18 @@ async fn slow_pulls_are_retried_and_released() {
     let files = vec![("big.safetensors", bytes(4, 192 * MIB)), ("config.json", b"{}".to_vec())];
     let (reference, source) = publish(&registry, "models/slow:v1", &files);
     let (abandoned, _abandoned_source) = publish(&registry, "models/abandoned:v1", &[("huge.safetensors", bytes(5, 192 * MIB))]);
-    let daemon = Daemon::start(&format!("[registries]\ninsecure = [\"{}\"]\n", registry.host()));
+    // Tags resolve through a proxy that holds every HEAD for 4 s, so a pull
+    // surely outlasts the hurried calls' 3 s deadline however fast the
+    // machine; the shim answers 500 ms before that deadline.
+    let proxy = support::FlakyProxy::slow_heads(registry.port(), Duration::from_secs(4));
+    let reference = reference.replace(&registry.host(), &proxy.host());
+    let abandoned = abandoned.replace(&registry.host(), &proxy.host());
+    let daemon = Daemon::start(&format!("[registries]\ninsecure = [\"{}\"]\n", proxy.host()));
     let shim = Shim::start(daemon.dir.path(), &daemon.socket, 100);
     let mut node = NodeClient::new(shim.channel().await);
     let target = daemon.dir.path().join("pods/slow/mount");
     let context = [("modelcache.io/reference", reference.as_str())];
 
-    // The shim answers after its publish timeout (100 ms); kubelet's deadline
-    // leaves room for a loaded machine to deliver that answer.
     let mut hurried = Request::new(publish_request("csi-slow", &target, &context));
     hurried.set_timeout(Duration::from_secs(3));
     let status = node.node_publish_volume(hurried).await.unwrap_err();

@@ -89,7 +89,7 @@ pub fn health(args: HealthArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Err(error) => {
-            eprintln!("unhealthy: {error}");
+            eprintln!("unhealthy: {}", modelcache::error::chain(&error));
             Ok(ExitCode::FAILURE)
         }
     }

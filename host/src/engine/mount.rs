@@ -183,7 +183,9 @@ impl Engine {
             return Err(EngineError::Releasing { slot });
         }
         if let Some(record) = self.volumes.get(&request.volume, &request.mount_id)? {
-            let same = record.reference == request.reference.as_str() && record.options == request.options;
+            // A parsed reference is trimmed; a record may hold one as sent
+            // (older daemons stored it so).
+            let same = record.reference.trim() == request.reference.as_str() && record.options == request.options;
             match record.state() {
                 VolumeState::Ready if same && record.path.is_dir() => {
                     let (_, result) = watch::channel(Some(Ok(record)));
