@@ -1,7 +1,8 @@
 //! The integration tests, one binary: each module drives the real
 //! `modelcache` binary (or the engine as a library) against a real loopback
-//! registry, real compiled plugins and, as root, real mounts (`csi`: the
-//! shim as kubelet sees it, over its gRPC socket). The fixtures
+//! registry, real compiled plugins and, as root, real mounts. The CSI shim's
+//! tests are the one other binary (`tests/csi.rs`), run apart so its
+//! deadline-bound calls meet a quiet machine. The fixtures
 //! are in `support/`, one module each.
 //!
 //! `cargo test -p modelcache --test it` runs them all; a module's alone with
@@ -11,7 +12,6 @@
 mod support;
 
 mod author;
-mod csi;
 mod daemon;
 mod gc;
 mod plugins;
