@@ -46,7 +46,7 @@ impl Shim {
             .args(["--node-id", "node-1", "--publish-timeout", &publish_timeout.to_string()])
             .arg("--state-dir")
             .arg(dir.join("csi-state"))
-            .stderr(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("csi.log")).expect("the shim's log file"))
             .spawn()
             .expect("starting modelcache-csi");
         let started = Instant::now();
@@ -87,13 +87,29 @@ fn mount_capability() -> VolumeCapability {
     }
 }
 
+/// A publish as kubelet sends it with `podInfoOnMount: true`: the pod's
+/// keys are added unless `context` names them.
 fn publish_request(volume: &str, target: &Path, context: &[(&str, &str)]) -> NodePublishVolumeRequest {
+    let mut volume_context: std::collections::HashMap<String, String> =
+        context.iter().map(|(key, value)| (key.to_string(), value.to_string())).collect();
+    // The pod's UID is the one in the target path, as kubelet makes it.
+    let components: Vec<String> = target.components().map(|part| part.as_os_str().to_string_lossy().into_owned()).collect();
+    let uid =
+        components.windows(2).find(|pair| pair[0] == "pods").map(|pair| pair[1].clone()).unwrap_or_else(|| "pod-uid".into());
+    for (key, value) in [
+        ("csi.storage.k8s.io/pod.namespace", "default"),
+        ("csi.storage.k8s.io/pod.name", "pod-0"),
+        ("csi.storage.k8s.io/pod.uid", uid.as_str()),
+        ("csi.storage.k8s.io/serviceAccount.name", "default"),
+    ] {
+        volume_context.entry(key.into()).or_insert_with(|| value.into());
+    }
     NodePublishVolumeRequest {
         volume_id: volume.into(),
         target_path: target.display().to_string(),
         volume_capability: Some(mount_capability()),
         readonly: true,
-        volume_context: context.iter().map(|(key, value)| (key.to_string(), value.to_string())).collect(),
+        volume_context,
         ..NodePublishVolumeRequest::default()
     }
 }
@@ -180,6 +196,18 @@ async fn publish_errors_are_typed() {
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("block access is not supported"));
     assert_eq!(code(node.node_publish_volume(publish_request("v", &target, &[])).await), Code::InvalidArgument);
+    // Without the pod's namespace no pod may be taken for the operator.
+    let mut no_pod_info = publish_request("v", &target, &good);
+    no_pod_info.volume_context.remove("csi.storage.k8s.io/pod.namespace");
+    let status = node.node_publish_volume(no_pod_info).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("podInfoOnMount"), "{}", status.message());
+    // Pod keys a pod's own attributes claim do not match the target kubelet chose.
+    let spoofed =
+        publish_request("v", &target, &[("modelcache.io/reference", &reference), ("csi.storage.k8s.io/pod.uid", "other")]);
+    let status = node.node_publish_volume(spoofed).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("target path"), "{}", status.message());
     assert_eq!(
         code(node.node_publish_volume(publish_request("v", &target, &[("modelcache.io/reference", "Not A Ref")])).await),
         Code::InvalidArgument
@@ -397,7 +425,7 @@ async fn restarts_large_requests_and_static_volumes() {
     let long_target = daemon.dir.path().join(format!("pods/{}/volumes/kubernetes.io~csi/model/mount", "p".repeat(160)));
     assert!(long_target.display().to_string().len() > 128);
     let padding = "x".repeat(4096);
-    let big_context = [("modelcache.io/reference", reference.as_str()), ("csi.storage.k8s.io/pod.name", padding.as_str())];
+    let big_context = [("modelcache.io/reference", reference.as_str()), ("example.com/annotation", padding.as_str())];
     node.node_publish_volume(publish_request("csi-big", &long_target, &big_context)).await.unwrap();
     assert_eq!(read_tree(&long_target), read_tree(source.path()));
 
@@ -418,4 +446,183 @@ async fn restarts_large_requests_and_static_volumes() {
     }
     let records: Vec<VolumeRecord> = daemon.client().get("/v1/volumes").await.unwrap();
     assert!(records.iter().all(|record| record.state() == VolumeState::Released), "{records:?}");
+}
+
+/// A publish for a pod of `namespace` with a `kubernetes.io/basic-auth`
+/// pull secret (`nodePublishSecretRef`).
+fn tenant_publish(
+    volume: &str,
+    target: &Path,
+    reference: &str,
+    namespace: &str,
+    user: &str,
+    password: &str,
+) -> NodePublishVolumeRequest {
+    let mut request = publish_request(
+        volume,
+        target,
+        &[("modelcache.io/reference", reference), ("csi.storage.k8s.io/pod.namespace", namespace)],
+    );
+    request.secrets = [("username".to_owned(), user.to_owned()), ("password".to_owned(), password.to_owned())].into();
+    request
+}
+
+/// A registry that claims every manifest: a HEAD for any digest answers 200
+/// with that digest, a GET finds nothing. Returns its `host:port`.
+fn lying_registry() -> String {
+    use std::io::{BufRead, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let host = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            let mut header = String::new();
+            while reader.read_line(&mut header).is_ok_and(|read| read > 2) {
+                header.clear();
+            }
+            let mut parts = line.split(' ');
+            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let claimed = path.split("/manifests/").nth(1).filter(|digest| digest.starts_with("sha256:"));
+            let answer = match (method, claimed) {
+                ("HEAD", Some(digest)) => format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\n\
+                     Docker-Content-Digest: {digest}\r\nContent-Length: 500\r\nConnection: close\r\n\r\n"
+                ),
+                _ if path == "/v2/" => "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}".to_owned(),
+                _ => "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_owned(),
+            };
+            let mut stream = stream;
+            let _ = stream.write_all(answer.as_bytes());
+        }
+    });
+    host
+}
+
+/// Every file under `dir`, read whole (sockets and the like skipped).
+fn every_file(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_owned()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().filter_map(Result::ok) {
+            let Ok(kind) = entry.file_type() else { continue };
+            if kind.is_dir() {
+                pending.push(entry.path());
+            } else if kind.is_file()
+                && let Ok(bytes) = std::fs::read(entry.path())
+            {
+                found.push((entry.path(), bytes));
+            }
+        }
+    }
+    found
+}
+
+/// Two tenants on one node, through the shim as kubelet drives it: tenant
+/// A's pull secret reads `private/a`, tenant B's does not. B is refused the
+/// tag before anything is cached, and again the same way once A's mount
+/// put the model in the cache, by tag and by digest, with no blob requested
+/// and nothing of the model where B could see it; B with a secret the
+/// registry accepts is then served from the cache without a download. A
+/// public model costs B no registry request at all after A mounted it. No
+/// secret is left in a file, a log line or a metric.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_get_only_what_their_pull_secrets_reach() {
+    skip_unless!(support::is_root(), "bind mounts need root");
+    let (a_password, b_password) = ("a-pass-7Qe2", "b-pass-Zx91");
+    let Some(private) = Registry::start_with_htpasswd(&support::htpasswd("alice", a_password)) else { return };
+    let Some(public) = start_registry() else { return };
+    let pusher = tempfile::tempdir().unwrap();
+    support::write_docker_config(pusher.path(), &support::basic_auth(&private.host(), "alice", a_password));
+    let source = tempfile::tempdir().unwrap();
+    support::write_tree(source.path(), &model(41));
+    let tagged = private.reference("private/a:v1");
+    let pushed = support::push_as(&private, source.path(), &tagged, Some(pusher.path()));
+    let digest = pushed.rsplit_once('@').expect("a pinned reference").1;
+    let by_digest = format!("{}@{digest}", private.reference("private/a"));
+    let (public_model, public_source) = publish(&public, "public/m:v1", &model(42));
+
+    let liar = lying_registry();
+    let daemon =
+        Daemon::start(&format!("[registries]\ninsecure = [\"{}\", \"{}\", \"{liar}\"]\n", private.host(), public.host()));
+    let shim = Shim::start(daemon.dir.path(), &daemon.socket, 60_000);
+    let mut node = NodeClient::new(shim.channel().await);
+    let target = |name: &str| daemon.dir.path().join(format!("pods/{name}/volumes/kubernetes.io~csi/model/mount"));
+
+    let before = node
+        .node_publish_volume(tenant_publish("csi-b1", &target("b1"), &tagged, "tenant-b", "bob", b_password))
+        .await
+        .unwrap_err();
+    assert_eq!(before.code(), Code::PermissionDenied, "{before:?}");
+
+    node.node_publish_volume(tenant_publish("csi-a", &target("a"), &tagged, "tenant-a", "alice", a_password)).await.unwrap();
+    assert_eq!(read_tree(&target("a")), read_tree(source.path()));
+    let gets = private.blob_gets();
+
+    let cached_tag = node
+        .node_publish_volume(tenant_publish("csi-b2", &target("b2"), &tagged, "tenant-b", "bob", b_password))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (cached_tag.code(), cached_tag.message()),
+        (before.code(), before.message()),
+        "the cache changes nothing B learns"
+    );
+    let cached_digest = node
+        .node_publish_volume(tenant_publish("csi-b3", &target("b3"), &by_digest, "tenant-b", "bob", b_password))
+        .await
+        .unwrap_err();
+    assert_eq!(cached_digest.code(), Code::PermissionDenied, "{cached_digest:?}");
+    assert_eq!(cached_digest.message(), before.message().replace(&tagged, &by_digest));
+    // A registry of B's choosing that claims A's digest proves nothing: only
+    // a repository that served the manifest's bytes may answer a HEAD.
+    let claimed = format!("{liar}/mine/a@{digest}");
+    let lie = node.node_publish_volume(tenant_publish("csi-b5", &target("b5"), &claimed, "tenant-b", "bob", b_password)).await;
+    assert!(lie.is_err(), "a HEAD from a registry that lacks the manifest must not prove access");
+    assert_eq!(private.blob_gets(), gets, "a refused tenant makes no blob request");
+    for volume in ["b1", "b2", "b3", "b5"] {
+        assert!(mounts_at(&target(volume)).is_empty() && every_file(&target(volume)).is_empty(), "{volume} sees nothing");
+    }
+    let volumes = daemon.dir.path().join("root/volumes");
+    for (path, _) in every_file(&volumes) {
+        assert!(!path.to_string_lossy().contains("csi-b"), "a refused volume holds {}", path.display());
+    }
+
+    // B's own secret, once the registry accepts it: served from the cache.
+    private.set_htpasswd(&(support::htpasswd("alice", a_password) + &support::htpasswd("bob", b_password)));
+    node.node_publish_volume(tenant_publish("csi-b4", &target("b4"), &by_digest, "tenant-b", "bob", b_password)).await.unwrap();
+    assert_eq!(read_tree(&target("b4")), read_tree(source.path()));
+    assert_eq!(private.blob_gets(), gets, "served from the cache");
+    let records: Vec<VolumeRecord> = daemon.client().get("/v1/volumes").await.unwrap();
+    let b4 = records.iter().find(|record| record.volume.as_str() == "csi-b4").unwrap();
+    assert_eq!(b4.requester.as_ref().and_then(|requester| requester.namespace.as_deref()), Some("tenant-b"));
+    assert_eq!(b4.access, Some(modelcache_api::record::Proof::PullSecret));
+
+    // A public model: B after A asks the registry nothing.
+    node.node_publish_volume(tenant_publish("csi-pa", &target("pa"), &public_model, "tenant-a", "alice", a_password))
+        .await
+        .unwrap();
+    let asked = public.requests_for("/v2/");
+    node.node_publish_volume(tenant_publish("csi-pb", &target("pb"), &public_model, "tenant-b", "bob", b_password))
+        .await
+        .unwrap();
+    assert_eq!(read_tree(&target("pb")), read_tree(public_source.path()));
+    assert_eq!(public.requests_for("/v2/"), asked, "a public model is checked once, for everyone");
+
+    for volume in ["a", "b4", "pa", "pb"] {
+        node.node_unpublish_volume(unpublish_request(&format!("csi-{volume}"), &target(volume))).await.unwrap();
+    }
+    let metrics = daemon.metrics_text();
+    let logs = daemon.log_text() + &std::fs::read_to_string(daemon.dir.path().join("csi.log")).unwrap();
+    drop(shim);
+    for password in [a_password, b_password] {
+        assert!(!logs.contains(password) && !metrics.contains(password), "a secret in the logs or metrics");
+        for (path, bytes) in every_file(daemon.dir.path()) {
+            let text = String::from_utf8_lossy(&bytes);
+            assert!(!text.contains(password), "a secret in {}", path.display());
+        }
+    }
 }

@@ -8,6 +8,7 @@
 //! - [`record`]: a volume's record, its state and how its tree was linked;
 //! - [`reference`](mod@reference), [`ids`], [`entry`], [`digest`]: names validated once;
 //! - [`options`]: what a request leaves out;
+//! - [`tenancy`]: who asks for a mount, and the registry credentials they bring;
 //! - [`error`]: the kinds callers branch on.
 
 #[cfg(feature = "client")]
@@ -20,6 +21,7 @@ pub mod options;
 pub mod protocol;
 pub mod record;
 pub mod reference;
+pub mod tenancy;
 
 /// Where the daemon's main socket is unless configured otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/modelcache/modelcache.sock";

@@ -8,6 +8,7 @@ use http::StatusCode;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorKind;
+use crate::tenancy::{RegistryCredentials, Requester};
 
 /// Every route the API serves, as `(method, path)`; the OpenAPI document
 /// lists exactly these (a test keeps them in step).
@@ -43,6 +44,14 @@ pub struct MountBody {
     /// `202` with the record while it pulls).
     #[serde(default)]
     pub wait_seconds: f64,
+    /// Who asks. Only the admin socket may state it; a volume socket's
+    /// requests carry the identity the socket was made with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requester: Option<Requester>,
+    /// Registry credentials for this mount, tried before the node's own.
+    /// Never stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<RegistryCredentials>,
 }
 
 /// `POST /v1/prefetch`: pull a model into the cache with no volume.
@@ -101,6 +110,10 @@ pub struct PinBody {
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct VolumeSocketBody {
     pub volume: String,
+    /// Who the socket speaks for: every mount through it carries this
+    /// requester, and may not claim another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requester: Option<Requester>,
 }
 
 /// Where a volume socket is.

@@ -9,6 +9,7 @@ use crate::entry::{EntryKey, SelectionKey};
 use crate::error::ErrorKind;
 use crate::ids::{MountId, VolumeId};
 use crate::options::{ExcludeOptions, Skip};
+use crate::tenancy::Requester;
 
 /// Where a volume stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +64,19 @@ enum Standing {
     Released(Option<RecordError>),
 }
 
+/// How a mount's requester was shown able to read the manifest it got
+/// (the registry's answer to it, or one remembered).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Proof {
+    /// The registry serves the manifest without credentials.
+    Public,
+    /// The node's own credentials reach it (a policy granted their use).
+    Node,
+    /// The mount's pull secret reaches it.
+    PullSecret,
+}
+
 /// One volume's record.
 ///
 /// On the wire (files and the API) it is [`wire::Record`]: the state and
@@ -77,6 +91,10 @@ pub struct VolumeRecord {
     /// The reference as requested.
     pub reference: String,
     pub options: ExcludeOptions,
+    /// Who asked for the mount.
+    pub requester: Option<Requester>,
+    /// How the requester was shown able to read the manifest, once it was.
+    pub access: Option<Proof>,
     standing: Standing,
     /// The tree the volume holds (the manifest the reference resolved to and
     /// the selection of its files), once resolved.
@@ -107,6 +125,8 @@ impl VolumeRecord {
             mount_id,
             reference,
             options,
+            requester: None,
+            access: None,
             standing: Standing::Pulling,
             entry: None,
             path,
@@ -194,6 +214,11 @@ pub mod wire {
         pub mount_id: MountId,
         pub reference: String,
         pub options: ExcludeOptions,
+        /// Absent from records written before it, and for the operator's.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub requester: Option<Requester>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub access: Option<Proof>,
         pub state: VolumeState,
         pub digest: Option<Digest>,
         pub selection: Option<SelectionKey>,
@@ -231,6 +256,8 @@ pub mod wire {
                 mount_id: record.mount_id,
                 reference: record.reference,
                 options: record.options,
+                requester: record.requester,
+                access: record.access,
                 state,
                 digest,
                 selection,
@@ -283,6 +310,8 @@ pub mod wire {
                 mount_id: record.mount_id,
                 reference: record.reference,
                 options: record.options,
+                requester: record.requester,
+                access: record.access,
                 standing,
                 entry,
                 path: record.path,

@@ -9,7 +9,11 @@
 //! - `modelcache.io/mount-id`: a name for the mount in the engine's records.
 //!
 //! Other `modelcache.io/` keys are refused (a typo would otherwise be
-//! ignored silently); kubelet's `csi.storage.k8s.io/*` keys are not ours.
+//! ignored silently). Of kubelet's `csi.storage.k8s.io/*` keys, the pod's
+//! namespace, name, UID and service account name the requester, which
+//! admission policies decide on; the namespace is required (kubelet passes
+//! it with the CSIDriver's `podInfoOnMount: true`), so that no pod is ever
+//! taken for the node's operator.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -17,6 +21,7 @@ use std::path::Path;
 use modelcache_api::ids::{MountId, VolumeId};
 use modelcache_api::options::ExcludeOptions;
 use modelcache_api::reference::ModelRef;
+use modelcache_api::tenancy::Requester;
 use sha2::{Digest as _, Sha256};
 
 pub const PREFIX: &str = "modelcache.io/";
@@ -24,6 +29,10 @@ pub const REFERENCE: &str = "modelcache.io/reference";
 pub const EXCLUDE_WEIGHTS: &str = "modelcache.io/exclude-weights";
 pub const EXCLUDE_PATTERNS: &str = "modelcache.io/exclude-patterns";
 pub const MOUNT_ID: &str = "modelcache.io/mount-id";
+pub const POD_NAMESPACE: &str = "csi.storage.k8s.io/pod.namespace";
+pub const POD_NAME: &str = "csi.storage.k8s.io/pod.name";
+pub const POD_UID: &str = "csi.storage.k8s.io/pod.uid";
+pub const SERVICE_ACCOUNT: &str = "csi.storage.k8s.io/serviceAccount.name";
 
 /// A publish's model and options.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,6 +40,7 @@ pub struct MountSpec {
     pub reference: String,
     pub options: ExcludeOptions,
     pub mount_name: Option<String>,
+    pub requester: Requester,
 }
 
 /// Reads the volume context.
@@ -71,7 +81,47 @@ pub fn parse_context(context: &HashMap<String, String>) -> Result<MountSpec, Str
             return Err(format!("{MOUNT_ID}: `{name}` must be 1 to 100 of A-Z a-z 0-9 . _ -"));
         }
     }
-    Ok(MountSpec { reference: reference.to_owned(), options: ExcludeOptions { exclude_weights, patterns }, mount_name })
+    let pod = |key: &str| context.get(key).filter(|value| !value.is_empty()).cloned();
+    let requester = Requester {
+        namespace: Some(pod(POD_NAMESPACE).ok_or_else(|| {
+            format!(
+                "kubelet passed no `{POD_NAMESPACE}`: set `podInfoOnMount: true` in the CSIDriver (deploy/csidriver.yaml does)"
+            )
+        })?),
+        pod: pod(POD_NAME),
+        pod_uid: pod(POD_UID),
+        service_account: pod(SERVICE_ACCOUNT),
+        volume: None,
+    };
+    requester.validate().map_err(|error| error.to_string())?;
+    Ok(MountSpec {
+        reference: reference.to_owned(),
+        options: ExcludeOptions { exclude_weights, patterns },
+        mount_name,
+        requester,
+    })
+}
+
+/// Checks the pod's keys against the target path kubelet chose
+/// (`…/pods/<pod uid>/volumes/…`): kubelet sets those keys only with
+/// `podInfoOnMount`, and without it a pod's own volume attributes could
+/// claim any namespace. The UID is required, and must be the path's.
+///
+/// # Errors
+/// A message for INVALID_ARGUMENT.
+pub fn check_pod(requester: &Requester, target: &Path) -> Result<(), String> {
+    let uid = requester.pod_uid.as_deref().ok_or_else(|| {
+        format!("kubelet passed no `{POD_UID}`: set `podInfoOnMount: true` in the CSIDriver (deploy/csidriver.yaml does)")
+    })?;
+    let components: Vec<_> = target.components().map(|component| component.as_os_str().to_string_lossy()).collect();
+    let in_path = components.windows(3).find(|window| window[0] == "pods" && window[2] == "volumes").map(|window| &window[1]);
+    match in_path {
+        Some(found) if found != uid => Err(format!(
+            "`{POD_UID}` is `{uid}` but the target path is pod {found}'s: pod keys in volume attributes are not the pod's \
+             (set `podInfoOnMount: true` in the CSIDriver)"
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn short_hash(text: &str, digits: usize) -> String {
@@ -111,10 +161,14 @@ mod tests {
             (EXCLUDE_WEIGHTS, "True"),
             (EXCLUDE_PATTERNS, r#"["docs/", "*.md"]"#),
             (MOUNT_ID, "llm"),
-            ("csi.storage.k8s.io/pod.name", "pod"),
+            (POD_NAMESPACE, "research"),
+            (POD_NAME, "pod"),
+            (SERVICE_ACCOUNT, "trainer"),
             ("csi.storage.k8s.io/ephemeral", "true"),
         ]))
         .unwrap();
+        assert_eq!(spec.requester.namespace.as_deref(), Some("research"));
+        assert_eq!((spec.requester.pod.as_deref(), spec.requester.service_account.as_deref()), (Some("pod"), Some("trainer")));
         assert_eq!(spec.reference, "registry.local/m:1");
         assert!(spec.options.exclude_weights);
         assert_eq!(spec.options.patterns, ["docs/", "*.md"]);
@@ -124,14 +178,33 @@ mod tests {
     /// Missing, malformed and misspelt attributes are refused by name.
     #[test]
     fn refuses_bad_contexts() {
-        let error = |pairs: &[(&str, &str)]| parse_context(&context(pairs)).unwrap_err();
+        let error = |pairs: &[(&str, &str)]| {
+            let mut pairs = pairs.to_vec();
+            if !pairs.iter().any(|(key, _)| *key == POD_NAMESPACE) {
+                pairs.push((POD_NAMESPACE, "ns"));
+            }
+            parse_context(&context(&pairs)).unwrap_err()
+        };
         assert!(error(&[]).contains(REFERENCE));
+        assert!(parse_context(&context(&[(REFERENCE, "r/m:1")])).unwrap_err().contains("podInfoOnMount"));
+        assert!(error(&[(REFERENCE, "r/m:1"), (POD_NAMESPACE, "Not A Name")]).contains("namespace"));
         assert!(error(&[(REFERENCE, "  ")]).contains("required"));
         assert!(error(&[(REFERENCE, "Not A Reference")]).contains("not a valid model reference"));
         assert!(error(&[(REFERENCE, "r/m:1"), (EXCLUDE_WEIGHTS, "yes")]).contains("neither true nor false"));
         assert!(error(&[(REFERENCE, "r/m:1"), (EXCLUDE_PATTERNS, "docs/")]).contains("JSON array"));
         assert!(error(&[(REFERENCE, "r/m:1"), ("modelcache.io/refernce", "x")]).contains("modelcache.io/refernce"));
         assert!(error(&[(REFERENCE, "r/m:1"), (MOUNT_ID, "../x")]).contains(MOUNT_ID));
+    }
+
+    /// The pod's UID is required and must be the target path's.
+    #[test]
+    fn pod_keys_match_the_target() {
+        let requester = |uid: Option<&str>| Requester { pod_uid: uid.map(str::to_owned), ..Requester::default() };
+        let target = Path::new("/var/lib/kubelet/pods/abc-1/volumes/kubernetes.io~csi/m/mount");
+        assert!(check_pod(&requester(Some("abc-1")), target).is_ok());
+        assert!(check_pod(&requester(Some("abc-2")), target).unwrap_err().contains("abc-1"));
+        assert!(check_pod(&requester(None), target).unwrap_err().contains("podInfoOnMount"));
+        assert!(check_pod(&requester(Some("abc-1")), Path::new("/elsewhere/mount")).is_ok());
     }
 
     /// Ids kubelet gives map to valid engine ids; one per target path.

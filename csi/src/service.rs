@@ -19,6 +19,7 @@ use modelcache_api::client::{Client, ClientError};
 use modelcache_api::error::ErrorKind;
 use modelcache_api::protocol::MountBody;
 use modelcache_api::record::{VolumeRecord, VolumeState};
+use modelcache_api::tenancy::RegistryCredentials;
 use tonic::{Request, Response, Status};
 
 use crate::targets::{Published, Targets};
@@ -124,6 +125,8 @@ impl Shim {
             return Err(Status::invalid_argument(format!("target_path `{}` is not absolute", target.display())));
         }
         let spec = request::parse_context(&request.volume_context).map_err(Status::invalid_argument)?;
+        let spec_requester = spec.requester;
+        request::check_pod(&spec_requester, &target).map_err(Status::invalid_argument)?;
         let published = Published {
             volume: request::volume_id(&request.volume_id),
             mount_id: request::mount_id(spec.mount_name.as_deref(), &target),
@@ -162,6 +165,10 @@ impl Shim {
             exclude_weights: published.options.exclude_weights,
             patterns: published.options.patterns.clone(),
             wait_seconds: wait.as_secs_f64(),
+            requester: Some(spec_requester),
+            // The pod's pull secret (`nodePublishSecretRef`): passed on to
+            // the daemon, never written or logged here.
+            credentials: RegistryCredentials::from_secret_map(&request.secrets),
         };
         let path = format!("/v1/volumes/{}/{}", published.volume, published.mount_id);
         let answer = self.daemon.put::<_, VolumeRecord>(&path, &body).await.map_err(status_of)?;

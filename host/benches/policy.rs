@@ -35,6 +35,7 @@ fn exclude_input() -> ExcludeInput {
         })
         .collect();
     ExcludeInput {
+        requester: Default::default(),
         artifact: Artifact {
             reference: "registry.local/models/bench:1".into(),
             manifest_digest: format!("sha256:{:064x}", 1),
@@ -47,6 +48,7 @@ fn exclude_input() -> ExcludeInput {
 
 fn quota_input() -> QuotaInput {
     QuotaInput {
+        requester: Default::default(),
         reference: "registry.local/models/bench:1".into(),
         manifest_digest: format!("sha256:{:064x}", 1),
         incoming_bytes: 10 * GIB,
@@ -170,6 +172,13 @@ mod native {
     pub fn exclude(input: &ExcludeInput) -> impl Fn() + '_ {
         use exclude_patterns::exports::modelcache::policy::exclude as wit;
         let request = wit::Request {
+            requester: exclude_patterns::modelcache::policy::types::Requester {
+                namespace: None,
+                pod: None,
+                pod_uid: None,
+                service_account: None,
+                volume: None,
+            },
             artifact: wit::Artifact {
                 reference: input.artifact.reference.clone(),
                 manifest_digest: input.artifact.manifest_digest.clone(),
@@ -185,7 +194,10 @@ mod native {
                     layer_digest: file.layer_digest.clone(),
                 })
                 .collect(),
-            options: wit::Options { exclude_weights: input.options.exclude_weights, patterns: input.options.patterns.clone() },
+            options: exclude_patterns::modelcache::policy::types::Options {
+                exclude_weights: input.options.exclude_weights,
+                patterns: input.options.patterns.clone(),
+            },
             settings: "{}".into(),
         };
         move || drop(std::hint::black_box(exclude_patterns::decide(&request)))
@@ -195,6 +207,13 @@ mod native {
         use quota_watermark::exports::modelcache::policy::quota as wit;
         use quota_watermark::modelcache::policy::types::Filesystem;
         let request = wit::Request {
+            requester: quota_watermark::modelcache::policy::types::Requester {
+                namespace: None,
+                pod: None,
+                pod_uid: None,
+                service_account: None,
+                volume: None,
+            },
             reference: input.reference.clone(),
             manifest_digest: input.manifest_digest.clone(),
             incoming_bytes: input.incoming_bytes,

@@ -109,6 +109,9 @@ pub struct Metrics {
     pub plugin_calls: CounterVec<2>,
     pub plugin_failures: CounterVec<3>,
     pub plugin_seconds: HistogramVec<2>,
+    /// By tenant (a name admission policy gave, bounded; else `other`)
+    /// and outcome (`admitted`, `refused`).
+    pub admissions: CounterVec<2>,
 }
 
 /// The process's metrics.
@@ -134,6 +137,7 @@ impl Metrics {
             plugin_calls: CounterVec::new(["plugin", "decision"]),
             plugin_failures: CounterVec::new(["plugin", "decision", "cause"]),
             plugin_seconds: HistogramVec::new(["plugin", "decision"]),
+            admissions: CounterVec::new(["tenant", "outcome"]),
         }
     }
 }
@@ -204,6 +208,12 @@ impl Metrics {
             "modelcache_plugin_failures_total",
             "Failed plugin calls, by plugin, decision and cause.",
             &self.plugin_failures,
+        );
+        self.render_vec(
+            &mut out,
+            "modelcache_admissions_total",
+            "Mount requests admitted or refused by admission policy, by tenant and outcome.",
+            &self.admissions,
         );
         let name = "modelcache_plugin_call_seconds";
         let _ = writeln!(out, "# HELP {name} Plugin call latency (instantiate and call).\n# TYPE {name} histogram");

@@ -18,9 +18,10 @@ fn main() {
     let source = format!(
         r#"
 /// Generates the bindings of one `modelcache:policy` world in the calling
-/// module: `"exclude-policy"`, `"quota-policy"`, `"gc-policy"` or
-/// `"full-policy"`. Then implement `exports::modelcache::policy::settings::Guest`
-/// and the decision's `Guest` trait on one type and call `export!(Type)`.
+/// module: `"admission-policy"`, `"exclude-policy"`, `"quota-policy"`,
+/// `"gc-policy"` or `"full-policy"`. Then implement
+/// `exports::modelcache::policy::settings::Guest` and the decision's `Guest`
+/// trait on one type and call `export!(Type)`.
 #[macro_export]
 macro_rules! generate {{
     ($world:literal) => {{

@@ -12,8 +12,8 @@ use modelcache::error::ErrorKind;
 use modelcache::plugins::PluginStatus;
 use modelcache::volumes::{Origin, VolumeRecord, VolumeState};
 use support::{
-    BlobAnswer, Daemon, HostileBlobProxy, PluginDir, Registry, TestAuthority, basic_auth, bytes, digest_of, publish, push,
-    push_as, read_tree, skipping, start_registry, write_docker_config, write_tree,
+    BlobAnswer, Daemon, HostileBlobProxy, PluginDir, Registry, TestAuthority, basic_auth, bytes, digest_of, htpasswd, publish,
+    push, push_as, read_tree, skipping, start_registry, write_docker_config, write_tree,
 };
 
 const MIB: usize = 1 << 20;
@@ -99,7 +99,11 @@ async fn volume_sockets_are_bound_to_their_volume() {
     let daemon = Daemon::start(&format!("[registries]\ninsecure = [\"{}\"]\n", registry.host()));
     let admin = daemon.client();
     mount(&admin, "pod-b", &reference).await.unwrap();
-    let socket: VolumeSocket = admin.post("/v1/volume-sockets", &VolumeSocketBody { volume: "pod-a".into() }).await.unwrap().body;
+    let socket: VolumeSocket = admin
+        .post("/v1/volume-sockets", &VolumeSocketBody { volume: "pod-a".into(), requester: Some(pod_requester()) })
+        .await
+        .unwrap()
+        .body;
     let bound = Client::new(&socket.path);
 
     assert_eq!(mount(&bound, "pod-a", &reference).await.unwrap().state(), VolumeState::Ready);
@@ -120,7 +124,10 @@ async fn volume_sockets_are_bound_to_their_volume() {
     refused(bound.post::<_, serde_json::Value>("/v1/gc", &serde_json::json!({})).await.map(drop));
     refused(bound.get::<serde_json::Value>("/v1/plugins").await.map(drop));
     refused(
-        bound.post::<_, serde_json::Value>("/v1/volume-sockets", &VolumeSocketBody { volume: "pod-b".into() }).await.map(drop),
+        bound
+            .post::<_, serde_json::Value>("/v1/volume-sockets", &VolumeSocketBody { volume: "pod-b".into(), requester: None })
+            .await
+            .map(drop),
     );
     refused(bound.get::<serde_json::Value>("/v1/du").await.map(drop));
     let _: serde_json::Value = bound.get("/v1/health").await.unwrap();
@@ -322,9 +329,9 @@ async fn mirrors_serve_before_the_origin() {
     }
 }
 
-fn htpasswd(user: &str, password: &str) -> String {
-    // The lowest bcrypt cost: the registry checks it on every request.
-    format!("{user}:{}\n", bcrypt::hash(password, 4).expect("bcrypt"))
+/// A pod's identity, for volume sockets.
+fn pod_requester() -> modelcache_api::tenancy::Requester {
+    modelcache_api::tenancy::Requester { namespace: Some("default".into()), ..Default::default() }
 }
 
 /// A registry that wants a password, and a pusher who knows the current one.

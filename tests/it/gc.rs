@@ -34,6 +34,8 @@ fn request(volume: &str, reference: &str) -> MountRequest {
         mount_id: MountId::default(),
         reference: ModelRef::parse(reference).unwrap(),
         options: ExcludeOptions::default(),
+        requester: Default::default(),
+        credentials: None,
     }
 }
 

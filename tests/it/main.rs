@@ -17,3 +17,4 @@ mod gc;
 mod plugins;
 mod pull;
 mod security;
+mod tenants;

@@ -28,6 +28,7 @@ fn file(path: &str, media_type: &str) -> ModelFile {
 
 fn exclude_input(exclude_weights: bool, patterns: &[&str]) -> ExcludeInput {
     ExcludeInput {
+        requester: Default::default(),
         artifact: Artifact {
             reference: "registry.local/models/tiny:1".into(),
             manifest_digest: "sha256:feed".into(),
@@ -50,6 +51,7 @@ fn skipped(set: &PluginSet, input: &ExcludeInput) -> Vec<String> {
 
 fn quota_input(cache: u64, reserved: u64, incoming: u64) -> QuotaInput {
     QuotaInput {
+        requester: Default::default(),
         reference: "registry.local/models/tiny:1".into(),
         manifest_digest: "sha256:feed".into(),
         incoming_bytes: incoming,

@@ -50,6 +50,8 @@ fn request(volume: &str, reference: &str) -> MountRequest {
         mount_id: MountId::default(),
         reference: ModelRef::parse(reference).unwrap(),
         options: ExcludeOptions::default(),
+        requester: Default::default(),
+        credentials: None,
     }
 }
 
@@ -265,7 +267,7 @@ async fn first_caller_cancelled_others_succeed() {
     let engine = engine(root.path(), &registry);
 
     let first = request("first", &reference);
-    let _first_handle = engine.start_mount(first.clone()).unwrap();
+    let _first_handle = engine.start_mount(first.clone()).await.unwrap();
     let started = Instant::now();
     loop {
         let (done, _) = engine.progress(&first.volume, &first.mount_id).unwrap_or((0, 0));
@@ -276,7 +278,10 @@ async fn first_caller_cancelled_others_succeed() {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let others_requests: Vec<MountRequest> = (1..=3).map(|index| request(&format!("other-{index}"), &reference)).collect();
-    let mut others: Vec<_> = others_requests.iter().map(|other| engine.start_mount(other.clone()).unwrap()).collect();
+    let mut others = Vec::new();
+    for other in &others_requests {
+        others.push(engine.start_mount(other.clone()).await.unwrap());
+    }
     // Wait until every other request has joined the download.
     for other in &others_requests {
         while engine.progress(&other.volume, &other.mount_id).is_none_or(|(done, _)| done == 0) {
@@ -602,7 +607,7 @@ async fn unmount_during_the_link_step_leaves_nothing_behind() {
 
     let volume_dir = volumes.path().join("cut");
     let entries = || std::fs::read_dir(&volume_dir).map(|entries| entries.count()).unwrap_or(0);
-    let mounting = engine.start_mount(request("cut", &reference)).unwrap();
+    let mounting = engine.start_mount(request("cut", &reference)).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while entries() == 0 {
         assert!(Instant::now() < deadline, "the link step never started");
@@ -615,7 +620,7 @@ async fn unmount_during_the_link_step_leaves_nothing_behind() {
     // A mount of the volume while the unmount waits is told to ask again
     // (until the unmount has begun it joins the mount under way).
     loop {
-        match engine.start_mount(request("cut", &reference)) {
+        match engine.start_mount(request("cut", &reference)).await {
             Err(error) => {
                 assert_eq!(error.kind(), ErrorKind::Unavailable, "{error}");
                 break;

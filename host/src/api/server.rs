@@ -24,14 +24,16 @@ use crate::gc::Trigger;
 use crate::plugins::exclude::ExcludeOptions;
 use crate::registry::ModelRef;
 use crate::volumes::{MountId, VolumeId, VolumeState};
+use modelcache_api::tenancy::Requester;
 
 /// What a socket may touch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Scope {
     /// Everything: the main socket.
     Admin,
-    /// One volume's mounts, and health: a socket handed into a pod.
-    Volume(VolumeId),
+    /// One volume's mounts, and health: a socket handed into a pod. Its
+    /// mounts are the requester's it was made for, and claim no other.
+    Volume(VolumeId, Requester),
 }
 
 /// The longest a request may ask to wait.
@@ -84,14 +86,28 @@ impl AppState {
     fn admin(&self, what: &str) -> Result<(), Refusal> {
         match &self.scope {
             Scope::Admin => Ok(()),
-            Scope::Volume(_) => Err(denied(what)),
+            Scope::Volume(..) => Err(denied(what)),
+        }
+    }
+
+    /// Who a mount on this socket is for: as stated on the admin socket; the
+    /// socket's own requester on a volume socket, which may not claim another.
+    fn requester(&self, stated: Option<Requester>) -> Result<Requester, Refusal> {
+        match (&self.scope, stated) {
+            (Scope::Admin, stated) => Ok(stated.unwrap_or_default()),
+            (Scope::Volume(_, bound), None) => Ok(bound.clone()),
+            (Scope::Volume(_, bound), Some(stated)) => {
+                // The volume is the daemon's to set; the rest must match.
+                let same = Requester { volume: None, ..stated } == Requester { volume: None, ..bound.clone() };
+                if same { Ok(bound.clone()) } else { Err(denied("speak for another requester")) }
+            }
         }
     }
 
     fn volume(&self, volume: &str) -> Result<VolumeId, Refusal> {
         let volume = VolumeId::new(volume)?;
         match &self.scope {
-            Scope::Volume(bound) if *bound != volume => Err(denied(&format!("touch volume {volume}"))),
+            Scope::Volume(bound, _) if *bound != volume => Err(denied(&format!("touch volume {volume}"))),
             _ => Ok(volume),
         }
     }
@@ -110,7 +126,7 @@ fn wait_for(seconds: f64) -> Duration {
 #[derive(Default)]
 pub struct VolumeSockets {
     dir: PathBuf,
-    served: Mutex<HashMap<VolumeId, (PathBuf, tokio::task::AbortHandle)>>,
+    served: Mutex<HashMap<VolumeId, (PathBuf, tokio::task::AbortHandle, Requester)>>,
 }
 
 impl VolumeSockets {
@@ -118,13 +134,13 @@ impl VolumeSockets {
         VolumeSockets { dir, served: Mutex::new(HashMap::new()) }
     }
 
-    fn served(&self) -> std::sync::MutexGuard<'_, HashMap<VolumeId, (PathBuf, tokio::task::AbortHandle)>> {
+    fn served(&self) -> std::sync::MutexGuard<'_, HashMap<VolumeId, (PathBuf, tokio::task::AbortHandle, Requester)>> {
         self.served.lock().unwrap_or_else(|poison| poison.into_inner())
     }
 
     /// Closes every volume socket and removes its file.
     pub fn close_all(&self) {
-        for (_, (path, task)) in self.served().drain() {
+        for (_, (path, task, _)) in self.served().drain() {
             task.abort();
             let _ = std::fs::remove_file(path);
         }
@@ -209,7 +225,7 @@ async fn health(State(state): State<AppState>) -> Json<Health> {
 
 async fn list_volumes(State(state): State<AppState>) -> Response {
     let mut records = state.engine.list();
-    if let Scope::Volume(bound) = &state.scope {
+    if let Scope::Volume(bound, _) = &state.scope {
         records.retain(|record| record.volume == *bound);
     }
     Json(records).into_response()
@@ -249,8 +265,10 @@ async fn mount(
         mount_id: mount_id.clone(),
         reference: ModelRef::parse(&body.reference).map_err(EngineError::from)?,
         options: ExcludeOptions { exclude_weights: body.exclude_weights, patterns: body.patterns },
+        requester: state.requester(body.requester)?,
+        credentials: body.credentials,
     };
-    let mut handle = state.engine.start_mount(request)?;
+    let mut handle = state.engine.start_mount(request).await?;
     match tokio::time::timeout(wait_for(body.wait_seconds), handle.wait()).await {
         Ok(outcome) => Ok(Json(outcome?).into_response()),
         Err(_) => {
@@ -359,8 +377,20 @@ async fn reload_plugins(State(state): State<AppState>) -> Result<Response, Refus
 async fn open_volume_socket(State(state): State<AppState>, Json(body): Json<VolumeSocketBody>) -> Result<Response, Refusal> {
     state.admin("make volume sockets")?;
     let volume = VolumeId::new(&body.volume)?;
+    // A socket handed into a pod speaks for that pod: without a namespace
+    // its mounts would pass for the operator's.
+    let requester = body.requester.filter(|requester| requester.namespace.is_some()).ok_or_else(|| {
+        refusal(ErrorKind::InvalidArgument, "a volume socket speaks for a pod: its `requester` needs the pod's namespace".into())
+    })?;
+    requester.validate().map_err(EngineError::from)?;
     let sockets = state.sockets.clone();
-    if let Some((path, _)) = sockets.served().get(&volume) {
+    if let Some((path, _, bound)) = sockets.served().get(&volume) {
+        if *bound != requester {
+            return Err(refusal(
+                ErrorKind::Conflict,
+                format!("volume {volume} already has a socket, made for {bound}; close it first"),
+            ));
+        }
         return Ok(Json(VolumeSocket { volume: volume.to_string(), path: path.clone() }).into_response());
     }
     let path = sockets.dir.join(format!("{volume}.sock"));
@@ -368,13 +398,13 @@ async fn open_volume_socket(State(state): State<AppState>, Json(body): Json<Volu
     // one pod) may use it, and it can only ever touch this volume.
     let listener =
         bind(&path, 0o666).map_err(|error| refusal(ErrorKind::Internal, format!("cannot bind {}: {error}", path.display())))?;
-    let scoped = AppState { scope: Scope::Volume(volume.clone()), ..state.clone() };
+    let scoped = AppState { scope: Scope::Volume(volume.clone(), requester.clone()), ..state.clone() };
     let task = tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, router(scoped)).await {
             tracing::error!("volume socket stopped: {error}");
         }
     });
-    sockets.served().insert(volume.clone(), (path.clone(), task.abort_handle()));
+    sockets.served().insert(volume.clone(), (path.clone(), task.abort_handle(), requester));
     tracing::info!(volume = %volume, path = %path.display(), "volume socket open");
     Ok(Json(VolumeSocket { volume: volume.to_string(), path }).into_response())
 }
@@ -383,7 +413,7 @@ async fn close_volume_socket(State(state): State<AppState>, UrlPath(volume): Url
     state.admin("close volume sockets")?;
     let volume = VolumeId::new(&volume)?;
     match state.sockets.served().remove(&volume) {
-        Some((path, task)) => {
+        Some((path, task, _)) => {
             task.abort();
             let _ = std::fs::remove_file(&path);
             Ok(Json(VolumeSocket { volume: volume.to_string(), path }).into_response())

@@ -165,7 +165,7 @@ impl Backend {
     ) -> anyhow::Result<VolumeRecord> {
         let record = match self {
             Backend::Local(engine) => {
-                let mut handle = engine.start_mount(request.clone())?;
+                let mut handle = engine.start_mount(request.clone()).await?;
                 loop {
                     tokio::select! {
                         record = handle.wait() => break record?,
@@ -184,6 +184,8 @@ impl Backend {
                     exclude_weights: request.options.exclude_weights,
                     patterns: request.options.patterns.clone(),
                     wait_seconds: tick.as_secs_f64(),
+                    requester: (!request.requester.is_empty()).then(|| request.requester.clone()),
+                    credentials: request.credentials.clone(),
                 };
                 let mut record: VolumeRecord = client.put(&path, &body).await?.body;
                 // Long polls, each answered the moment the mount ends, so

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
+use modelcache::plugins::admission::AdmissionInput;
 use modelcache::plugins::cases::{self, Case, Verdict};
 use modelcache::plugins::exclude::ExcludeInput;
 use modelcache::plugins::gc::GcInput;
@@ -161,14 +162,15 @@ fn print_statuses(statuses: &[PluginStatus], json: bool) -> anyhow::Result<ExitC
         outln!("{}", serde_json::to_string_pretty(statuses)?);
         return Ok(ExitCode::SUCCESS);
     }
-    outln!("{:<24} {:<8} {:<18} {:<14} DETAIL", "NAME", "STATE", "DECISIONS", "SHA256");
+    outln!("{:<24} {:<8} {:<8} {:<28} {:<14} DETAIL", "NAME", "STATE", "WIT", "DECISIONS", "SHA256");
     for status in statuses {
         let decisions: Vec<&str> = status.decisions.iter().map(|decision| decision.as_str()).collect();
         let sha = status.sha256.as_deref().map(|sha| &sha[..12]).unwrap_or("-");
         outln!(
-            "{:<24} {:<8} {:<18} {:<14} {}",
+            "{:<24} {:<8} {:<8} {:<28} {:<14} {}",
             status.name,
             if status.loaded { "loaded" } else { "refused" },
+            status.policy_version.as_deref().unwrap_or("-"),
             if decisions.is_empty() { "-".to_owned() } else { decisions.join(",") },
             sha,
             status.error.as_deref().unwrap_or(""),
@@ -353,6 +355,10 @@ type DecisionCall<'a> = Box<dyn FnMut() -> Result<(), modelcache::plugins::Failu
 fn decision_call(plugin: &Plugin, decision: Decision, input: Value) -> anyhow::Result<DecisionCall<'_>> {
     let shape = || format!("not a valid {decision} input");
     Ok(match decision {
+        Decision::Admission => {
+            let input: AdmissionInput = serde_json::from_value(input).with_context(shape)?;
+            Box::new(move || plugin.admission(&input).map(drop))
+        }
         Decision::Exclude => {
             let input: ExcludeInput = serde_json::from_value(input).with_context(shape)?;
             Box::new(move || plugin.exclude(&input).map(drop))

@@ -62,6 +62,9 @@ fn files(lang: Lang, decision: Decision) -> Vec<File> {
         };
     }
     let mut files = match (lang, decision) {
+        (Lang::Rust, Decision::Admission) => vec![source!("src/lib.rs", "rust", "admission.rs", "settings.rs")],
+        (Lang::Python, Decision::Admission) => vec![source!("app.py", "python", "admission.py", "settings.py")],
+        (Lang::Js, Decision::Admission) => vec![source!("policy.js", "js", "admission.js", "settings.js")],
         (Lang::Rust, Decision::Exclude) => vec![source!("src/lib.rs", "rust", "exclude.rs", "settings.rs")],
         (Lang::Rust, Decision::Quota) => vec![source!("src/lib.rs", "rust", "quota.rs", "settings.rs")],
         (Lang::Rust, Decision::Gc) => vec![source!("src/lib.rs", "rust", "gc.rs", "settings.rs")],
@@ -84,6 +87,7 @@ fn files(lang: Lang, decision: Decision) -> Vec<File> {
         files.push(File { path: ".gitignore", text: "/target\n" });
     }
     files.push(match decision {
+        Decision::Admission => template!("cases/admission.json", "cases/admission.json"),
         Decision::Exclude => template!("cases/exclude.json", "cases/exclude.json"),
         Decision::Quota => template!("cases/quota.json", "cases/quota.json"),
         Decision::Gc => template!("cases/gc.json", "cases/gc.json"),

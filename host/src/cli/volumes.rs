@@ -9,6 +9,7 @@ use modelcache::engine::MountRequest;
 use modelcache::plugins::exclude::ExcludeOptions;
 use modelcache::registry::{ModelRef, Registry};
 use modelcache::volumes::{MountId, Origin, VolumeId, VolumeRecord};
+use modelcache_api::tenancy::{RegistryCredentials, Requester, Secret};
 use modelcache_policy::size::HumanBytes;
 
 use super::backend::{RegistryArgs, RootArgs, Threads, runtime};
@@ -25,11 +26,47 @@ pub struct MountArgs {
     pub mount_id: String,
     #[command(flatten)]
     pub exclude: ExcludeArgs,
+    #[command(flatten)]
+    pub requester: RequesterArgs,
+    /// A docker `config.json` whose credentials this mount uses before the
+    /// node's (as a pod's pull secret). Sent to the daemon, never stored.
+    #[arg(long, value_name = "FILE")]
+    pub pull_secret: Option<PathBuf>,
     /// Print the record as JSON.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
     pub root: RootArgs,
+}
+
+/// Who the mount is for, as the CSI driver states it for a pod; admission
+/// policies decide on it. Only the admin socket may state it.
+#[derive(Debug, clap::Args)]
+pub struct RequesterArgs {
+    /// The pod's namespace.
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// The pod's name.
+    #[arg(long)]
+    pub pod: Option<String>,
+    /// The pod's UID.
+    #[arg(long)]
+    pub pod_uid: Option<String>,
+    /// The pod's service account.
+    #[arg(long)]
+    pub service_account: Option<String>,
+}
+
+impl RequesterArgs {
+    fn requester(&self) -> Requester {
+        Requester {
+            namespace: self.namespace.clone(),
+            pod: self.pod.clone(),
+            pod_uid: self.pod_uid.clone(),
+            service_account: self.service_account.clone(),
+            volume: None,
+        }
+    }
 }
 
 /// What to leave out of a model.
@@ -120,6 +157,16 @@ pub fn mount(args: MountArgs) -> anyhow::Result<ExitCode> {
         mount_id: MountId::new(&args.mount_id)?,
         reference: ModelRef::parse(&args.reference)?,
         options: args.exclude.options(),
+        requester: args.requester.requester(),
+        credentials: match &args.pull_secret {
+            Some(file) => Some(RegistryCredentials {
+                docker_config_json: Some(Secret::new(
+                    std::fs::read_to_string(file).with_context(|| format!("reading the pull secret {}", file.display()))?,
+                )),
+                ..RegistryCredentials::default()
+            }),
+            None => None,
+        },
     };
     let record = args.root.with_backend(|backend| async move {
         let bar = progress_bar();
@@ -145,6 +192,9 @@ pub fn mount(args: MountArgs) -> anyhow::Result<ExitCode> {
     };
     let method = record.link_method.map(|method| method.as_str()).unwrap_or("nothing to link");
     outln!("  {} {source}, {method}, {} files left out", HumanBytes(record.bytes_total), record.skipped.len());
+    if let Some(requester) = &record.requester {
+        outln!("  for {requester}");
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -234,7 +284,16 @@ pub fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         return print_json(&records);
     }
-    outln!("{:<28} {:<10} {:<9} {:<22} {:>10} {:<9} REFERENCE", "VOLUME", "MOUNT", "STATE", "DIGEST", "BYTES", "LINK");
+    outln!(
+        "{:<28} {:<10} {:<9} {:<22} {:>10} {:<9} {:<16} REFERENCE",
+        "VOLUME",
+        "MOUNT",
+        "STATE",
+        "DIGEST",
+        "BYTES",
+        "LINK",
+        "NAMESPACE"
+    );
     for record in &records {
         outln!("{}", list_line(record));
     }
@@ -244,13 +303,14 @@ pub fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
 fn list_line(record: &VolumeRecord) -> String {
     let state = serde_json::to_value(record.state()).ok().and_then(|value| value.as_str().map(str::to_owned)).unwrap_or_default();
     format!(
-        "{:<28} {:<10} {:<9} {:<22} {:>10} {:<9} {}",
+        "{:<28} {:<10} {:<9} {:<22} {:>10} {:<9} {:<16} {}",
         record.volume.as_str(),
         record.mount_id.as_str(),
         state,
         record.digest().map(|digest| digest.short()).unwrap_or_else(|| "-".into()),
         HumanBytes(record.bytes_total).to_string(),
         record.link_method.map(|method| method.as_str()).unwrap_or("-"),
+        record.requester.as_ref().and_then(|requester| requester.namespace.as_deref()).unwrap_or("-"),
         record.reference,
     )
 }

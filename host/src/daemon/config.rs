@@ -95,6 +95,7 @@ struct RawRegistries {
     #[serde(default)]
     mirrors: BTreeMap<String, RawMirror>,
     tag_ttl: Option<String>,
+    access_ttl: Option<String>,
     stall_timeout: Option<String>,
     min_rate: Option<String>,
 }
@@ -229,6 +230,9 @@ impl ServeConfig {
             None => defaults.tag_ttl,
             text => duration("registries.tag-ttl", text, "")?,
         };
+        if let Some(text) = raw.registries.access_ttl.as_deref() {
+            engine.access_ttl = duration("registries.access-ttl", Some(text), "")?;
+        }
         let stall_timeout = match raw.registries.stall_timeout.as_deref() {
             None => defaults.stall_timeout,
             text => Some(duration("registries.stall-timeout", text, "")?)
@@ -314,6 +318,7 @@ mod tests {
             insecure = ["registry.local:5000"]
             docker-config = "/root/.docker"
             tag-ttl = "0"
+            access-ttl = "10m"
             stall-timeout = "2m"
             min-rate = "1MiB"
             [registries.mirrors."registry.local:5000"]
@@ -343,6 +348,7 @@ mod tests {
         assert_eq!(mirrors[0], Mirror { host: "127.0.0.1:65001".into(), plain_http: true, resolve: false });
         assert!(!mirrors[1].plain_http);
         assert_eq!(config.engine.registry.tag_ttl, Duration::ZERO);
+        assert_eq!(config.engine.access_ttl, Duration::from_secs(600));
         assert_eq!((config.engine.registry.stall_timeout, config.engine.registry.min_rate), (Duration::from_secs(120), 1 << 20));
         assert_eq!(config.gc_interval, None);
         assert_eq!(config.engine.gc_grace, Duration::from_secs(1800));

@@ -1,17 +1,21 @@
 //! The engine: mounts models into volumes, tying the other modules together.
 //!
 //! A mount request flows like this:
-//! 1. the volume's record is checked (same request again: done; another
+//! 1. the admission decision says whether its requester may mount it, and
+//!    with which credentials (refused: no record, no registry request);
+//! 2. the volume's record is checked (same request again: done; another
 //!    model: conflict) and written `pulling`;
-//! 2. the reference is resolved to a manifest digest once; the manifest is
-//!    read from the store or fetched by digest, and parsed;
-//! 3. the exclude decision picks the files; the selection names the entry;
+//! 3. the reference is resolved to a manifest digest once, and the requester
+//!    shown able to read that manifest (remembered per credential and
+//!    digest); the manifest is read from the store or fetched by digest,
+//!    and parsed;
+//! 4. the exclude decision picks the files; the selection names the entry;
 //!    the record now holds that entry against garbage collection;
-//! 4. if the entry is not cached, the request joins the entry's flight: the
+//! 5. if the entry is not cached, the request joins the entry's flight: the
 //!    quota decision admits and reserves the pull's new bytes, missing blobs
 //!    are fetched (each blob once, node-wide, whatever entry needs it), tar
 //!    layers unpacked, and the tree built and published;
-//! 5. then, per request, the entry is leased, the volume's tree is linked from
+//! 6. then, per request, the entry is leased, the volume's tree is linked from
 //!    it, and the record written `ready`.
 //!
 //! Each volume's work runs as its own task; a caller that stops waiting does
@@ -23,12 +27,14 @@
 //! | `mount.rs` | the mount flow: slots and their locks, progress, start, run and release, unmount, status, shutdown |
 //! | `resolve.rs` | references to digests (tag memory), the parsed-manifest cache, exclude flights, `inspect` |
 //! | `pull.rs` | entry → layers → blobs: the entry's flight, layer fetches and unpacks, prefetch, unpack limits |
-//! | `admission.rs` | the quota decision and the reservations it makes |
+//! | `access.rs` | the admission decision, a mount's credentials, and the proof its requester may read the manifest |
+//! | `quota.rs` | the quota decision and the reservations it makes |
 //! | `sink.rs` | the store's [`Ingest`](crate::store::Ingest) as the registry's blob sink, so neither knows the other |
 
-mod admission;
+mod access;
 mod mount;
 mod pull;
+mod quota;
 mod resolve;
 mod sink;
 
@@ -51,6 +57,7 @@ use crate::registry::{ModelRef, Registry, RegistryConfig, RegistryError, TagMemo
 use crate::store::{EntryKey, Recovery, Store, StoreError};
 use crate::volumes::{VolumeError, VolumeId, VolumeRecord, VolumeSlot, VolumeState, Volumes};
 
+pub use access::{Access, TENANT_LABELS};
 pub use mount::{MountHandle, MountRequest};
 pub use pull::{Prefetched, Source};
 pub use resolve::{InspectedLayer, Inspection};
@@ -72,6 +79,9 @@ pub struct EngineConfig {
     pub layer_concurrency: usize,
     /// Temporaries untouched for this long are leftovers GC removes (default 1 h).
     pub gc_grace: Duration,
+    /// How long a requester's shown access to a manifest is trusted without
+    /// asking the registry again (default 5 min; zero asks every mount).
+    pub access_ttl: Duration,
     pub runtime: RuntimeOptions,
     pub unpack: UnpackConfig,
 }
@@ -104,6 +114,7 @@ impl EngineConfig {
             download_concurrency: 4,
             layer_concurrency: 4,
             gc_grace: Duration::from_secs(3600),
+            access_ttl: Duration::from_secs(300),
             runtime: RuntimeOptions::default(),
             unpack: UnpackConfig::default(),
         }
@@ -120,6 +131,8 @@ pub enum EngineError {
     #[error(transparent)]
     InvalidReference(#[from] crate::registry::ReferenceError),
     #[error(transparent)]
+    InvalidRequester(#[from] modelcache_api::tenancy::RequesterError),
+    #[error(transparent)]
     Model(#[from] ModelError),
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -133,6 +146,18 @@ pub enum EngineError {
         #[source]
         source: ExcludeError,
     },
+    /// An admission policy refused the mount.
+    #[error("{requester} may not mount {reference}: {reason}")]
+    Refused { requester: String, reference: String, reason: String },
+    /// The requester's credentials do not reach the model. No source: the
+    /// registry's words differ with what the cache holds, and the requester
+    /// must learn nothing of that (the daemon logs them).
+    #[error("{reference}: access denied: the registry refused it to the credentials this mount may use")]
+    AccessDenied { reference: String },
+    /// The registry could not be reached to resolve or check a tenant's
+    /// mount, and no earlier answer stands in. No source, as above.
+    #[error("{reference}: the registry cannot be reached to check this mount's access; ask again")]
+    AccessUnavailable { reference: String },
     #[error("quota denied pulling {reference}: {reason}")]
     QuotaDenied { reference: String, reason: String },
     #[error("volume {slot} already holds {holds} ({state:?}); release it first")]
@@ -176,13 +201,15 @@ impl EngineError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             EngineError::Registry(error) => error.kind(),
-            EngineError::InvalidReference(_) => ErrorKind::InvalidArgument,
+            EngineError::InvalidReference(_) | EngineError::InvalidRequester(_) => ErrorKind::InvalidArgument,
             EngineError::Model(error) => error.kind(),
             EngineError::Store(error) => error.kind(),
             EngineError::Volume(error) => error.kind(),
             EngineError::Fs(_) => ErrorKind::Internal,
             EngineError::Exclude { source, .. } => source.kind(),
             EngineError::QuotaDenied { .. } => ErrorKind::QuotaDenied,
+            EngineError::Refused { .. } | EngineError::AccessDenied { .. } => ErrorKind::PermissionDenied,
+            EngineError::AccessUnavailable { .. } => ErrorKind::Unavailable,
             EngineError::Conflict { .. } => ErrorKind::Conflict,
             EngineError::NotFound { .. } => ErrorKind::NotFound,
             EngineError::Cancelled { .. } | EngineError::Stopped => ErrorKind::Cancelled,
@@ -213,10 +240,14 @@ pub struct Engine {
     registry: Arc<Registry>,
     /// Tag resolutions under way, by reference: a herd of pods asking for
     /// one tag at once costs the registry one request, not one each.
-    resolutions: Flights<String, Digest, EngineError>,
+    resolutions: Flights<(String, access::AccessKey), Digest, EngineError>,
     /// What tags named when last asked: trusted for the tag TTL, and used
     /// while the registry cannot be reached.
     tags: Arc<TagMemory>,
+    /// Proofs that requesters may read manifests (see [`access`]).
+    access: access::AccessMemory,
+    /// The tenant names metrics label so far (bounded).
+    tenants: Mutex<std::collections::HashSet<String>>,
     /// Manifests already parsed, by digest. What a digest names never
     /// changes, and parsing the manifest of a 1,000-file model is a good part
     /// of a warm mount. Used only while the store still has the manifest.
@@ -233,7 +264,7 @@ pub struct Engine {
     /// Tar layers being unpacked, by digest (after their blob's flight).
     unpacks: Flights<Digest, (), EngineError>,
     downloads: Semaphore,
-    reservations: admission::Reservations,
+    reservations: quota::Reservations,
     active: Mutex<HashMap<VolumeSlot, mount::ActiveMount>>,
     slots: mount::SlotLocks,
     /// Slots an unmount is taking down, with how many: a mount asking
@@ -268,6 +299,7 @@ impl Engine {
         let failed_at_start = volumes.recover()?;
         let registry = Registry::new(config.registry.clone())?;
         let tags = Arc::new(TagMemory::new(config.registry.tag_ttl));
+        let access = access::AccessMemory::new(config.access_ttl);
         // Newest first: a tag's most recent volume says what it named last.
         let mut recorded: Vec<_> = volumes.list().into_iter().filter(|record| record.ready_at.is_some()).collect();
         recorded.sort_by_key(|record| std::cmp::Reverse(record.ready_at));
@@ -276,6 +308,9 @@ impl Engine {
                 && reference.digest().is_none()
             {
                 tags.recall(reference.as_str(), digest);
+            }
+            if let (Some(digest), Ok(reference)) = (record.digest(), ModelRef::parse(&record.reference)) {
+                access.recall(&reference, record.access, digest);
             }
         }
         let runtime = Runtime::new(config.runtime).map_err(EngineError::Runtime)?;
@@ -287,6 +322,8 @@ impl Engine {
             registry: Arc::new(registry),
             resolutions: Flights::default(),
             tags,
+            access,
+            tenants: Mutex::default(),
             models: Mutex::new(HashMap::new()),
             plugins,
             decisions: Arc::default(),
@@ -295,7 +332,7 @@ impl Engine {
             entries: Flights::default(),
             blobs: Flights::default(),
             unpacks: Flights::default(),
-            reservations: admission::Reservations::default(),
+            reservations: quota::Reservations::default(),
             active: Mutex::new(HashMap::new()),
             slots: mount::SlotLocks::default(),
             releasing: Mutex::new(HashMap::new()),

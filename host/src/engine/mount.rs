@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use super::access::Access;
 use super::{Engine, EngineError, off_the_runtime};
 use crate::durable::remove_any;
 use crate::error::ErrorKind;
@@ -15,6 +16,7 @@ use crate::flight::Progress;
 use crate::plugins::exclude::{ExcludeOptions, ValidatePatterns};
 use crate::registry::ModelRef;
 use crate::volumes::{MountId, RecordError, VolumeId, VolumeRecord, VolumeSlot, VolumeState, link_volume};
+use modelcache_api::tenancy::{RegistryCredentials, Requester};
 
 /// A request to mount a model into a volume.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,6 +25,11 @@ pub struct MountRequest {
     pub mount_id: MountId,
     pub reference: ModelRef,
     pub options: ExcludeOptions,
+    /// Who asks (its `volume` is set from `volume` here).
+    pub requester: Requester,
+    /// A pull secret for this mount, tried before the node's credentials
+    /// (if policy grants those). Never stored.
+    pub credentials: Option<RegistryCredentials>,
 }
 
 impl MountRequest {
@@ -158,15 +165,26 @@ impl Engine {
     /// # Errors
     /// An [`EngineError`] whose [`kind`](EngineError::kind) says what to do.
     pub async fn mount(self: &Arc<Self>, request: MountRequest) -> Result<VolumeRecord, EngineError> {
-        self.start_mount(request)?.wait().await
+        self.start_mount(request).await?.wait().await
     }
 
-    /// Starts a mount (or joins the same one under way) and returns at once.
+    /// Starts a mount (or joins the same one under way) and returns once the
+    /// admission decision admitted it.
     ///
     /// # Errors
-    /// An invalid reference, or a conflict with what the volume holds.
-    pub fn start_mount(self: &Arc<Self>, request: MountRequest) -> Result<MountHandle, EngineError> {
+    /// An invalid reference or requester, a refusal by admission policy
+    /// (nothing written, nothing asked of a registry), or a conflict with
+    /// what the volume holds.
+    pub async fn start_mount(self: &Arc<Self>, mut request: MountRequest) -> Result<MountHandle, EngineError> {
         request.options.validate().map_err(|source| EngineError::Exclude { reference: request.reference.to_string(), source })?;
+        request.requester.validate()?;
+        request.requester.volume = Some(request.volume.to_string());
+        let access =
+            self.admit_requester(&request.requester, &request.reference, &request.options, request.credentials.as_ref()).await?;
+        self.start_admitted(request, access)
+    }
+
+    fn start_admitted(self: &Arc<Self>, request: MountRequest, access: Access) -> Result<MountHandle, EngineError> {
         let slot = request.slot();
         let mut active = self.active();
         if let Some(running) = active.get(&slot) {
@@ -206,6 +224,7 @@ impl Engine {
             request.options.clone(),
             self.volumes.tree(&request.volume, &request.mount_id),
         );
+        record.requester = (!request.requester.is_empty()).then(|| request.requester.clone());
         off_the_runtime(|| self.volumes.put_pulling(&mut record))?;
         let id = self.next_mount.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let slot_lock = self.slots.of(&slot);
@@ -217,7 +236,7 @@ impl Engine {
         let task = tokio::spawn(async move {
             let hold = SlotHold(Some(slot_lock.lock_owned().await));
             let slot = task_request.slot();
-            let outcome = engine.clone().run_mount(task_request, record, task_progress, hold).await.map_err(Arc::new);
+            let outcome = engine.clone().run_mount(task_request, access, record, task_progress, hold).await.map_err(Arc::new);
             let mut active = engine.active();
             if active.get(&slot).is_some_and(|running| running.id == id) {
                 active.remove(&slot);
@@ -247,13 +266,14 @@ impl Engine {
     async fn run_mount(
         self: Arc<Self>,
         request: MountRequest,
+        access: Access,
         mut record: VolumeRecord,
         progress: Arc<MountProgress>,
         mut hold: SlotHold,
     ) -> Result<VolumeRecord, EngineError> {
         // A panic fails this volume like any error (its record says so), and
         // lets its slot go instead of leaving it to look busy forever.
-        match crate::flight::catch_panic(self.fill(&request, &mut record, &progress, &mut hold)).await {
+        match crate::flight::catch_panic(self.fill(&request, &access, &mut record, &progress, &mut hold)).await {
             Ok(()) => {
                 record.set_ready();
                 self.put_record(&mut record)?;
@@ -277,11 +297,13 @@ impl Engine {
     async fn fill(
         self: &Arc<Self>,
         request: &MountRequest,
+        access: &Access,
         record: &mut VolumeRecord,
         progress: &MountProgress,
         hold: &mut SlotHold,
     ) -> Result<(), EngineError> {
-        let resolved = self.resolve_request(&request.reference, &request.options).await?;
+        let resolved = self.resolve_request(&request.reference, &request.options, access).await?;
+        record.access = Some(resolved.proof);
         record.entry = Some(resolved.key.clone());
         record.skipped = resolved.skips.clone();
         record.bytes_total = resolved.bytes();

@@ -10,6 +10,7 @@ use std::time::Duration;
 use futures_util::TryStreamExt;
 use serde::Serialize;
 
+use super::access::Access;
 use super::resolve::Resolved;
 use super::{Engine, EngineError};
 use crate::digest::Digest;
@@ -17,9 +18,10 @@ use crate::error::ErrorKind;
 use crate::flight::Progress;
 use crate::modelpack::{Layer, LayerFormat, Model, Selection};
 use crate::plugins::exclude::{ExcludeOptions, ValidatePatterns};
-use crate::registry::{DownloadSlot, ModelRef};
+use crate::registry::{Credential, DownloadSlot, ModelRef};
 use crate::store::{EntryKey, EntryLease, UnpackLimits};
 use crate::volumes::VolumeError;
+use modelcache_api::tenancy::Requester;
 
 /// How often a waiting mount writes its progress into its record.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
@@ -49,13 +51,28 @@ pub(super) struct Built {
 /// stalled, was down, lacked the blob, refused its starter or sent wrong
 /// bytes (Unavailable, NotFound, PermissionDenied, DataLoss); Cancelled is a
 /// flight stopped for its own reasons. Those say nothing of the joiner's own
-/// source. The rest (quota, a layer that breaks the rules, the node's own
-/// I/O, a bug) would fail the joiner the same way, so it is shared.
+/// source. A quota denial was its starter's requester's: the joiner asks for
+/// itself (and never sees the starter's reference in a refusal). The rest (a
+/// layer that breaks the rules, the node's own I/O, a bug) would fail the
+/// joiner the same way, so it is shared.
 fn joiner_retries(error: &EngineError) -> bool {
     matches!(
         error.kind(),
-        ErrorKind::Unavailable | ErrorKind::Cancelled | ErrorKind::NotFound | ErrorKind::PermissionDenied | ErrorKind::DataLoss
+        ErrorKind::Unavailable
+            | ErrorKind::Cancelled
+            | ErrorKind::NotFound
+            | ErrorKind::PermissionDenied
+            | ErrorKind::DataLoss
+            | ErrorKind::QuotaDenied
     )
+}
+
+/// Whose pull a flight makes: the credential its downloads use and the
+/// requester its quota decision names.
+#[derive(Clone, Copy)]
+struct Asking<'a> {
+    credential: &'a Credential,
+    requester: &'a Requester,
 }
 
 impl Engine {
@@ -82,8 +99,13 @@ impl Engine {
             let engine = self.clone();
             let (reference, model, selection, flight_key) =
                 (resolved.reference.clone(), resolved.model.clone(), resolved.selection.clone(), key.clone());
+            // A flight fetches with its starter's credential and answers to
+            // its requester's quota; a joiner was shown able to read the
+            // manifest on its own (`Engine::authorize`).
+            let (credential, requester) = (resolved.credential.clone(), resolved.requester.clone());
             let mut ticket = self.entries.join(key.clone(), move |progress| async move {
-                engine.build_entry(&reference, &model, &selection, &flight_key, progress).await
+                let asking = Asking { credential: &credential, requester: &requester };
+                engine.build_entry(&reference, &model, &selection, &flight_key, progress, asking).await
             });
             joined(ticket.progress());
             let mut interval = tokio::time::interval(PROGRESS_INTERVAL);
@@ -135,7 +157,7 @@ impl Engine {
     ) -> Result<Prefetched, EngineError> {
         let reference = ModelRef::parse(reference)?;
         options.validate().map_err(|source| EngineError::Exclude { reference: reference.to_string(), source })?;
-        let resolved = self.resolve_request(&reference, options).await?;
+        let resolved = self.resolve_request(&reference, options, &Access::operator()).await?;
         if pin {
             // As `pin`: not while a GC run decides with older pins.
             let _no_gc_run = self.collecting.lock().await;
@@ -154,11 +176,12 @@ impl Engine {
         selection: &Selection,
         key: &EntryKey,
         progress: Arc<Progress>,
+        asking: Asking<'_>,
     ) -> Result<Built, EngineError> {
         if self.store.has_entry(key) {
             return Ok(Built { fetched_bytes: 0 });
         }
-        let built = self.clone().pull_entry(reference, model, selection, key, progress).await;
+        let built = self.clone().pull_entry(reference, model, selection, key, progress, asking).await;
         // A pull is a build that had to fetch (or failed trying); a new
         // selection of stored blobs is not one.
         let metrics = crate::metrics::metrics();
@@ -183,6 +206,7 @@ impl Engine {
         selection: &Selection,
         key: &EntryKey,
         progress: Arc<Progress>,
+        asking: Asking<'_>,
     ) -> Result<Built, EngineError> {
         let layers: Vec<&Layer> = selection.layers(model).collect();
         let mut needed: Vec<Digest> = layers.iter().map(|layer| layer.blob.digest.clone()).collect();
@@ -201,7 +225,7 @@ impl Engine {
             .map(|layer| layer.blob.size)
             .sum();
         progress.set_total(incoming);
-        let reservation = Mutex::new(self.admit(reference, model, incoming).await?);
+        let reservation = Mutex::new(self.admit(asking.requester, reference, model, incoming).await?);
 
         futures_util::stream::iter(missing.iter().map(Ok::<_, EngineError>))
             .try_for_each_concurrent(self.config.layer_concurrency.max(1), |layer| {
@@ -210,7 +234,7 @@ impl Engine {
                 let reservation = &reservation;
                 let keep_archive = raw.contains(&layer.blob.digest);
                 async move {
-                    engine.ensure_layer(reference, layer, &progress, keep_archive).await?;
+                    engine.ensure_layer(reference, layer, &progress, keep_archive, asking.credential).await?;
                     reservation.lock().unwrap_or_else(|poison| poison.into_inner()).consume(layer.blob.size);
                     Ok(())
                 }
@@ -233,6 +257,7 @@ impl Engine {
         layer: &Layer,
         progress: &Arc<Progress>,
         keep_archive: bool,
+        credential: &Credential,
     ) -> Result<(), EngineError> {
         if self.store.has_layer(layer) {
             return Ok(());
@@ -242,10 +267,10 @@ impl Engine {
         let mut retried = false;
         while !self.store.has_blob(&layer.blob.digest) {
             let engine = self.clone();
-            let (flight_reference, blob) = (reference.clone(), layer.blob.clone());
+            let (flight_reference, blob, credential) = (reference.clone(), layer.blob.clone(), credential.clone());
             let (mode, mtime) = (layer.mode, layer.mtime);
             let mut ticket = self.blobs.join(layer.blob.digest.clone(), move |blob_progress| async move {
-                engine.fetch_blob(&flight_reference, &blob, mode, mtime, &blob_progress).await
+                engine.fetch_blob(&flight_reference, &blob, mode, mtime, &blob_progress, &credential).await
             });
             ticket.progress().forward_to(progress);
             match ticket.wait().await {
@@ -285,13 +310,14 @@ impl Engine {
         mode: Option<u32>,
         mtime: Option<std::time::SystemTime>,
         progress: &Progress,
+        credential: &Credential,
     ) -> Result<(), EngineError> {
         if self.store.has_blob(&blob.digest) {
             return Ok(());
         }
         let mut slot = DownloadSlot::acquire(&self.downloads).await.map_err(EngineError::ShuttingDown)?;
         let mut ingest = self.store.ingest(blob)?;
-        self.registry.fetch_blob(reference, blob, &mut ingest, progress, &mut slot).await?;
+        self.registry.fetch_blob(reference, blob, &mut ingest, progress, &mut slot, credential).await?;
         ingest.commit(mode, mtime).await?;
         Ok(())
     }

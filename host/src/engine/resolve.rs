@@ -7,18 +7,27 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use super::access::Access;
 use super::{Engine, EngineError};
 use crate::digest::Digest;
 use crate::error::ErrorKind;
 use crate::modelpack::{Model, Selection};
 use crate::plugins::exclude::{Artifact, ExcludeDecision, ExcludeInput, ExcludeOptions, ModelFile, Skip};
-use crate::registry::ModelRef;
+use crate::registry::{Credential, ModelRef};
 use crate::store::{EntryKey, Hold};
+use modelcache_api::record::Proof;
+use modelcache_api::tenancy::Requester;
 
 /// A request's reference resolved to a model, a selection and the entry
 /// that serves it, with the manifest and the entry held against GC.
 pub(super) struct Resolved {
     pub(super) reference: ModelRef,
+    /// Who asks; the flight this request starts names them to quota.
+    pub(super) requester: Requester,
+    /// How the requester was shown able to read the manifest.
+    pub(super) proof: Proof,
+    /// The credential this request's downloads use.
+    pub(super) credential: Credential,
     pub(super) model: Arc<Model>,
     pub(super) selection: Selection,
     pub(super) key: EntryKey,
@@ -60,16 +69,25 @@ impl Engine {
     /// A reference and options turned into a model, a selection and the entry
     /// that serves it; the manifest and the entry are held against GC from
     /// the moment they are known.
-    pub(super) async fn resolve_request(&self, reference: &ModelRef, options: &ExcludeOptions) -> Result<Resolved, EngineError> {
-        let digest = self.resolve(reference).await?;
+    pub(super) async fn resolve_request(
+        &self,
+        reference: &ModelRef,
+        options: &ExcludeOptions,
+        access: &Access,
+    ) -> Result<Resolved, EngineError> {
+        let digest = self.resolve(reference, access).await?;
+        let authorized = self.authorize(reference, &digest, access).await?;
         let manifest_hold = self.store.hold(None, std::slice::from_ref(&digest));
-        let model = self.model(reference, &digest).await?;
-        let decision = self.exclude(reference, &model, options).await?;
+        let model = self.model(reference, &digest, &authorized.credential).await?;
+        let decision = self.exclude(reference, &model, options, &access.requester).await?;
         let selection = model.select(decision.skips.iter().map(|skip| skip.path.as_str()));
         let key = EntryKey::new(digest, selection.key().clone());
         let entry_hold = self.store.hold(Some(&key), &[]);
         Ok(Resolved {
             reference: reference.clone(),
+            requester: access.requester.clone(),
+            proof: authorized.proof,
+            credential: authorized.credential,
             model,
             selection,
             key,
@@ -83,8 +101,11 @@ impl Engine {
     /// about the same reference at once (a caller that joins gets the
     /// answer to a request sent at most one round trip before its own
     /// arrival), else, when the registry cannot be reached, what the tag
-    /// named when last heard of ([`crate::registry::TagMemory`]).
-    pub(super) async fn resolve(&self, reference: &ModelRef) -> Result<Digest, EngineError> {
+    /// named when last heard of ([`crate::registry::TagMemory`]). Asked with
+    /// `access`'s credentials in order; callers with other credentials do
+    /// not share a request. What a tag names is no secret once known: the
+    /// manifest it names is checked per requester (`Engine::authorize`).
+    pub(super) async fn resolve(&self, reference: &ModelRef, access: &Access) -> Result<Digest, EngineError> {
         if let Some(digest) = reference.digest() {
             return Ok(digest);
         }
@@ -92,21 +113,28 @@ impl Engine {
             return Ok(digest);
         }
         let (registry, tags) = (self.registry.clone(), self.tags.clone());
-        let owned = reference.clone();
-        let mut ticket = self.resolutions.join(reference.to_string(), move |_| async move {
-            match registry.resolve(&owned).await {
-                Ok(digest) => {
-                    tags.remember(&owned, &digest);
-                    Ok(digest)
-                }
-                Err(error) => {
-                    // Gone or refused: never to be served from memory.
-                    if matches!(error.kind(), ErrorKind::NotFound | ErrorKind::PermissionDenied) {
-                        tags.forget(&owned);
+        let (owned, credentials) = (reference.clone(), access.credentials());
+        let mut ticket = self.resolutions.join((reference.to_string(), access.key()), move |_| async move {
+            let mut last = None;
+            for credential in &credentials {
+                match registry.resolve(&owned, credential).await {
+                    Ok(digest) => {
+                        tags.remember(&owned, &digest);
+                        return Ok(digest);
                     }
-                    Err(error.into())
+                    // Refused or unknown with these credentials: the next may do.
+                    Err(error) if matches!(error.kind(), ErrorKind::NotFound | ErrorKind::PermissionDenied) => {
+                        last = Some(error);
+                    }
+                    Err(error) => return Err(error.into()),
                 }
             }
+            let error = last.expect("one credential at least was tried");
+            // Gone for the node: never to be served from memory.
+            if access_is_node_only(&credentials) {
+                tags.forget(&owned);
+            }
+            Err(error.into())
         });
         match ticket.wait().await {
             Ok(digest) => Ok(digest),
@@ -115,9 +143,20 @@ impl Engine {
                     tracing::warn!(%reference, %digest, "serving what the tag named when last heard of: {}", crate::plugins::error_chain(&*error));
                     Ok(digest)
                 }
-                None => Err(EngineError::Shared(error)),
+                None => Err(match &*error {
+                    EngineError::Registry(registry) if !access.requester.is_empty() => {
+                        tracing::warn!(%reference, requester = %access.requester, "registry unreachable: {}", crate::plugins::error_chain(&**registry));
+                        EngineError::AccessUnavailable { reference: reference.to_string() }
+                    }
+                    _ => EngineError::Shared(error),
+                }),
             },
-            Err(error) => Err(EngineError::Shared(error)),
+            Err(error) => Err(match &*error {
+                EngineError::Registry(registry) if registry.kind() == ErrorKind::PermissionDenied => {
+                    self.access_denied(reference, &access.requester)
+                }
+                _ => EngineError::Shared(error),
+            }),
         }
     }
 
@@ -126,12 +165,12 @@ impl Engine {
         if let Ok(digest) = target.parse::<Digest>() {
             return Ok(digest);
         }
-        self.resolve(&ModelRef::parse(target)?).await
+        self.resolve(&ModelRef::parse(target)?, &Access::operator()).await
     }
 
     /// The manifest of `digest`: from the store, or fetched by digest, checked
     /// to be a model, then stored.
-    async fn model(&self, reference: &ModelRef, digest: &Digest) -> Result<Arc<Model>, EngineError> {
+    async fn model(&self, reference: &ModelRef, digest: &Digest, credential: &Credential) -> Result<Arc<Model>, EngineError> {
         if self.store.has_blob(digest) {
             let parsed = self.models.lock().unwrap_or_else(|poison| poison.into_inner()).get(digest).cloned();
             if let Some(model) = parsed {
@@ -141,7 +180,8 @@ impl Engine {
             self.remember_model(&model);
             return Ok(model);
         }
-        let bytes = self.registry.fetch_manifest(reference, digest).await?;
+        let bytes = self.registry.fetch_manifest(reference, digest, credential).await?;
+        self.access.fetched_from(super::access::repository_of(reference), digest);
         let model = Arc::new(Model::parse(digest, &bytes)?);
         self.store.put_blob(digest, &bytes)?;
         self.remember_model(&model);
@@ -161,9 +201,17 @@ impl Engine {
         reference: &ModelRef,
         model: &Model,
         options: &ExcludeOptions,
+        requester: &Requester,
     ) -> Result<ExcludeDecision, EngineError> {
         let plugins = self.plugins.current();
-        let memo_key = (reference.to_string(), model.digest.to_string(), options.clone());
+        // The namespace and service account only: one answer serves every
+        // pod of a deployment, and a herd of them costs one call.
+        let requester = Requester {
+            namespace: requester.namespace.clone(),
+            service_account: requester.service_account.clone(),
+            ..Requester::default()
+        };
+        let memo_key = (requester.clone(), reference.to_string(), model.digest.to_string(), options.clone());
         if let Some(decision) = self.decisions.get(&plugins, &memo_key) {
             return Ok(decision);
         }
@@ -171,6 +219,7 @@ impl Engine {
         let flight_key = (plugins.generation(), memo_key.clone());
         let mut ticket = self.excluding.join(flight_key, |_| {
             let input = ExcludeInput {
+                requester: requester.clone(),
                 artifact: Artifact {
                     reference: reference.to_string(),
                     manifest_digest: model.digest.to_string(),
@@ -209,11 +258,11 @@ impl Engine {
     /// Registry and manifest errors.
     pub async fn inspect(&self, reference: &str) -> Result<Inspection, EngineError> {
         let reference = ModelRef::parse(reference)?;
-        let digest = self.resolve(&reference).await?;
+        let digest = self.resolve(&reference, &Access::operator()).await?;
         let model = if self.store.has_blob(&digest) {
             Model::parse(&digest, &self.store.read_blob(&digest)?)?
         } else {
-            Model::parse(&digest, &self.registry.fetch_manifest(&reference, &digest).await?)?
+            Model::parse(&digest, &self.registry.fetch_manifest(&reference, &digest, &Credential::Node).await?)?
         };
         let layers = model
             .layers
@@ -229,4 +278,10 @@ impl Engine {
         let entries = self.store.entries()?.into_iter().filter(|key| key.manifest == digest).collect();
         Ok(Inspection { reference: reference.to_string(), digest, artifact_type: model.artifact_type, layers, entries })
     }
+}
+
+/// Whether a tag was asked about with the node's credentials alone: only
+/// then does a refusal mean the tag is gone for this node.
+fn access_is_node_only(credentials: &[Credential]) -> bool {
+    matches!(credentials, [Credential::Node])
 }

@@ -1,4 +1,6 @@
-//! Host bindings generated from the `modelcache:policy` WIT package.
+//! Host bindings generated from the `modelcache:policy` WIT packages: the
+//! current version (`wit/policy.wit`, 0.2) at the top, and 0.1
+//! (`wit/v0.1`) in [`v0_1`], which the `legacy` module adapts to.
 //!
 //! Generated against `full-policy`, the world that exports every decision, so
 //! each decision interface gets one set of Rust types. A plugin that serves
@@ -15,5 +17,17 @@ wasmtime::component::bindgen!({
     ownership: Borrowing { duplicate_if_necessary: false },
 });
 
-pub use self::exports::modelcache::policy::{exclude, gc, quota, settings};
+pub use self::exports::modelcache::policy::{admission, exclude, gc, quota, settings};
 pub use self::modelcache::policy::types;
+
+/// The 0.1 package, for plugins built against it.
+pub mod v0_1 {
+    wasmtime::component::bindgen!({
+        path: "../wit/v0.1",
+        world: "modelcache:policy/full-policy",
+        ownership: Borrowing { duplicate_if_necessary: false },
+    });
+
+    pub use self::exports::modelcache::policy::{exclude, gc, quota, settings};
+    pub use self::modelcache::policy::types;
+}

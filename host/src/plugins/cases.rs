@@ -22,7 +22,9 @@
 //! Answers compare as JSON values: object keys in any order, arrays in
 //! order (an exclude plugin's skips and a gc plugin's evictions are ordered
 //! answers). Each answer has the shape `plugins run` prints: `{"skips": […]}`,
-//! `{"verdict": "admit"}` / `{"verdict": "deny", "reason": …}`, `{"evict": […]}`.
+//! `{"verdict": "admit"}` / `{"verdict": "deny", "reason": …}`, `{"evict": […]}`,
+//! and for admission `{"verdict": "admit", "node-credentials": …, "tenant": …}`
+//! (`tenant` only when one is named).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -30,6 +32,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::admission::{AdmissionInput, AdmissionVerdict};
 use super::exclude::ExcludeInput;
 use super::gc::GcInput;
 use super::quota::{QuotaInput, QuotaVerdict};
@@ -223,6 +226,19 @@ pub fn call(plugin: &Plugin, decision: Decision, input: Value) -> Result<Value, 
     }
     let shape = |source| CallError::Input { decision, source };
     match decision {
+        Decision::Admission => {
+            let input: AdmissionInput = serde_json::from_value(input).map_err(shape)?;
+            Ok(match plugin.admission(&input).map_err(CallError::Failed)? {
+                AdmissionVerdict::Admit(grant) => {
+                    let mut answer = json!({ "verdict": "admit", "node-credentials": grant.node_credentials });
+                    if let Some(tenant) = grant.tenant {
+                        answer["tenant"] = json!(tenant);
+                    }
+                    answer
+                }
+                AdmissionVerdict::Deny { reason, .. } => json!({ "verdict": "deny", "reason": reason }),
+            })
+        }
         Decision::Exclude => {
             let input: ExcludeInput = serde_json::from_value(input).map_err(shape)?;
             let skips = plugin.exclude(&input).map_err(CallError::Failed)?;

@@ -37,11 +37,11 @@ const MAX_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FailMode {
-    /// The failing plugin is passed over: exclude skips nothing, quota admits,
-    /// gc evicts nothing on this plugin's word.
+    /// The failing plugin is passed over: admission and quota admit on its
+    /// part, exclude skips nothing, gc evicts nothing on this plugin's word.
     Open,
-    /// The failure stops the decision: the mount fails, the pull is denied,
-    /// the GC run evicts nothing.
+    /// The failure stops the decision: the mount is refused or fails, the
+    /// pull is denied, the GC run evicts nothing.
     Closed,
 }
 
@@ -50,7 +50,7 @@ impl FailMode {
     pub fn default_for(decision: Decision) -> FailMode {
         match decision {
             Decision::Exclude | Decision::Gc => FailMode::Open,
-            Decision::Quota => FailMode::Closed,
+            Decision::Admission | Decision::Quota => FailMode::Closed,
         }
     }
 }
@@ -83,6 +83,7 @@ pub struct PluginConfig {
 /// One fail mode per decision.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FailModes {
+    pub admission: FailMode,
     pub exclude: FailMode,
     pub quota: FailMode,
     pub gc: FailMode,
@@ -91,6 +92,7 @@ pub struct FailModes {
 impl FailModes {
     pub fn get(&self, decision: Decision) -> FailMode {
         match decision {
+            Decision::Admission => self.admission,
             Decision::Exclude => self.exclude,
             Decision::Quota => self.quota,
             Decision::Gc => self.gc,
@@ -101,6 +103,7 @@ impl FailModes {
 impl Default for FailModes {
     fn default() -> Self {
         FailModes {
+            admission: FailMode::default_for(Decision::Admission),
             exclude: FailMode::default_for(Decision::Exclude),
             quota: FailMode::default_for(Decision::Quota),
             gc: FailMode::default_for(Decision::Gc),
@@ -135,6 +138,7 @@ struct RawConfig {
 #[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFailModes {
+    admission: Option<FailMode>,
     exclude: Option<FailMode>,
     quota: Option<FailMode>,
     gc: Option<FailMode>,
@@ -171,6 +175,7 @@ impl PluginConfig {
         };
         let defaults = FailModes::default();
         let fail_modes = FailModes {
+            admission: raw.fail_mode.admission.unwrap_or(defaults.admission),
             exclude: raw.fail_mode.exclude.unwrap_or(defaults.exclude),
             quota: raw.fail_mode.quota.unwrap_or(defaults.quota),
             gc: raw.fail_mode.gc.unwrap_or(defaults.gc),

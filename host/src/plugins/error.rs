@@ -4,7 +4,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{Decision, POLICY_VERSION};
+use super::{Decision, LEGACY_POLICY_VERSION, POLICY_VERSION};
 
 /// A boxed cause, for errors from wasmtime (whose own error type is not a
 /// `std::error::Error`).
@@ -35,17 +35,18 @@ pub enum PluginError {
     )]
     ForbiddenImport { plugin: String, import: String, hint: &'static str },
     #[error(
-        "plugin `{plugin}` was built against modelcache:policy@{found}, \
-         which is incompatible with this host's modelcache:policy@{POLICY_VERSION}"
+        "plugin `{plugin}` was built against modelcache:policy@{found}, which this host does not serve \
+         (it serves modelcache:policy@{POLICY_VERSION} and, for older plugins, modelcache:policy@{LEGACY_POLICY_VERSION}); \
+         rebuild it against wit/policy.wit"
     )]
     IncompatibleVersion { plugin: String, found: String },
-    #[error("plugin `{plugin}` exports no modelcache:policy decision (exclude, quota or gc)")]
+    #[error("plugin `{plugin}` exports no modelcache:policy decision (admission, exclude, quota or gc)")]
     NoDecision { plugin: String },
     #[error("plugin `{plugin}` does not export `settings.validate-settings`, which every plugin must")]
     NoSettings { plugin: String },
     #[error("plugin `{plugin}`: its configuration asks it to serve `{decision}`, which the component does not export")]
     DecisionNotExported { plugin: String, decision: Decision },
-    #[error("plugin `{plugin}`: its `{interface}` export does not match modelcache:policy@{POLICY_VERSION}")]
+    #[error("plugin `{plugin}`: its `{interface}` export does not match that interface of the WIT")]
     Mismatch {
         plugin: String,
         interface: String,

@@ -13,12 +13,16 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::bindings::{exclude as wit, types};
-use super::{Decision, FailMode, FailureCause, KnownNames, Plugin, PluginFailure, PluginSet};
+use super::plugin::Versioned;
+use super::{Decision, FailMode, FailureCause, KnownNames, Plugin, PluginFailure, PluginSet, Requester, legacy, lower_requester};
 
 /// The input of an exclude decision.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct ExcludeInput {
+    /// Who asks (absent in case files written for 0.1: nobody known).
+    #[serde(default)]
+    pub requester: Requester,
     pub artifact: Artifact,
     pub files: Vec<ModelFile>,
     #[serde(default)]
@@ -133,13 +137,14 @@ impl<'a> Lowered<'a> {
 
     fn request<'r>(&'r self, settings: &'r str) -> wit::Request<'r> {
         wit::Request {
+            requester: lower_requester(&self.input.requester),
             artifact: wit::Artifact {
                 reference: &self.input.artifact.reference,
                 manifest_digest: &self.input.artifact.manifest_digest,
                 annotations: &self.annotations,
             },
             files: &self.files,
-            options: wit::Options { exclude_weights: self.input.options.exclude_weights, patterns: &self.patterns },
+            options: types::Options { exclude_weights: self.input.options.exclude_weights, patterns: &self.patterns },
             settings,
         }
     }
@@ -157,8 +162,12 @@ impl Plugin {
     fn exclude_lowered(&self, lowered: &Lowered<'_>) -> Result<Vec<Skip>, FailureCause> {
         let indices = self.exports.exclude.as_ref().ok_or_else(|| not_served(self, Decision::Exclude))?;
         let request = lowered.request(&self.config.settings_json);
-        let answer =
-            self.call("exclude", |store, instance| indices.load(&mut *store, instance)?.call_decide(&mut *store, request))?;
+        let answer = match indices {
+            Versioned::Current(indices) => {
+                self.call("exclude", |store, instance| indices.load(&mut *store, instance)?.call_decide(&mut *store, request))?
+            }
+            Versioned::Legacy(indices) => legacy::exclude(self, indices, &request)?,
+        };
         let skips = answer.map_err(FailureCause::PluginError)?;
         if let Some(unknown) = skips.iter().find(|skip| !lowered.paths.contains(&skip.path)) {
             return Err(FailureCause::InvalidOutput(format!("skips `{}`, which is not a file of the model", unknown.path)));
@@ -173,9 +182,9 @@ impl Plugin {
 /// A policy is a function of its input: each call gets a fresh instance,
 /// which keeps nothing, and an exclude policy has no business reading the
 /// clock or random numbers (`docs/policies.md` asks policy authors for
-/// this). The reference and the manifest digest fix the rest of the input
-/// (the files and annotations are the manifest's), so a warm mount asks
-/// again only with other options; for a 1,000-file model, asking is about a
+/// this). The requester, the reference and the manifest digest fix the rest
+/// of the input (the files and annotations are the manifest's), so a warm
+/// mount asks again only for another requester or other options; for a 1,000-file model, asking is about a
 /// millisecond and a half. A reload makes a new set, which starts with no
 /// answers. A decision where a plugin failed open is not kept: the next
 /// mount asks again.
@@ -192,9 +201,9 @@ struct Answers {
     decisions: HashMap<MemoKey, ExcludeDecision>,
 }
 
-/// What an exclude decision is remembered by: the reference as written,
-/// the manifest digest and the options.
-pub type MemoKey = (String, String, ExcludeOptions);
+/// What an exclude decision is remembered by: who asks, the reference as
+/// written, the manifest digest and the options.
+pub type MemoKey = (Requester, String, String, ExcludeOptions);
 
 impl ExcludeMemo {
     /// Distinct models and options kept.
@@ -277,7 +286,7 @@ mod tests {
     fn the_memo_answers_for_the_set_that_decided() {
         let memo = ExcludeMemo::default();
         let (old, new) = (PluginSet::default(), PluginSet::default());
-        let key: MemoKey = ("registry/model:1".into(), "sha256:aa".into(), ExcludeOptions::default());
+        let key: MemoKey = (Requester::default(), "registry/model:1".into(), "sha256:aa".into(), ExcludeOptions::default());
         let decision = ExcludeDecision { skips: Vec::new(), failures: Vec::new() };
         memo.put(&old, key.clone(), &decision);
         assert_eq!(memo.get(&old, &key), Some(decision.clone()));

@@ -13,8 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use super::bindings::gc as wit;
 use super::exclude::not_served;
+use super::plugin::Versioned;
 use super::quota::Filesystem;
-use super::{Decision, FailMode, FailureCause, KnownNames, Plugin, PluginFailure, PluginSet};
+use super::{Decision, FailMode, FailureCause, KnownNames, Plugin, PluginFailure, PluginSet, legacy};
 
 /// The input of a gc decision.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,7 +128,12 @@ impl Plugin {
     fn gc_lowered(&self, lowered: &Lowered<'_>) -> Result<Vec<String>, FailureCause> {
         let indices = self.exports.gc.as_ref().ok_or_else(|| not_served(self, Decision::Gc))?;
         let request = lowered.request(&self.config.settings_json);
-        let answer = self.call("gc", |store, instance| indices.load(&mut *store, instance)?.call_decide(&mut *store, request))?;
+        let answer = match indices {
+            Versioned::Current(indices) => {
+                self.call("gc", |store, instance| indices.load(&mut *store, instance)?.call_decide(&mut *store, request))?
+            }
+            Versioned::Legacy(indices) => legacy::gc(self, indices, &request)?,
+        };
         let evict = answer.map_err(FailureCause::PluginError)?;
         if let Some(unknown) = evict.iter().find(|key| !lowered.keys.contains(key)) {
             return Err(FailureCause::InvalidOutput(format!("evicts `{unknown}`, which is not a candidate")));

@@ -1,5 +1,6 @@
 //! Policy plugins: WebAssembly components that make the per-deployment
-//! decisions (which files to skip, whether a pull fits, what GC may evict).
+//! decisions (who may mount what, which files to skip, whether a pull fits,
+//! what GC may evict).
 //!
 //! A plugin directory holds `NAME.wasm` and an optional `NAME.toml` (see
 //! [`config`]). Loading a plugin compiles it (through the on-disk
@@ -9,8 +10,8 @@
 //! any of this is refused with the reason; the others load.
 //!
 //! [`PluginHost`] owns the current [`PluginSet`] and swaps it whole on
-//! [`PluginHost::reload`]. Each decision module ([`exclude`], [`quota`],
-//! [`gc`]) holds the decision's input and output types, the composition of
+//! [`PluginHost::reload`]. Each decision module ([`admission`], [`exclude`],
+//! [`quota`], [`gc`]) holds the decision's input and output types, the composition of
 //! several plugins and the built-in default used when no plugin serves it.
 //!
 //! | module | concern |
@@ -19,13 +20,15 @@
 //! | `set` | the plugins of a directory found and loaded into a [`PluginSet`], with their [`PluginStatus`] |
 //! | `host` | the [`PluginHost`]: the set serving now, swapped whole on reload |
 //! | `runtime` | the wasm engine and one call's sandbox |
-//! | `bindings` | the `bindgen!` of the `modelcache:policy` WIT |
+//! | `bindings` | the `bindgen!` of the `modelcache:policy` WIT, current and 0.1 |
+//! | `legacy` | 0.1 plugins served: each decision's input lowered to 0.1 |
 //! | `config`, `cache`, `error` | a plugin's `NAME.toml`, the compiled-component cache, the errors |
-//! | `exclude`, `quota`, `gc` | one decision each |
+//! | `admission`, `exclude`, `quota`, `gc` | one decision each |
 //! | `cases` | a plugin's test cases, run by `modelcache plugins test` |
 //!
 //! This file holds the [`Decision`]s and what the decision modules share.
 
+pub mod admission;
 pub mod bindings;
 pub mod cache;
 pub mod cases;
@@ -35,6 +38,7 @@ pub mod error;
 pub mod exclude;
 pub mod gc;
 mod host;
+mod legacy;
 mod plugin;
 pub mod quota;
 pub mod runtime;
@@ -53,23 +57,28 @@ pub use self::runtime::{Allocation, Runtime, RuntimeOptions};
 pub use self::set::{PluginSet, PluginStatus};
 
 /// The version of the WIT package this host speaks.
-pub const POLICY_VERSION: &str = "0.1.0";
+pub const POLICY_VERSION: &str = "0.2.0";
+/// The older version it still serves, unchanged (the `legacy` module).
+pub const LEGACY_POLICY_VERSION: &str = "0.1.0";
 const POLICY_PACKAGE: &str = "modelcache:policy";
 
 /// The decisions a plugin can serve.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Decision {
+    Admission,
     Exclude,
     Quota,
     Gc,
 }
 
 impl Decision {
-    pub const ALL: [Decision; 3] = [Decision::Exclude, Decision::Quota, Decision::Gc];
+    /// In the order a mount asks them (gc last: it runs for the node).
+    pub const ALL: [Decision; 4] = [Decision::Admission, Decision::Exclude, Decision::Quota, Decision::Gc];
 
     pub fn as_str(self) -> &'static str {
         match self {
+            Decision::Admission => "admission",
             Decision::Exclude => "exclude",
             Decision::Quota => "quota",
             Decision::Gc => "gc",
@@ -90,7 +99,7 @@ impl std::str::FromStr for Decision {
         Decision::ALL
             .into_iter()
             .find(|decision| decision.as_str() == text)
-            .ok_or_else(|| format!("unknown decision `{text}` (expected exclude, quota or gc)"))
+            .ok_or_else(|| format!("unknown decision `{text}` (expected admission, exclude, quota or gc)"))
     }
 }
 
@@ -112,6 +121,19 @@ impl KnownNames {
 
     pub(crate) fn contains(&self, name: &str) -> bool {
         self.0.contains(&KnownNames::hash(name))
+    }
+}
+
+pub use modelcache_api::tenancy::Requester;
+
+/// The requester as every decision's input carries it.
+pub(crate) fn lower_requester(requester: &Requester) -> bindings::types::Requester<'_> {
+    bindings::types::Requester {
+        namespace: requester.namespace.as_deref(),
+        pod: requester.pod.as_deref(),
+        pod_uid: requester.pod_uid.as_deref(),
+        service_account: requester.service_account.as_deref(),
+        volume: requester.volume.as_deref(),
     }
 }
 

@@ -10,19 +10,65 @@ use std::time::Instant;
 use sha2::{Digest as _, Sha256};
 use wasmtime::component::{Component, InstancePre};
 
-use super::bindings::{exclude as exclude_wit, gc as gc_wit, quota as quota_wit, settings as settings_wit};
+use super::bindings::{admission, exclude, gc, quota, settings, v0_1};
 use super::runtime::CallState;
 use super::{
-    CompiledCache, Decision, FailMode, FailureCause, POLICY_PACKAGE, POLICY_VERSION, PluginConfig, PluginError, PluginFailure,
-    Runtime, cache,
+    CompiledCache, Decision, FailMode, FailureCause, LEGACY_POLICY_VERSION, POLICY_PACKAGE, POLICY_VERSION, PluginConfig,
+    PluginError, PluginFailure, Runtime, cache,
 };
+
+/// An export of a plugin built against the current WIT, or against 0.1.
+pub(super) enum Versioned<Current, Legacy> {
+    Current(Current),
+    Legacy(Legacy),
+}
+
+/// Which WIT package a component was built against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Package {
+    Current,
+    Legacy,
+}
+
+impl Package {
+    /// The package of a version found in a component's export names:
+    /// component-model semver, so the same major, or for 0.x the same minor.
+    fn of(found: &str) -> Option<Package> {
+        let found = semver::Version::parse(found).ok()?;
+        let same = |version: &str| {
+            let known = semver::Version::parse(version).expect("the policy versions are semver");
+            found.major == known.major && (known.major > 0 || found.minor == known.minor)
+        };
+        if same(POLICY_VERSION) {
+            Some(Package::Current)
+        } else if same(LEGACY_POLICY_VERSION) {
+            Some(Package::Legacy)
+        } else {
+            None
+        }
+    }
+
+    /// The export lookup of one interface, in this package.
+    fn lookup<C, L>(
+        self,
+        current: impl FnOnce() -> wasmtime::Result<C>,
+        legacy: impl FnOnce() -> wasmtime::Result<L>,
+    ) -> wasmtime::Result<Versioned<C, L>> {
+        Ok(match self {
+            Package::Current => Versioned::Current(current()?),
+            Package::Legacy => Versioned::Legacy(legacy()?),
+        })
+    }
+}
 
 /// The export lookups of the decisions a plugin serves.
 pub(super) struct Exports {
-    settings: settings_wit::GuestIndices,
-    pub(super) exclude: Option<exclude_wit::GuestIndices>,
-    pub(super) quota: Option<quota_wit::GuestIndices>,
-    pub(super) gc: Option<gc_wit::GuestIndices>,
+    settings: Versioned<settings::GuestIndices, v0_1::settings::GuestIndices>,
+    /// 0.1 has no admission decision.
+    pub(super) admission: Option<admission::GuestIndices>,
+    pub(super) exclude: Option<Versioned<exclude::GuestIndices, v0_1::exclude::GuestIndices>>,
+    pub(super) quota: Option<Versioned<quota::GuestIndices, v0_1::quota::GuestIndices>>,
+    pub(super) gc: Option<Versioned<gc::GuestIndices, v0_1::gc::GuestIndices>>,
 }
 
 /// A loaded plugin, ready to be called.
@@ -137,26 +183,33 @@ impl Plugin {
             None => exported,
         };
 
+        let package = Package::of(&policy_version).expect("a loaded component's version is served");
         let mismatch = |interface: &str, error: wasmtime::Error| PluginError::Mismatch {
             plugin: name.clone(),
-            interface: format!("{POLICY_PACKAGE}/{interface}"),
+            interface: format!("{POLICY_PACKAGE}/{interface}@{policy_version}"),
             source: error.into(),
         };
         let pre = runtime.instantiate_pre(&component).map_err(|error| mismatch("imports", error))?;
-        let settings = settings_wit::GuestIndices::new(&pre).map_err(|error| mismatch("settings", error))?;
+        let settings = package
+            .lookup(|| settings::GuestIndices::new(&pre), || v0_1::settings::GuestIndices::new(&pre))
+            .map_err(|error| mismatch("settings", error))?;
         let serves = |decision| served.contains(&decision);
         let exports = Exports {
             settings,
+            admission: serves(Decision::Admission)
+                .then(|| admission::GuestIndices::new(&pre))
+                .transpose()
+                .map_err(|error| mismatch("admission", error))?,
             exclude: serves(Decision::Exclude)
-                .then(|| exclude_wit::GuestIndices::new(&pre))
+                .then(|| package.lookup(|| exclude::GuestIndices::new(&pre), || v0_1::exclude::GuestIndices::new(&pre)))
                 .transpose()
                 .map_err(|error| mismatch("exclude", error))?,
             quota: serves(Decision::Quota)
-                .then(|| quota_wit::GuestIndices::new(&pre))
+                .then(|| package.lookup(|| quota::GuestIndices::new(&pre), || v0_1::quota::GuestIndices::new(&pre)))
                 .transpose()
                 .map_err(|error| mismatch("quota", error))?,
             gc: serves(Decision::Gc)
-                .then(|| gc_wit::GuestIndices::new(&pre))
+                .then(|| package.lookup(|| gc::GuestIndices::new(&pre), || v0_1::gc::GuestIndices::new(&pre)))
                 .transpose()
                 .map_err(|error| mismatch("gc", error))?,
         };
@@ -166,9 +219,10 @@ impl Plugin {
     }
 
     fn validate_settings(&self) -> Result<(), PluginError> {
-        let answer = self.call("validate-settings", |store, instance| {
-            let guest = self.exports.settings.load(&mut *store, instance)?;
-            guest.call_validate_settings(&mut *store, &self.config.settings_json)
+        let settings = &self.config.settings_json;
+        let answer = self.call("validate-settings", |store, instance| match &self.exports.settings {
+            Versioned::Current(indices) => indices.load(&mut *store, instance)?.call_validate_settings(&mut *store, settings),
+            Versioned::Legacy(indices) => indices.load(&mut *store, instance)?.call_validate_settings(&mut *store, settings),
         });
         match answer {
             Ok(Ok(())) => Ok(()),
@@ -206,6 +260,7 @@ impl Plugin {
 
     pub fn serves(&self, decision: Decision) -> bool {
         match decision {
+            Decision::Admission => self.exports.admission.is_some(),
             Decision::Exclude => self.exports.exclude.is_some(),
             Decision::Quota => self.exports.quota.is_some(),
             Decision::Gc => self.exports.gc.is_some(),
@@ -257,11 +312,10 @@ fn import_hint(import: &str) -> &'static str {
 }
 
 /// The policy version and the decisions a component exports, from its export
-/// names (`modelcache:policy/exclude@0.1.0`, …). Other exports are tolerated:
+/// names (`modelcache:policy/exclude@0.2.0`, …). Other exports are tolerated:
 /// some toolchains add their own (componentize-py adds `init`).
 fn exported_decisions(plugin: &str, exports: &[String]) -> Result<(String, Vec<Decision>), PluginError> {
-    let host = semver::Version::parse(POLICY_VERSION).expect("POLICY_VERSION is semver");
-    let mut version = None;
+    let mut version: Option<String> = None;
     let mut decisions = Vec::new();
     let mut has_settings = false;
     for export in exports {
@@ -269,10 +323,10 @@ fn exported_decisions(plugin: &str, exports: &[String]) -> Result<(String, Vec<D
             continue;
         };
         let (interface, found) = rest.split_once('@').unwrap_or((rest, ""));
-        // Component-model semver: the same major, or for 0.x the same minor;
-        // wasmtime then resolves our `@0.1.0` lookups to the plugin's version.
-        let compatible = semver::Version::parse(found)
-            .is_ok_and(|found| found.major == host.major && (host.major > 0 || found.minor == host.minor));
+        // Wasmtime resolves our lookups (`@0.2.0`, `@0.1.0`) to the plugin's
+        // compatible version; one component speaks one package.
+        let compatible =
+            Package::of(found).is_some() && version.as_deref().is_none_or(|seen| Package::of(seen) == Package::of(found));
         if !compatible {
             return Err(PluginError::IncompatibleVersion {
                 plugin: plugin.to_owned(),
@@ -322,14 +376,25 @@ mod tests {
         assert_eq!(decisions, [Decision::Exclude, Decision::Quota]);
     }
 
-    /// Another major (or 0.x minor) version is refused naming both versions.
+    /// Another major (or 0.x minor) version is refused naming the versions
+    /// the host serves; 0.1 and 0.2 are both served, but not mixed in one
+    /// component.
     #[test]
     fn incompatible_versions_are_named() {
-        for found in ["1.0.0", "0.2.0"] {
-            let error = exported_decisions("old", &names(&[&format!("modelcache:policy/exclude@{found}")])).unwrap_err();
+        for found in ["1.0.0", "0.3.0", "9.0.0", "0.0.1"] {
+            let error = exported_decisions("odd", &names(&[&format!("modelcache:policy/exclude@{found}")])).unwrap_err();
             let message = error.to_string();
-            assert!(message.contains(found) && message.contains(POLICY_VERSION), "{message}");
+            assert!(
+                message.contains(found) && message.contains(POLICY_VERSION) && message.contains(LEGACY_POLICY_VERSION),
+                "{message}"
+            );
         }
+        for served in ["0.1.0", "0.2.0", "0.2.7"] {
+            let exports = [format!("modelcache:policy/settings@{served}"), format!("modelcache:policy/quota@{served}")];
+            assert_eq!(exported_decisions("p", &exports).unwrap().0, served);
+        }
+        let mixed = names(&["modelcache:policy/settings@0.1.0", "modelcache:policy/quota@0.2.0"]);
+        assert!(matches!(exported_decisions("p", &mixed), Err(PluginError::IncompatibleVersion { .. })));
     }
 
     /// A component without any decision, or without settings, is refused.

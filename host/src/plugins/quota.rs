@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use super::bindings::{quota as wit, types};
 use super::exclude::not_served;
-use super::{Decision, FailMode, FailureCause, Plugin, PluginFailure, PluginSet};
+use super::plugin::Versioned;
+use super::{Decision, FailMode, FailureCause, Plugin, PluginFailure, PluginSet, Requester, legacy, lower_requester};
 use modelcache_policy::size::HumanBytes;
 
 /// The share of the filesystem the built-in rule keeps free, in percent.
@@ -28,6 +29,9 @@ impl From<Filesystem> for types::Filesystem {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct QuotaInput {
+    /// Whose mount started the pull (absent in case files written for 0.1).
+    #[serde(default)]
+    pub requester: Requester,
     pub reference: String,
     pub manifest_digest: String,
     pub incoming_bytes: u64,
@@ -60,6 +64,7 @@ pub struct QuotaDecision {
 
 fn to_wit<'a>(input: &'a QuotaInput, settings: &'a str) -> wit::Request<'a> {
     wit::Request {
+        requester: lower_requester(&input.requester),
         reference: &input.reference,
         manifest_digest: &input.manifest_digest,
         incoming_bytes: input.incoming_bytes,
@@ -78,8 +83,12 @@ impl Plugin {
     pub fn quota(&self, input: &QuotaInput) -> Result<QuotaVerdict, FailureCause> {
         let indices = self.exports.quota.as_ref().ok_or_else(|| not_served(self, Decision::Quota))?;
         let request = to_wit(input, &self.config.settings_json);
-        let answer =
-            self.call("quota", |store, instance| indices.load(&mut *store, instance)?.call_decide(&mut *store, request))?;
+        let answer = match indices {
+            Versioned::Current(indices) => {
+                self.call("quota", |store, instance| indices.load(&mut *store, instance)?.call_decide(&mut *store, request))?
+            }
+            Versioned::Legacy(indices) => legacy::quota(self, indices, &request)?,
+        };
         Ok(match answer.map_err(FailureCause::PluginError)? {
             wit::Verdict::Admit => QuotaVerdict::Admit,
             wit::Verdict::Deny(reason) => QuotaVerdict::Deny { reason, plugin: Some(self.name.clone()) },
@@ -145,6 +154,7 @@ mod tests {
 
     fn input(free: u64, reserved: u64, incoming: u64) -> QuotaInput {
         QuotaInput {
+            requester: Requester::default(),
             reference: "r/m:1".into(),
             manifest_digest: "sha256:00".into(),
             incoming_bytes: incoming,

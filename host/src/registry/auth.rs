@@ -74,6 +74,25 @@ impl Credentials {
         Ok(Credentials { path: Some(path), config })
     }
 
+    /// The credentials a pull secret's `.dockerconfigjson` holds: its
+    /// `auths` only. A secret that names credential helpers is refused: they
+    /// run as root on the node, and would answer with the node's own
+    /// credentials (a cloud instance's role, say), which admission policy
+    /// rations.
+    pub(super) fn parse_pull_secret(text: &str) -> Result<Credentials, &'static str> {
+        let config: DockerConfig = serde_json::from_str(text).map_err(|_| "`.dockerconfigjson` is not a docker config.json")?;
+        if !config.cred_helpers.is_empty() || config.creds_store.is_some() {
+            return Err("it names credential helpers (`credHelpers`, `credsStore`), which only the node's own config may");
+        }
+        Ok(Credentials { path: None, config })
+    }
+
+    /// A user name and password for `host` alone.
+    pub(super) fn basic(host: &str, username: &str, password: &str) -> Credentials {
+        let auth = DockerAuth { auth: None, username: Some(username.to_owned()), password: Some(password.to_owned()) };
+        Credentials { path: None, config: DockerConfig { auths: [(host.to_owned(), auth)].into(), ..DockerConfig::default() } }
+    }
+
     pub(super) fn error(&self, reference: &ModelRef, reason: String) -> RegistryError {
         RegistryError::Credentials { reference: reference.to_string(), path: self.path.clone().unwrap_or_default(), reason }
     }
@@ -97,6 +116,11 @@ impl Credentials {
             }
         }
         Ok(match helper {
+            // A name, never a path: `docker-credential-NAME` is looked up on
+            // the PATH.
+            Some(helper) if !helper.bytes().all(|byte| byte.is_ascii_alphanumeric() || b"._-".contains(&byte)) => {
+                return Err(error(format!("the credential helper `{helper}` is not a plain name")));
+            }
             Some(helper) => Lookup::Helper(helper.clone()),
             None => Lookup::Known(RegistryAuth::Anonymous),
         })

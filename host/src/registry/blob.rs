@@ -13,6 +13,7 @@ use oci_client::manifest::OciDescriptor;
 use tokio::sync::{AcquireError, Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
+use super::credential::Credential;
 use super::retry::{Failure, classify};
 use super::session::Session;
 use super::{ModelRef, Registry, RegistryError};
@@ -130,11 +131,12 @@ impl Registry {
         sink: &mut S,
         progress: &Progress,
         slot: &mut DownloadSlot<'_>,
+        credential: &Credential,
     ) -> Result<(), RegistryError> {
         if blob.size == 0 {
             return Ok(());
         }
-        let session = self.session();
+        let session = self.session_for(credential)?;
         for mirror in self.config.mirrors.get(reference.registry()).into_iter().flatten() {
             match self.fetch_blob_at(&session, reference, &mirror.host, blob, sink, progress, slot, 1).await {
                 Ok(()) => return Ok(()),
@@ -145,7 +147,9 @@ impl Registry {
         let origin = reference.registry();
         match self.fetch_blob_at(&session, reference, origin, blob, sink, progress, slot, self.config.attempts).await {
             // What is already written stays: the renewed session resumes it.
-            Err(RegistryError::Denied { .. }) if session.renewable(reference, origin).await => {
+            Err(RegistryError::Denied { .. })
+                if matches!(credential, Credential::Node) && session.renewable(reference, origin).await =>
+            {
                 let session = self.renew(&session);
                 self.fetch_blob_at(&session, reference, origin, blob, sink, progress, slot, self.config.attempts).await
             }

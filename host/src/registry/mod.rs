@@ -22,6 +22,8 @@
 //! The module is split by concern:
 //! - [`ModelRef`] (from the API crate): a reference as the user wrote it, parsed;
 //! - `tags`: [`TagMemory`], what tags named when last asked;
+//! - `credential`: whose credentials a request carries (none, the node's,
+//!   a mount's pull secret) and the session of each;
 //! - `session`: the HTTP client and the credentials it is given, renewed
 //!   when the credentials file changes or a helper's answer is refused;
 //! - `auth`: credentials from a docker `config.json` and its helpers;
@@ -32,6 +34,7 @@
 
 mod auth;
 mod blob;
+mod credential;
 mod retry;
 mod session;
 mod tags;
@@ -49,6 +52,7 @@ use oci_client::errors::OciDistributionError;
 
 use self::auth::Credentials;
 pub use self::blob::{BlobSink, DownloadSlot, Slow};
+pub use self::credential::{Credential, Fingerprint};
 use self::retry::{Failure, classify};
 use self::session::{Current, FileStamp, Session};
 pub use self::tags::TagMemory;
@@ -161,6 +165,9 @@ pub enum RegistryError {
     ManifestMismatch { reference: String, expected: Digest, actual: Digest },
     #[error("{reference}: the docker config {}: {reason}", path.display())]
     Credentials { reference: String, path: PathBuf, reason: String },
+    /// A mount's pull secret that cannot be used; `problem` never quotes it.
+    #[error("{reference}: the pull secret given cannot be used: {problem}")]
+    PullSecret { reference: String, problem: &'static str },
     #[error("the CA certificates {}: {reason}", path.display())]
     Certificates { path: PathBuf, reason: String },
     #[error("cannot set up the registry client")]
@@ -199,7 +206,9 @@ impl RegistryError {
                 ErrorKind::DataLoss
             }
             RegistryError::Stopped { .. } => ErrorKind::Cancelled,
-            RegistryError::Credentials { .. } | RegistryError::Certificates { .. } => ErrorKind::InvalidArgument,
+            RegistryError::Credentials { .. } | RegistryError::Certificates { .. } | RegistryError::PullSecret { .. } => {
+                ErrorKind::InvalidArgument
+            }
             RegistryError::Setup { .. } => ErrorKind::Internal,
             // Not retried (it cannot get better by itself), but a tag still
             // mounts what it last named, as in any other outage.
@@ -218,6 +227,8 @@ pub struct Registry {
     /// it is known (the file itself may come later).
     credentials_file: Option<PathBuf>,
     current: Mutex<Current>,
+    /// The sessions of pull secrets, and the anonymous one.
+    sessions: credential::Sessions,
 }
 
 impl Registry {
@@ -235,7 +246,13 @@ impl Registry {
         let credentials = Credentials::read(credentials_file.as_deref())?;
         let session = Session::new(&config, &authorities, credentials)
             .map_err(|source| RegistryError::Setup { source: Box::new(source) })?;
-        Ok(Registry { config, authorities, credentials_file, current: Mutex::new(Current { session: Arc::new(session), read }) })
+        Ok(Registry {
+            config,
+            authorities,
+            credentials_file,
+            current: Mutex::new(Current { session: Arc::new(session), read }),
+            sessions: credential::Sessions::default(),
+        })
     }
 
     /// The manifest digest `reference` names now: the pinned digest, or one
@@ -243,12 +260,12 @@ impl Registry {
     ///
     /// # Errors
     /// Not found, denied or unavailable.
-    pub async fn resolve(&self, reference: &ModelRef) -> Result<Digest, RegistryError> {
+    pub async fn resolve(&self, reference: &ModelRef, credential: &Credential) -> Result<Digest, RegistryError> {
         if let Some(digest) = reference.digest() {
             return Ok(digest);
         }
         let digest = self
-            .across_hosts(reference, "resolving the tag", true, |client, image, auth| async move {
+            .across_hosts(reference, credential, "resolving the tag", true, |client, image, auth| async move {
                 client.fetch_manifest_digest(&image, &auth).await.map_err(|error| classify(reference, error))
             })
             .await?;
@@ -258,14 +275,38 @@ impl Registry {
         })
     }
 
+    /// Whether `credential` may read the manifest `digest` of `reference`'s
+    /// repository: one HEAD request by digest, where the manifest is
+    /// fetched from (mirrors, then the origin).
+    ///
+    /// # Errors
+    /// Not found, denied or unavailable.
+    pub async fn check_manifest(
+        &self,
+        reference: &ModelRef,
+        digest: &Digest,
+        credential: &Credential,
+    ) -> Result<(), RegistryError> {
+        self.across_hosts(reference, credential, "checking access to the manifest", false, |client, image, auth| async move {
+            let by_digest = reference.at(image.registry(), digest);
+            client.fetch_manifest_digest(&by_digest, &auth).await.map(drop).map_err(|error| classify(reference, error))
+        })
+        .await
+    }
+
     /// The manifest with `digest`, fetched by digest and verified.
     ///
     /// # Errors
     /// Not found, denied, unavailable, or bytes that do not hash to `digest`.
-    pub async fn fetch_manifest(&self, reference: &ModelRef, digest: &Digest) -> Result<Bytes, RegistryError> {
+    pub async fn fetch_manifest(
+        &self,
+        reference: &ModelRef,
+        digest: &Digest,
+        credential: &Credential,
+    ) -> Result<Bytes, RegistryError> {
         let accept = [MANIFEST_MEDIA_TYPE, "application/vnd.oci.image.index.v1+json"];
         let (bytes, _) = self
-            .across_hosts(reference, "fetching the manifest", false, |client, image, auth| async move {
+            .across_hosts(reference, credential, "fetching the manifest", false, |client, image, auth| async move {
                 let by_digest = reference.at(image.registry(), digest);
                 client.pull_manifest_raw(&by_digest, &auth, &accept).await.map_err(|error| classify(reference, error))
             })

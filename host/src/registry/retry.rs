@@ -8,6 +8,7 @@ use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 
+use super::credential::Credential;
 use super::session::Session;
 use super::tls::certificate_refusal;
 use super::{ModelRef, Registry, RegistryError};
@@ -36,6 +37,7 @@ impl Registry {
     pub(super) async fn across_hosts<T, F, Fut>(
         &self,
         reference: &ModelRef,
+        credential: &Credential,
         what: &str,
         resolving: bool,
         mut operation: F,
@@ -44,9 +46,11 @@ impl Registry {
         F: FnMut(Client, Reference, RegistryAuth) -> Fut,
         Fut: std::future::Future<Output = Result<T, Failure>>,
     {
-        let session = self.session();
+        let session = self.session_for(credential)?;
         match self.across_hosts_with(&session, reference, what, resolving, &mut operation).await {
-            Err(RegistryError::Denied { reason, .. }) if session.renewable(reference, reference.registry()).await => {
+            Err(RegistryError::Denied { reason, .. })
+                if matches!(credential, Credential::Node) && session.renewable(reference, reference.registry()).await =>
+            {
                 tracing::info!(reference = %reference, "refused {what} ({reason}): asking the credential helper again");
                 self.across_hosts_with(&self.renew(&session), reference, what, resolving, &mut operation).await
             }

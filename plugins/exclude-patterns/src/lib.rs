@@ -96,7 +96,7 @@ export!(Policy);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use exports::modelcache::policy::exclude::{Artifact, Options};
+    use exports::modelcache::policy::exclude::{Artifact, Options, Requester};
 
     fn file(path: &str, media_type: &str) -> ModelFile {
         ModelFile { path: path.into(), size: 1, media_type: media_type.into(), layer_digest: String::new() }
@@ -104,6 +104,7 @@ mod tests {
 
     fn request(files: Vec<ModelFile>, exclude_weights: bool, patterns: &[&str], settings: &str) -> Request {
         Request {
+            requester: Requester { namespace: None, pod: None, pod_uid: None, service_account: None, volume: None },
             artifact: Artifact { reference: "r/m:1".into(), manifest_digest: "sha256:00".into(), annotations: vec![] },
             files,
             options: Options { exclude_weights, patterns: patterns.iter().map(|p| p.to_string()).collect() },

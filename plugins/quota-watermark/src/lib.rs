@@ -76,12 +76,13 @@ export!(Policy);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use modelcache::policy::types::Filesystem;
+    use modelcache::policy::types::{Filesystem, Requester};
 
     const GIB: u64 = 1 << 30;
 
     fn request(cache: u64, reserved: u64, incoming: u64, settings: &str) -> Request {
         Request {
+            requester: Requester { namespace: None, pod: None, pod_uid: None, service_account: None, volume: None },
             reference: "registry.local/m:1".into(),
             manifest_digest: "sha256:00".into(),
             incoming_bytes: incoming,

@@ -1,21 +1,23 @@
 //! A policy for the runtime's tests. Its `mode` setting picks a misbehaviour,
 //! the same for every decision:
-//! - `well` (default): exclude skips `*.md`, quota admits, gc evicts all;
+//! - `well` (default): admission admits (node credentials, no tenant),
+//!   exclude skips `*.md`, quota admits, gc evicts all;
 //! - `loop`: never returns;
 //! - `grow`: allocates until the memory cap stops it;
 //! - `panic`: panics (a trap);
-//! - `lie`: answers with a path or key that is not in the input;
+//! - `lie`: answers with a path or key that is not in the input (admission,
+//!   which has no such answer, behaves well);
 //! - `refuse`: answers `err(...)`;
 //! - `chatty`: prints to stdout and stderr, then behaves well;
 //! - `sleep`: sleeps 30 s (a blocking WASI clock pollable), then behaves well.
 //!
 //! `validate-mode` applies the same to `validate-settings`. `only-reference`,
-//! when set, limits `mode` to the exclude and quota requests whose reference
-//! contains it; the others are served well.
+//! when set, limits `mode` to the admission, exclude and quota requests whose
+//! reference contains it; the others are served well.
 
 modelcache_policy::generate!("full-policy");
 
-use exports::modelcache::policy::{exclude, gc, quota, settings};
+use exports::modelcache::policy::{admission, exclude, gc, quota, settings};
 use serde::Deserialize;
 
 #[derive(Default, Deserialize)]
@@ -93,6 +95,13 @@ impl exclude::Guest for Policy {
             .filter(|file| file.path.ends_with(".md"))
             .map(|file| exclude::Skip { path: file.path, reason: "hostile: markdown".into() })
             .collect())
+    }
+}
+
+impl admission::Guest for Policy {
+    fn decide(request: admission::Request) -> Result<admission::Verdict, String> {
+        misbehave(parse(&request.settings).mode_for(&request.reference.text))?;
+        Ok(admission::Verdict::Admit(admission::Grant { node_credentials: true, tenant: None }))
     }
 }
 

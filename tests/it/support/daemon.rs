@@ -98,15 +98,20 @@ impl Daemon {
         child.wait().unwrap()
     }
 
-    /// The metrics page, as `name{labels}` → value.
-    pub fn metrics(&self) -> std::collections::HashMap<String, f64> {
+    /// The metrics page as served.
+    pub fn metrics_text(&self) -> String {
         use std::io::{Read, Write};
         let mut stream = std::net::TcpStream::connect(self.metrics.unwrap()).unwrap();
         stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
         let mut response = String::new();
         stream.read_to_string(&mut response).unwrap();
-        let body = response.split("\r\n\r\n").nth(1).expect("an HTTP body");
-        body.lines()
+        response.split("\r\n\r\n").nth(1).expect("an HTTP body").to_owned()
+    }
+
+    /// The metrics page, as `name{labels}` → value.
+    pub fn metrics(&self) -> std::collections::HashMap<String, f64> {
+        self.metrics_text()
+            .lines()
             .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
             .filter_map(|line| {
                 let (name, value) = line.rsplit_once(' ')?;

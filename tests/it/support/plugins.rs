@@ -8,7 +8,15 @@ use std::sync::OnceLock;
 use super::target_dir;
 
 /// The crates under `plugins/` and `tests/` built as components for the tests.
-const PLUGIN_CRATES: &[&str] = &["exclude-patterns", "quota-watermark", "gc-lru-watermark", "max-pull", "hostile-policy"];
+const PLUGIN_CRATES: &[&str] = &[
+    "exclude-patterns",
+    "quota-watermark",
+    "gc-lru-watermark",
+    "max-pull",
+    "namespace-allowlist",
+    "hostile-policy",
+    "legacy-policy",
+];
 
 /// Compiled components shared by all tests, so each plugin compiles once.
 pub fn component_cache() -> PathBuf {

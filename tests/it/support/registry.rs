@@ -169,6 +169,12 @@ impl Registry {
     }
 }
 
+/// An htpasswd line admitting `user` with `password`.
+pub fn htpasswd(user: &str, password: &str) -> String {
+    // The lowest bcrypt cost: the registry checks it on every request.
+    format!("{user}:{}\n", bcrypt::hash(password, 4).expect("bcrypt"))
+}
+
 /// `dir/htpasswd`, replaced atomically.
 fn write_htpasswd(dir: &Path, htpasswd: &str) {
     std::fs::write(dir.join("htpasswd.new"), htpasswd).unwrap();

@@ -1,4 +1,4 @@
-//! Admission: the quota decision for a pull's new bytes, and the
+//! The quota decision for a pull's new bytes, and the
 //! reservation that counts them until they are in the cache. Decisions are
 //! made one at a time, so two pulls never pass on the same free space; a
 //! denial first asks GC to make room, then asks once more.
@@ -10,6 +10,7 @@ use crate::gc::Trigger;
 use crate::modelpack::Model;
 use crate::plugins::quota::{QuotaInput, QuotaVerdict};
 use crate::registry::ModelRef;
+use modelcache_api::tenancy::Requester;
 
 /// Bytes admitted by the quota decision and not yet in the cache.
 #[derive(Debug, Default)]
@@ -48,6 +49,7 @@ impl Engine {
     /// reservation that holds them until the pull ends.
     pub(super) async fn admit(
         self: &Arc<Self>,
+        requester: &Requester,
         reference: &ModelRef,
         model: &Model,
         incoming: u64,
@@ -57,12 +59,12 @@ impl Engine {
             return Ok(Reservation { reservations, bytes: 0 });
         }
         let _one_at_a_time = reservations.deciding.lock().await;
-        let mut verdict = self.quota(reference, model, incoming).await?;
+        let mut verdict = self.quota(requester, reference, model, incoming).await?;
         if matches!(verdict, QuotaVerdict::Deny { .. }) {
             // Make room if GC can, then ask once more.
             let report = self.gc(false, Trigger::QuotaDenied).await?;
             if !report.evicted.is_empty() || !report.blobs.is_empty() {
-                verdict = self.quota(reference, model, incoming).await?;
+                verdict = self.quota(requester, reference, model, incoming).await?;
             }
         }
         match verdict {
@@ -74,8 +76,15 @@ impl Engine {
         }
     }
 
-    async fn quota(&self, reference: &ModelRef, model: &Model, incoming: u64) -> Result<QuotaVerdict, EngineError> {
+    async fn quota(
+        &self,
+        requester: &Requester,
+        reference: &ModelRef,
+        model: &Model,
+        incoming: u64,
+    ) -> Result<QuotaVerdict, EngineError> {
         let input = QuotaInput {
+            requester: requester.clone(),
             reference: reference.to_string(),
             manifest_digest: model.digest.to_string(),
             incoming_bytes: incoming,
