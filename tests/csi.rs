@@ -172,7 +172,7 @@ async fn identity_and_node_information() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_errors_are_typed() {
     let Some(registry) = start_registry() else { return };
-    let later_port = support::free_port();
+    let later_port = support::unassigned_port();
     let daemon = Daemon::start(&format!("[registries]\ninsecure = [\"{}\", \"127.0.0.1:{later_port}\"]\n", registry.host()));
     let shim = Shim::start(daemon.dir.path(), &daemon.socket, 100);
     let mut node = NodeClient::new(shim.channel().await);

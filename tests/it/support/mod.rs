@@ -20,7 +20,7 @@ use std::sync::OnceLock;
 pub use daemon::{Daemon, free_port};
 pub use plugins::{PluginDir, component_cache, plugin_wasm};
 pub use proxy::{BlobAnswer, FlakyProxy, HostileBlobProxy};
-pub use registry::{Registry, basic_auth, htpasswd, registry_binary, start_registry, write_docker_config};
+pub use registry::{Registry, basic_auth, htpasswd, registry_binary, start_registry, unassigned_port, write_docker_config};
 pub use tls::TestAuthority;
 pub use tmpfs::{Unmount, mount_tmpfs};
 pub use trees::{RawLayer, bytes, digest_of, publish, push, push_as, push_layers, read_tree, tar_archive, write_tree};

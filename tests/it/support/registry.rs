@@ -31,6 +31,24 @@ pub fn registry_binary() -> Option<PathBuf> {
     ["/usr/bin/docker-registry", "/usr/local/bin/docker-registry"].into_iter().map(PathBuf::from).find(|path| path.is_file())
 }
 
+/// A loopback port that is free now and that no `bind(0)` will hand out:
+/// it lies below the kernel's ephemeral range, where every fixture's
+/// registry, daemon and client gets its port. A test that starts a registry
+/// on it later (see [`Registry::start_on`]) meets no other fixture there; a
+/// port taken from `bind(0)` and released can be handed to another fixture's
+/// registry before the test binds it.
+pub fn unassigned_port() -> u16 {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let low = range.split_whitespace().next().and_then(|low| low.parse::<u16>().ok()).unwrap_or(32768);
+    // Start somewhere different in each process so concurrent runs rarely probe the same ports.
+    let span = low.saturating_sub(10_000).max(1);
+    let start = 10_000 + (std::process::id() as u16 % span);
+    (0..span)
+        .map(|step| 10_000 + (start - 10_000 + step) % span)
+        .find(|&port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
+        .expect("a free loopback port below the ephemeral range")
+}
+
 impl Registry {
     /// Starts a registry; `None` when the binary is missing (the caller skips).
     pub fn start() -> Option<Registry> {
