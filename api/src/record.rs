@@ -95,6 +95,8 @@ pub struct VolumeRecord {
     pub requester: Option<Requester>,
     /// How the requester was shown able to read the manifest, once it was.
     pub access: Option<Proof>,
+    /// Whom verify policy found the model signed by (none: no verify policy).
+    pub verified_by: Option<String>,
     standing: Standing,
     /// The tree the volume holds (the manifest the reference resolved to and
     /// the selection of its files), once resolved.
@@ -127,6 +129,7 @@ impl VolumeRecord {
             options,
             requester: None,
             access: None,
+            verified_by: None,
             standing: Standing::Pulling,
             entry: None,
             path,
@@ -219,6 +222,8 @@ pub mod wire {
         pub requester: Option<Requester>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub access: Option<Proof>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub verified_by: Option<String>,
         pub state: VolumeState,
         pub digest: Option<Digest>,
         pub selection: Option<SelectionKey>,
@@ -258,6 +263,7 @@ pub mod wire {
                 options: record.options,
                 requester: record.requester,
                 access: record.access,
+                verified_by: record.verified_by,
                 state,
                 digest,
                 selection,
@@ -312,6 +318,7 @@ pub mod wire {
                 options: record.options,
                 requester: record.requester,
                 access: record.access,
+                verified_by: record.verified_by,
                 standing,
                 entry,
                 path: record.path,

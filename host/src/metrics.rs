@@ -112,6 +112,10 @@ pub struct Metrics {
     /// By tenant (a name admission policy gave, bounded; else `other`)
     /// and outcome (`admitted`, `refused`).
     pub admissions: CounterVec<2>,
+    /// Mounts by the verify decision's outcome (`trusted`, `refused`,
+    /// `failed-open`: every verify plugin failed and its fail mode let the
+    /// mount go on).
+    pub verifications: CounterVec<1>,
 }
 
 /// The process's metrics.
@@ -138,6 +142,7 @@ impl Metrics {
             plugin_failures: CounterVec::new(["plugin", "decision", "cause"]),
             plugin_seconds: HistogramVec::new(["plugin", "decision"]),
             admissions: CounterVec::new(["tenant", "outcome"]),
+            verifications: CounterVec::new(["outcome"]),
         }
     }
 }
@@ -214,6 +219,12 @@ impl Metrics {
             "modelcache_admissions_total",
             "Mount requests admitted or refused by admission policy, by tenant and outcome.",
             &self.admissions,
+        );
+        self.render_vec(
+            &mut out,
+            "modelcache_verifications_total",
+            "Mounts judged by verify policy, by outcome (the signer is in each volume's record).",
+            &self.verifications,
         );
         let name = "modelcache_plugin_call_seconds";
         let _ = writeln!(out, "# HELP {name} Plugin call latency (instantiate and call).\n# TYPE {name} histogram");

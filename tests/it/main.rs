@@ -17,4 +17,5 @@ mod gc;
 mod plugins;
 mod pull;
 mod security;
+mod signatures;
 mod tenants;

@@ -12,6 +12,7 @@ use modelcache::plugins::cases::{self, Case, Verdict};
 use modelcache::plugins::exclude::ExcludeInput;
 use modelcache::plugins::gc::GcInput;
 use modelcache::plugins::quota::QuotaInput;
+use modelcache::plugins::verify::VerifyInput;
 use modelcache::plugins::{
     CompiledCache, CompiledPlugin, Decision, Plugin, PluginConfig, PluginHost, PluginStatus, Runtime, RuntimeOptions, error_chain,
 };
@@ -358,6 +359,10 @@ fn decision_call(plugin: &Plugin, decision: Decision, input: Value) -> anyhow::R
         Decision::Admission => {
             let input: AdmissionInput = serde_json::from_value(input).with_context(shape)?;
             Box::new(move || plugin.admission(&input).map(drop))
+        }
+        Decision::Verify => {
+            let input: VerifyInput = serde_json::from_value(input).with_context(shape)?;
+            Box::new(move || plugin.verify(&input).map(drop))
         }
         Decision::Exclude => {
             let input: ExcludeInput = serde_json::from_value(input).with_context(shape)?;

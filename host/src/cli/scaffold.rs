@@ -62,6 +62,8 @@ fn files(lang: Lang, decision: Decision) -> Vec<File> {
         };
     }
     let mut files = match (lang, decision) {
+        // No starter: `new` refuses it before asking for files.
+        (_, Decision::Verify) => Vec::new(),
         (Lang::Rust, Decision::Admission) => vec![source!("src/lib.rs", "rust", "admission.rs", "settings.rs")],
         (Lang::Python, Decision::Admission) => vec![source!("app.py", "python", "admission.py", "settings.py")],
         (Lang::Js, Decision::Admission) => vec![source!("policy.js", "js", "admission.js", "settings.js")],
@@ -88,6 +90,7 @@ fn files(lang: Lang, decision: Decision) -> Vec<File> {
     }
     files.push(match decision {
         Decision::Admission => template!("cases/admission.json", "cases/admission.json"),
+        Decision::Verify => return files,
         Decision::Exclude => template!("cases/exclude.json", "cases/exclude.json"),
         Decision::Quota => template!("cases/quota.json", "cases/quota.json"),
         Decision::Gc => template!("cases/gc.json", "cases/gc.json"),
@@ -151,6 +154,12 @@ pub fn new(args: &NewArgs) -> anyhow::Result<ExitCode> {
     if !valid_name(&args.name) {
         bail!("`{}` is not a valid policy name: use lower-case letters, digits and dashes, starting with a letter", args.name);
     }
+    if args.decision == Decision::Verify {
+        bail!(
+            "there is no starter for verify: checking signatures takes real cryptography; start from modelcache's \
+             plugins/verify-signatures (Rust), which verifies cosign and model-signing signatures"
+        );
+    }
     let world = format!("{}-policy", args.decision);
     let project = args.dir.join(&args.name);
     if project.exists() {
@@ -205,7 +214,8 @@ mod tests {
     #[test]
     fn every_language_and_decision_has_its_source_a_build_file_and_a_case() {
         for lang in [Lang::Rust, Lang::Python, Lang::Js] {
-            for decision in Decision::ALL {
+            // verify has no starter (`new` says so).
+            for decision in Decision::ALL.into_iter().filter(|decision| *decision != Decision::Verify) {
                 let paths: Vec<&str> = files(lang, decision).iter().map(|file| file.path).collect();
                 assert!(paths.contains(&"wit/policy.wit"), "{lang:?} {decision}");
                 assert!(paths.contains(&format!("cases/{decision}.json").as_str()), "{lang:?} {decision}");

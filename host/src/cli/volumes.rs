@@ -195,6 +195,9 @@ pub fn mount(args: MountArgs) -> anyhow::Result<ExitCode> {
     if let Some(requester) = &record.requester {
         outln!("  for {requester}");
     }
+    if let Some(signer) = &record.verified_by {
+        outln!("  signed by {signer}");
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -333,6 +336,19 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
     }
     for entry in &inspection.entries {
         outln!("cached tree: {entry}");
+    }
+    let signatures = &inspection.signatures;
+    let referrers: Vec<&str> = signatures.referrers.iter().map(|(artifact_type, _)| artifact_type.as_str()).collect();
+    outln!(
+        "signatures: {} cosign; referrers: {}; signature layers: {}",
+        signatures.cosign,
+        if referrers.is_empty() { "none".to_owned() } else { referrers.join(", ") },
+        if signatures.layers.is_empty() { "none".to_owned() } else { signatures.layers.join(", ") },
+    );
+    match (&signatures.trusted, &signatures.refused) {
+        (Some(signer), _) => outln!("signed by: {signer}"),
+        (_, Some(reason)) => outln!("not trusted: {reason}"),
+        _ => outln!("no verify policy installed"),
     }
     Ok(ExitCode::SUCCESS)
 }

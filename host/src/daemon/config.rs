@@ -56,6 +56,8 @@ struct Raw {
     #[serde(default)]
     registries: RawRegistries,
     #[serde(default)]
+    verify: RawVerify,
+    #[serde(default)]
     gc: RawGc,
     #[serde(default)]
     api: RawApi,
@@ -98,6 +100,12 @@ struct RawRegistries {
     access_ttl: Option<String>,
     stall_timeout: Option<String>,
     min_rate: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawVerify {
+    signature_paths: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -230,6 +238,9 @@ impl ServeConfig {
             None => defaults.tag_ttl,
             text => duration("registries.tag-ttl", text, "")?,
         };
+        if let Some(paths) = raw.verify.signature_paths {
+            engine.signature_paths = paths;
+        }
         if let Some(text) = raw.registries.access_ttl.as_deref() {
             engine.access_ttl = duration("registries.access-ttl", Some(text), "")?;
         }

@@ -28,6 +28,7 @@
 //! | `resolve.rs` | references to digests (tag memory), the parsed-manifest cache, exclude flights, `inspect` |
 //! | `pull.rs` | entry → layers → blobs: the entry's flight, layer fetches and unpacks, prefetch, unpack limits |
 //! | `access.rs` | the admission decision, a mount's credentials, and the proof its requester may read the manifest |
+//! | `verify.rs` | the verify decision on the signatures gathered before any weight, remembered per plugin set and manifest |
 //! | `quota.rs` | the quota decision and the reservations it makes |
 //! | `sink.rs` | the store's [`Ingest`](crate::store::Ingest) as the registry's blob sink, so neither knows the other |
 
@@ -37,6 +38,7 @@ mod pull;
 mod quota;
 mod resolve;
 mod sink;
+mod verify;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -60,7 +62,7 @@ use crate::volumes::{VolumeError, VolumeId, VolumeRecord, VolumeSlot, VolumeStat
 pub use access::{Access, TENANT_LABELS};
 pub use mount::{MountHandle, MountRequest};
 pub use pull::{Prefetched, Source};
-pub use resolve::{InspectedLayer, Inspection};
+pub use resolve::{InspectedLayer, InspectedSignatures, Inspection};
 
 /// How to run an engine.
 #[derive(Clone, Debug)]
@@ -79,6 +81,10 @@ pub struct EngineConfig {
     pub layer_concurrency: usize,
     /// Temporaries untouched for this long are leftovers GC removes (default 1 h).
     pub gc_grace: Duration,
+    /// Layer paths that hold a model's signature (an OpenSSF model-signing
+    /// bundle), fetched before any other layer for the verify decision
+    /// (default `model.sig`).
+    pub signature_paths: Vec<String>,
     /// How long a requester's shown access to a manifest is trusted without
     /// asking the registry again (default 5 min; zero asks every mount).
     pub access_ttl: Duration,
@@ -115,6 +121,7 @@ impl EngineConfig {
             layer_concurrency: 4,
             gc_grace: Duration::from_secs(3600),
             access_ttl: Duration::from_secs(300),
+            signature_paths: vec!["model.sig".to_owned()],
             runtime: RuntimeOptions::default(),
             unpack: UnpackConfig::default(),
         }
@@ -158,6 +165,12 @@ pub enum EngineError {
     /// mount, and no earlier answer stands in. No source, as above.
     #[error("{reference}: the registry cannot be reached to check this mount's access; ask again")]
     AccessUnavailable { reference: String },
+    /// Gathering signatures took longer than a registry may.
+    #[error("{reference}: reading its signatures took too long; ask again")]
+    GatherTimeout { reference: String },
+    /// A verify policy does not trust the model's signatures.
+    #[error("{reference} is not signed by a trusted key: {reason}")]
+    Unverified { reference: String, reason: String },
     #[error("quota denied pulling {reference}: {reason}")]
     QuotaDenied { reference: String, reason: String },
     #[error("volume {slot} already holds {holds} ({state:?}); release it first")]
@@ -210,6 +223,8 @@ impl EngineError {
             EngineError::QuotaDenied { .. } => ErrorKind::QuotaDenied,
             EngineError::Refused { .. } | EngineError::AccessDenied { .. } => ErrorKind::PermissionDenied,
             EngineError::AccessUnavailable { .. } => ErrorKind::Unavailable,
+            EngineError::Unverified { .. } => ErrorKind::PermissionDenied,
+            EngineError::GatherTimeout { .. } => ErrorKind::Unavailable,
             EngineError::Conflict { .. } => ErrorKind::Conflict,
             EngineError::NotFound { .. } => ErrorKind::NotFound,
             EngineError::Cancelled { .. } | EngineError::Stopped => ErrorKind::Cancelled,
@@ -258,6 +273,9 @@ pub struct Engine {
     /// Keyed by the plugin set's generation too: a mount after a reload
     /// never joins a decision of the old set.
     excluding: Flights<(u64, MemoKey), ExcludeDecision, EngineError>,
+    /// Verify verdicts made, and being made (one gathering for a herd).
+    verdicts: verify::Verdicts,
+    verifying: Flights<(u64, access::Repository, Digest), Option<crate::plugins::verify::VerifyVerdict>, EngineError>,
     volumes: Volumes,
     entries: Flights<EntryKey, pull::Built, EngineError>,
     blobs: Flights<Digest, (), EngineError>,
@@ -328,6 +346,8 @@ impl Engine {
             plugins,
             decisions: Arc::default(),
             excluding: Flights::default(),
+            verdicts: verify::Verdicts::default(),
+            verifying: Flights::default(),
             volumes,
             entries: Flights::default(),
             blobs: Flights::default(),

@@ -304,6 +304,7 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let resolved = self.resolve_request(&request.reference, &request.options, access).await?;
         record.access = Some(resolved.proof);
+        record.verified_by = resolved.verified_by.clone();
         record.entry = Some(resolved.key.clone());
         record.skipped = resolved.skips.clone();
         record.bytes_total = resolved.bytes();

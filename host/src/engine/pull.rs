@@ -251,7 +251,7 @@ impl Engine {
 
     /// Makes one layer's content present: its blob fetched (once node-wide,
     /// whoever asks) and, for archives, unpacked (likewise once).
-    async fn ensure_layer(
+    pub(super) async fn ensure_layer(
         self: &Arc<Self>,
         reference: &ModelRef,
         layer: &Layer,

@@ -28,6 +28,8 @@ pub(super) struct Resolved {
     pub(super) proof: Proof,
     /// The credential this request's downloads use.
     pub(super) credential: Credential,
+    /// Whom the verify policy found the model signed by (none: no policy).
+    pub(super) verified_by: Option<String>,
     pub(super) model: Arc<Model>,
     pub(super) selection: Selection,
     pub(super) key: EntryKey,
@@ -63,6 +65,24 @@ pub struct Inspection {
     pub layers: Vec<InspectedLayer>,
     /// Cached trees of this manifest.
     pub entries: Vec<EntryKey>,
+    /// The signature material found for it.
+    pub signatures: InspectedSignatures,
+}
+
+/// What signatures a model has, and what the verify policy makes of them.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct InspectedSignatures {
+    /// Cosign signatures under the `.sig` tag.
+    pub cosign: usize,
+    /// Referrers, as `artifact type` and digest.
+    pub referrers: Vec<(String, String)>,
+    /// Signature layers (model-signing bundles) by path.
+    pub layers: Vec<String>,
+    /// Whom verify policy finds it signed by.
+    pub trusted: Option<String>,
+    /// Why verify policy refuses it.
+    pub refused: Option<String>,
 }
 
 impl Engine {
@@ -70,7 +90,7 @@ impl Engine {
     /// that serves it; the manifest and the entry are held against GC from
     /// the moment they are known.
     pub(super) async fn resolve_request(
-        &self,
+        self: &Arc<Self>,
         reference: &ModelRef,
         options: &ExcludeOptions,
         access: &Access,
@@ -79,6 +99,7 @@ impl Engine {
         let authorized = self.authorize(reference, &digest, access).await?;
         let manifest_hold = self.store.hold(None, std::slice::from_ref(&digest));
         let model = self.model(reference, &digest, &authorized.credential).await?;
+        let verified_by = self.verify(reference, &model, &authorized.credential, &access.requester).await?;
         let decision = self.exclude(reference, &model, options, &access.requester).await?;
         let selection = model.select(decision.skips.iter().map(|skip| skip.path.as_str()));
         let key = EntryKey::new(digest, selection.key().clone());
@@ -88,6 +109,7 @@ impl Engine {
             requester: access.requester.clone(),
             proof: authorized.proof,
             credential: authorized.credential,
+            verified_by,
             model,
             selection,
             key,
@@ -252,11 +274,14 @@ impl Engine {
     }
 
     /// What a reference resolves to (as a mount would resolve it now), its
-    /// files and what of them is cached. Writes nothing.
+    /// files and what of them is cached, its signatures and what verify
+    /// policy makes of them (asked afresh, not remembered). Writes nothing
+    /// but the manifest's signature layers, which are fetched into the store
+    /// as a mount would.
     ///
     /// # Errors
     /// Registry and manifest errors.
-    pub async fn inspect(&self, reference: &str) -> Result<Inspection, EngineError> {
+    pub async fn inspect(self: &Arc<Self>, reference: &str) -> Result<Inspection, EngineError> {
         let reference = ModelRef::parse(reference)?;
         let digest = self.resolve(&reference, &Access::operator()).await?;
         let model = if self.store.has_blob(&digest) {
@@ -276,7 +301,10 @@ impl Engine {
             })
             .collect();
         let entries = self.store.entries()?.into_iter().filter(|key| key.manifest == digest).collect();
-        Ok(Inspection { reference: reference.to_string(), digest, artifact_type: model.artifact_type, layers, entries })
+        let model = Arc::new(model);
+        let signatures = self.inspect_signatures(&reference, &model).await?;
+        let artifact_type = model.artifact_type.clone();
+        Ok(Inspection { reference: reference.to_string(), digest, artifact_type, layers, entries, signatures })
     }
 }
 

@@ -137,6 +137,7 @@ fn parse_layer(digest: &Digest, index: usize, raw: RawDescriptor) -> Result<Laye
         path,
         mode,
         mtime,
+        annotations: raw.annotations,
     })
 }
 

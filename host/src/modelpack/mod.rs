@@ -89,6 +89,8 @@ pub struct Layer {
     pub mode: Option<u32>,
     /// Modification time from the file metadata annotation.
     pub mtime: Option<SystemTime>,
+    /// The layer's annotations as the manifest states them.
+    pub annotations: BTreeMap<String, String>,
 }
 
 /// How a layer's blob becomes files.

@@ -17,7 +17,7 @@ wasmtime::component::bindgen!({
     ownership: Borrowing { duplicate_if_necessary: false },
 });
 
-pub use self::exports::modelcache::policy::{admission, exclude, gc, quota, settings};
+pub use self::exports::modelcache::policy::{admission, exclude, gc, quota, settings, verify};
 pub use self::modelcache::policy::types;
 
 /// The 0.1 package, for plugins built against it.

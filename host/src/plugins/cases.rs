@@ -24,7 +24,8 @@
 //! answers). Each answer has the shape `plugins run` prints: `{"skips": […]}`,
 //! `{"verdict": "admit"}` / `{"verdict": "deny", "reason": …}`, `{"evict": […]}`,
 //! and for admission `{"verdict": "admit", "node-credentials": …, "tenant": …}`
-//! (`tenant` only when one is named).
+//! (`tenant` only when one is named), and for verify
+//! `{"verdict": "trusted", "signer": …}` / `{"verdict": "refused", "reason": …}`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -36,6 +37,7 @@ use super::admission::{AdmissionInput, AdmissionVerdict};
 use super::exclude::ExcludeInput;
 use super::gc::GcInput;
 use super::quota::{QuotaInput, QuotaVerdict};
+use super::verify::{VerifyInput, VerifyVerdict};
 use super::{CompiledPlugin, Decision, FailureCause, Plugin, PluginConfig, PluginError, Runtime};
 
 /// Why a case file could not be read. Distinct from a case that fails: the
@@ -237,6 +239,13 @@ pub fn call(plugin: &Plugin, decision: Decision, input: Value) -> Result<Value, 
                     answer
                 }
                 AdmissionVerdict::Deny { reason, .. } => json!({ "verdict": "deny", "reason": reason }),
+            })
+        }
+        Decision::Verify => {
+            let input: VerifyInput = serde_json::from_value(input).map_err(shape)?;
+            Ok(match plugin.verify(&input).map_err(CallError::Failed)? {
+                VerifyVerdict::Trusted { signer, .. } => json!({ "verdict": "trusted", "signer": signer }),
+                VerifyVerdict::Refused { reason, .. } => json!({ "verdict": "refused", "reason": reason }),
             })
         }
         Decision::Exclude => {

@@ -50,7 +50,7 @@ impl FailMode {
     pub fn default_for(decision: Decision) -> FailMode {
         match decision {
             Decision::Exclude | Decision::Gc => FailMode::Open,
-            Decision::Admission | Decision::Quota => FailMode::Closed,
+            Decision::Admission | Decision::Verify | Decision::Quota => FailMode::Closed,
         }
     }
 }
@@ -84,6 +84,7 @@ pub struct PluginConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FailModes {
     pub admission: FailMode,
+    pub verify: FailMode,
     pub exclude: FailMode,
     pub quota: FailMode,
     pub gc: FailMode,
@@ -93,6 +94,7 @@ impl FailModes {
     pub fn get(&self, decision: Decision) -> FailMode {
         match decision {
             Decision::Admission => self.admission,
+            Decision::Verify => self.verify,
             Decision::Exclude => self.exclude,
             Decision::Quota => self.quota,
             Decision::Gc => self.gc,
@@ -104,6 +106,7 @@ impl Default for FailModes {
     fn default() -> Self {
         FailModes {
             admission: FailMode::default_for(Decision::Admission),
+            verify: FailMode::default_for(Decision::Verify),
             exclude: FailMode::default_for(Decision::Exclude),
             quota: FailMode::default_for(Decision::Quota),
             gc: FailMode::default_for(Decision::Gc),
@@ -139,6 +142,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawFailModes {
     admission: Option<FailMode>,
+    verify: Option<FailMode>,
     exclude: Option<FailMode>,
     quota: Option<FailMode>,
     gc: Option<FailMode>,
@@ -176,6 +180,7 @@ impl PluginConfig {
         let defaults = FailModes::default();
         let fail_modes = FailModes {
             admission: raw.fail_mode.admission.unwrap_or(defaults.admission),
+            verify: raw.fail_mode.verify.unwrap_or(defaults.verify),
             exclude: raw.fail_mode.exclude.unwrap_or(defaults.exclude),
             quota: raw.fail_mode.quota.unwrap_or(defaults.quota),
             gc: raw.fail_mode.gc.unwrap_or(defaults.gc),

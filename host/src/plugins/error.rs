@@ -40,7 +40,7 @@ pub enum PluginError {
          rebuild it against wit/policy.wit"
     )]
     IncompatibleVersion { plugin: String, found: String },
-    #[error("plugin `{plugin}` exports no modelcache:policy decision (admission, exclude, quota or gc)")]
+    #[error("plugin `{plugin}` exports no modelcache:policy decision (admission, verify, exclude, quota or gc)")]
     NoDecision { plugin: String },
     #[error("plugin `{plugin}` does not export `settings.validate-settings`, which every plugin must")]
     NoSettings { plugin: String },

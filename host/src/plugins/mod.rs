@@ -1,6 +1,6 @@
 //! Policy plugins: WebAssembly components that make the per-deployment
-//! decisions (who may mount what, which files to skip, whether a pull fits,
-//! what GC may evict).
+//! decisions (who may mount what, whose signatures a model needs, which
+//! files to skip, whether a pull fits, what GC may evict).
 //!
 //! A plugin directory holds `NAME.wasm` and an optional `NAME.toml` (see
 //! [`config`]). Loading a plugin compiles it (through the on-disk
@@ -10,8 +10,8 @@
 //! any of this is refused with the reason; the others load.
 //!
 //! [`PluginHost`] owns the current [`PluginSet`] and swaps it whole on
-//! [`PluginHost::reload`]. Each decision module ([`admission`], [`exclude`],
-//! [`quota`], [`gc`]) holds the decision's input and output types, the composition of
+//! [`PluginHost::reload`]. Each decision module ([`admission`], [`verify`],
+//! [`exclude`], [`quota`], [`gc`]) holds the decision's input and output types, the composition of
 //! several plugins and the built-in default used when no plugin serves it.
 //!
 //! | module | concern |
@@ -23,7 +23,7 @@
 //! | `bindings` | the `bindgen!` of the `modelcache:policy` WIT, current and 0.1 |
 //! | `legacy` | 0.1 plugins served: each decision's input lowered to 0.1 |
 //! | `config`, `cache`, `error` | a plugin's `NAME.toml`, the compiled-component cache, the errors |
-//! | `admission`, `exclude`, `quota`, `gc` | one decision each |
+//! | `admission`, `verify`, `exclude`, `quota`, `gc` | one decision each |
 //! | `cases` | a plugin's test cases, run by `modelcache plugins test` |
 //!
 //! This file holds the [`Decision`]s and what the decision modules share.
@@ -43,6 +43,7 @@ mod plugin;
 pub mod quota;
 pub mod runtime;
 mod set;
+pub mod verify;
 
 use std::fmt;
 
@@ -67,6 +68,7 @@ const POLICY_PACKAGE: &str = "modelcache:policy";
 #[serde(rename_all = "kebab-case")]
 pub enum Decision {
     Admission,
+    Verify,
     Exclude,
     Quota,
     Gc,
@@ -74,11 +76,12 @@ pub enum Decision {
 
 impl Decision {
     /// In the order a mount asks them (gc last: it runs for the node).
-    pub const ALL: [Decision; 4] = [Decision::Admission, Decision::Exclude, Decision::Quota, Decision::Gc];
+    pub const ALL: [Decision; 5] = [Decision::Admission, Decision::Verify, Decision::Exclude, Decision::Quota, Decision::Gc];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Decision::Admission => "admission",
+            Decision::Verify => "verify",
             Decision::Exclude => "exclude",
             Decision::Quota => "quota",
             Decision::Gc => "gc",
@@ -99,7 +102,7 @@ impl std::str::FromStr for Decision {
         Decision::ALL
             .into_iter()
             .find(|decision| decision.as_str() == text)
-            .ok_or_else(|| format!("unknown decision `{text}` (expected admission, exclude, quota or gc)"))
+            .ok_or_else(|| format!("unknown decision `{text}` (expected admission, verify, exclude, quota or gc)"))
     }
 }
 

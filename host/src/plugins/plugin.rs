@@ -10,7 +10,7 @@ use std::time::Instant;
 use sha2::{Digest as _, Sha256};
 use wasmtime::component::{Component, InstancePre};
 
-use super::bindings::{admission, exclude, gc, quota, settings, v0_1};
+use super::bindings::{admission, exclude, gc, quota, settings, v0_1, verify};
 use super::runtime::CallState;
 use super::{
     CompiledCache, Decision, FailMode, FailureCause, LEGACY_POLICY_VERSION, POLICY_PACKAGE, POLICY_VERSION, PluginConfig,
@@ -64,8 +64,9 @@ impl Package {
 /// The export lookups of the decisions a plugin serves.
 pub(super) struct Exports {
     settings: Versioned<settings::GuestIndices, v0_1::settings::GuestIndices>,
-    /// 0.1 has no admission decision.
+    /// 0.1 has neither admission nor verify.
     pub(super) admission: Option<admission::GuestIndices>,
+    pub(super) verify: Option<verify::GuestIndices>,
     pub(super) exclude: Option<Versioned<exclude::GuestIndices, v0_1::exclude::GuestIndices>>,
     pub(super) quota: Option<Versioned<quota::GuestIndices, v0_1::quota::GuestIndices>>,
     pub(super) gc: Option<Versioned<gc::GuestIndices, v0_1::gc::GuestIndices>>,
@@ -200,6 +201,10 @@ impl Plugin {
                 .then(|| admission::GuestIndices::new(&pre))
                 .transpose()
                 .map_err(|error| mismatch("admission", error))?,
+            verify: serves(Decision::Verify)
+                .then(|| verify::GuestIndices::new(&pre))
+                .transpose()
+                .map_err(|error| mismatch("verify", error))?,
             exclude: serves(Decision::Exclude)
                 .then(|| package.lookup(|| exclude::GuestIndices::new(&pre), || v0_1::exclude::GuestIndices::new(&pre)))
                 .transpose()
@@ -261,6 +266,7 @@ impl Plugin {
     pub fn serves(&self, decision: Decision) -> bool {
         match decision {
             Decision::Admission => self.exports.admission.is_some(),
+            Decision::Verify => self.exports.verify.is_some(),
             Decision::Exclude => self.exports.exclude.is_some(),
             Decision::Quota => self.exports.quota.is_some(),
             Decision::Gc => self.exports.gc.is_some(),

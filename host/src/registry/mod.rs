@@ -29,6 +29,8 @@
 //! - `auth`: credentials from a docker `config.json` and its helpers;
 //! - `tls`: trusted authorities, and a refused certificate told apart;
 //! - `retry`: what retrying can fix, mirrors before the origin, backoff;
+//! - `signatures`: cosign signatures and referrers of a manifest, found
+//!   without its blobs;
 //! - `blob`: a blob streamed into a [`BlobSink`] within a [`DownloadSlot`],
 //!   resumed, and cut when it stalls, trickles or runs past its size.
 
@@ -37,6 +39,7 @@ mod blob;
 mod credential;
 mod retry;
 mod session;
+mod signatures;
 mod tags;
 mod tls;
 
@@ -55,6 +58,7 @@ pub use self::blob::{BlobSink, DownloadSlot, Slow};
 pub use self::credential::{Credential, Fingerprint};
 use self::retry::{Failure, classify};
 use self::session::{Current, FileStamp, Session};
+pub use self::signatures::{FoundCosign, FoundReferrer};
 pub use self::tags::TagMemory;
 use crate::digest::Digest;
 use crate::error::ErrorKind;

@@ -297,6 +297,7 @@ mod tests {
             format: LayerFormat::Tar(Compression::None),
             mode: None,
             mtime: None,
+            annotations: Default::default(),
         }
     }
 

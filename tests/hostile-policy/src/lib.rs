@@ -1,23 +1,29 @@
 //! A policy for the runtime's tests. Its `mode` setting picks a misbehaviour,
 //! the same for every decision:
 //! - `well` (default): admission admits (node credentials, no tenant),
-//!   exclude skips `*.md`, quota admits, gc evicts all;
+//!   verify trusts (signer `hostile-policy`), exclude skips `*.md`, quota
+//!   admits, gc evicts all;
 //! - `loop`: never returns;
 //! - `grow`: allocates until the memory cap stops it;
 //! - `panic`: panics (a trap);
-//! - `lie`: answers with a path or key that is not in the input (admission,
-//!   which has no such answer, behaves well);
+//! - `lie`: answers with a path or key that is not in the input (admission
+//!   and verify, which have no such answer, behave well);
 //! - `refuse`: answers `err(...)`;
 //! - `chatty`: prints to stdout and stderr, then behaves well;
 //! - `sleep`: sleeps 30 s (a blocking WASI clock pollable), then behaves well.
 //!
 //! `validate-mode` applies the same to `validate-settings`. `only-reference`,
-//! when set, limits `mode` to the admission, exclude and quota requests whose
-//! reference contains it; the others are served well.
+//! when set, limits `mode` to the admission, verify, exclude and quota
+//! requests whose reference contains it; the others are served well.
+//!
+//! `verify-mode: "report"` makes a verify that behaves well refuse instead,
+//! its reason listing what the host gathered, so a test can see it:
+//! `referrers: <artifact-type>{k=v,...}; ...; cosign: <count>; model-signatures: <path>, ...`
+//! (annotations sorted by key, `-` for an empty list).
 
 modelcache_policy::generate!("full-policy");
 
-use exports::modelcache::policy::{admission, exclude, gc, quota, settings};
+use exports::modelcache::policy::{admission, exclude, gc, quota, settings, verify};
 use serde::Deserialize;
 
 #[derive(Default, Deserialize)]
@@ -26,6 +32,7 @@ struct Settings {
     mode: Option<String>,
     validate_mode: Option<String>,
     only_reference: Option<String>,
+    verify_mode: Option<String>,
 }
 
 impl Settings {
@@ -105,6 +112,38 @@ impl admission::Guest for Policy {
     }
 }
 
+impl verify::Guest for Policy {
+    fn decide(request: verify::Request) -> Result<verify::Verdict, String> {
+        let settings = parse(&request.settings);
+        misbehave(settings.mode_for(&request.reference))?;
+        if settings.verify_mode.as_deref() == Some("report") {
+            return Ok(verify::Verdict::Refused(report(&request)));
+        }
+        Ok(verify::Verdict::Trusted("hostile-policy".into()))
+    }
+}
+
+/// What a verify request carries, for `verify-mode: "report"`.
+fn report(request: &verify::Request) -> String {
+    let mut parts: Vec<String> = request
+        .referrers
+        .iter()
+        .map(|referrer| {
+            let mut annotations: Vec<_> = referrer.annotations.iter().collect();
+            annotations.sort_by(|a, b| a.key.cmp(&b.key));
+            let annotations: Vec<String> =
+                annotations.iter().map(|annotation| format!("{}={}", annotation.key, annotation.value)).collect();
+            format!("{}{{{}}}", referrer.artifact_type, annotations.join(","))
+        })
+        .collect();
+    if parts.is_empty() {
+        parts.push("-".into());
+    }
+    let paths: Vec<&str> = request.model_signatures.iter().map(|signature| signature.path.as_str()).collect();
+    let paths = if paths.is_empty() { "-".to_owned() } else { paths.join(", ") };
+    format!("referrers: {}; cosign: {}; model-signatures: {paths}", parts.join("; "), request.cosign.len())
+}
+
 impl quota::Guest for Policy {
     fn decide(request: quota::Request) -> Result<quota::Verdict, String> {
         misbehave(parse(&request.settings).mode_for(&request.reference))?;
@@ -125,3 +164,63 @@ impl gc::Guest for Policy {
 
 #[cfg(target_arch = "wasm32")]
 export!(Policy);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use exports::modelcache::policy::verify::{Annotation, Referrer, Request, Requester};
+
+    fn annotation(key: &str, value: &str) -> Annotation {
+        Annotation { key: key.into(), value: value.into() }
+    }
+
+    /// `verify-mode: report` refuses, listing the referrers (annotations sorted
+    /// by key), the cosign count and the signature layers' paths.
+    #[test]
+    fn report_lists_what_verify_was_given() {
+        let referrer = |artifact_type: &str, annotations: Vec<Annotation>| Referrer {
+            digest: "sha256:00".into(),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            artifact_type: artifact_type.into(),
+            size: 1,
+            annotations,
+        };
+        let mut request = Request {
+            requester: Requester { namespace: None, pod: None, pod_uid: None, service_account: None, volume: None },
+            reference: "registry.local/models/tiny:v1".into(),
+            manifest_digest: "sha256:00".into(),
+            annotations: vec![],
+            layers: vec![],
+            cosign: vec![],
+            referrers: vec![referrer("application/vnd.example.unknown.v1+json", vec![annotation("org.example.note", "hello")])],
+            model_signatures: vec![],
+            settings: r#"{"verify-mode": "report"}"#.into(),
+        };
+        let verdict = <Policy as verify::Guest>::decide(request.clone()).unwrap();
+        assert_eq!(
+            verdict,
+            verify::Verdict::Refused(
+                "referrers: application/vnd.example.unknown.v1+json{org.example.note=hello}; cosign: 0; model-signatures: -"
+                    .into()
+            )
+        );
+        request.referrers.push(referrer("b", vec![annotation("z", "1"), annotation("a.b", "2"), annotation("a", "3")]));
+        request.referrers.push(referrer("c", vec![]));
+        request.model_signatures.push(verify::ModelSignature {
+            path: "model.sig".into(),
+            layer_digest: "sha256:11".into(),
+            bundle: vec![],
+        });
+        assert_eq!(
+            report(&request),
+            "referrers: application/vnd.example.unknown.v1+json{org.example.note=hello}; b{a=3,a.b=2,z=1}; c{}; cosign: 0; \
+             model-signatures: model.sig"
+        );
+        assert_eq!(
+            report(&Request { referrers: vec![], ..request.clone() }),
+            "referrers: -; cosign: 0; model-signatures: model.sig"
+        );
+        request.settings = "{}".into();
+        assert_eq!(<Policy as verify::Guest>::decide(request).unwrap(), verify::Verdict::Trusted("hostile-policy".into()));
+    }
+}

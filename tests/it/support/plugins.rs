@@ -16,6 +16,7 @@ const PLUGIN_CRATES: &[&str] = &[
     "namespace-allowlist",
     "hostile-policy",
     "legacy-policy",
+    "verify-signatures",
 ];
 
 /// Compiled components shared by all tests, so each plugin compiles once.

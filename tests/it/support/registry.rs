@@ -146,6 +146,49 @@ impl Registry {
         assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
     }
 
+    /// Uploads `content` as a blob of `repository` (an upload started, then
+    /// finished with the whole content); its digest.
+    pub fn put_blob(&self, repository: &str, content: &[u8]) -> String {
+        let digest = super::digest_of(content);
+        let started = self.send("POST", &format!("/v2/{repository}/blobs/uploads/"), "application/octet-stream", b"");
+        assert!(started.starts_with("HTTP/1.1 202"), "{started}");
+        let location = started
+            .lines()
+            .find_map(|line| line.strip_prefix("Location: "))
+            .expect("an upload location")
+            .trim()
+            .trim_start_matches(&format!("http://{}", self.host()))
+            .to_owned();
+        let separator = if location.contains('?') { '&' } else { '?' };
+        let finished = self.send("PUT", &format!("{location}{separator}digest={digest}"), "application/octet-stream", content);
+        assert!(finished.starts_with("HTTP/1.1 201"), "{finished}");
+        digest
+    }
+
+    /// Puts `body` as the manifest `repository:tag` with `media_type` (any
+    /// shape: signature manifests, indexes); its digest.
+    pub fn put_manifest(&self, repository: &str, tag: &str, media_type: &str, body: &[u8]) -> String {
+        let answer = self.send("PUT", &format!("/v2/{repository}/manifests/{tag}"), media_type, body);
+        assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+        super::digest_of(body)
+    }
+
+    fn send(&self, method: &str, path: &str, content_type: &str, body: &[u8]) -> String {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(self.host()).unwrap();
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            self.host(),
+            body.len()
+        )
+        .unwrap();
+        stream.write_all(body).unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        answer
+    }
+
     /// GET requests for each blob digest (`sha256:…`), from the access log.
     pub fn blob_gets(&self) -> std::collections::HashMap<String, usize> {
         let mut counts = std::collections::HashMap::new();
