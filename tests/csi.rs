@@ -36,6 +36,11 @@ struct Shim {
 
 impl Shim {
     fn start(dir: &Path, daemon_socket: &Path, publish_timeout: u64) -> Shim {
+        Shim::start_with(dir, daemon_socket, publish_timeout, &[])
+    }
+
+    /// [`Shim::start`] with more arguments; owed releases are retried every second.
+    fn start_with(dir: &Path, daemon_socket: &Path, publish_timeout: u64, args: &[&str]) -> Shim {
         let endpoint = dir.join("csi/csi.sock");
         let _ = std::fs::remove_file(&endpoint);
         let child = std::process::Command::new(support::csi_binary())
@@ -43,7 +48,8 @@ impl Shim {
             .arg(format!("unix://{}", endpoint.display()))
             .arg("--daemon-socket")
             .arg(daemon_socket)
-            .args(["--node-id", "node-1", "--publish-timeout", &publish_timeout.to_string()])
+            .args(["--node-id", "node-1", "--publish-timeout", &publish_timeout.to_string(), "--release-retry", "1"])
+            .args(args)
             .arg("--state-dir")
             .arg(dir.join("csi-state"))
             .stderr(std::fs::File::create(dir.join("csi.log")).expect("the shim's log file"))
@@ -162,8 +168,10 @@ async fn identity_and_node_information() {
     unimplemented(controller.create_volume(CreateVolumeRequest::default()).await.unwrap_err().code());
     unimplemented(controller.controller_get_capabilities(ControllerGetCapabilitiesRequest::default()).await.unwrap_err().code());
 
+    // The probe is the shim's own liveness: with the daemon down it must
+    // stay up, or kubelet would have no socket to unpublish through.
     drop(daemon);
-    assert_eq!(identity.probe(ProbeRequest {}).await.unwrap().into_inner().ready, Some(false), "not ready without the daemon");
+    assert_eq!(identity.probe(ProbeRequest {}).await.unwrap().into_inner().ready, Some(true), "alive without the daemon");
 }
 
 /// Malformed publishes are INVALID_ARGUMENT before anything is looked up;
@@ -223,6 +231,11 @@ async fn publish_errors_are_typed() {
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
     assert!(mounts_at(&target).is_empty(), "nothing left mounted");
+    // NOT_FOUND is final: kubelet may never unpublish, so nothing stays.
+    assert_eq!(std::fs::read_dir(shim.state.join("targets")).unwrap().count(), 0, "the shim forgot the target");
+    let records: Vec<VolumeRecord> = daemon.client().get("/v1/volumes").await.unwrap();
+    let failed = records.iter().find(|record| record.volume.as_str() == "v").expect("the daemon's record");
+    assert_eq!(failed.state(), VolumeState::Released, "the failed record is released");
     node.node_unpublish_volume(unpublish_request("v", &target)).await.unwrap();
 
     let later = format!("127.0.0.1:{later_port}/models/later:v1");
@@ -268,9 +281,12 @@ async fn publish_and_unpublish() {
     let status =
         node.node_publish_volume(publish_request(volume, &target, &[("modelcache.io/reference", &other)])).await.unwrap_err();
     assert_eq!(status.code(), Code::AlreadyExists);
-    let mut writable = publish_request(volume, &target, &context);
+    // kubelet takes a volume published without readonly as writable.
+    let mut writable = publish_request("csi-writable", &daemon.dir.path().join("pods/p4/mount"), &context);
     writable.readonly = false;
-    assert_eq!(node.node_publish_volume(writable).await.unwrap_err().code(), Code::AlreadyExists);
+    let status = node.node_publish_volume(writable).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("readOnly: true"), "{}", status.message());
 
     let second = daemon.dir.path().join("pods/p3/volumes/kubernetes.io~csi/model/mount");
     let (mut first_client, mut second_client) = (node.clone(), node.clone());
@@ -436,10 +452,29 @@ async fn restarts_large_requests_and_static_volumes() {
     assert_eq!(read_tree(&pv_target), read_tree(source.path()));
 
     drop(shim);
+    // The PV's record is lost (a wiped state directory): its live mount
+    // shows this volume's tree, so a publish again adopts it.
+    modelcache_csi::targets::Targets::new(daemon.dir.path().join("csi-state/targets")).remove(&pv_target).unwrap();
     let shim = Shim::start(daemon.dir.path(), &daemon.socket, 100);
     let mut node = NodeClient::new(shim.channel().await);
     node.node_publish_volume(publish_request("csi-big", &long_target, &big_context)).await.unwrap();
     assert_eq!(mounts_at(&long_target).len(), 1, "recognised, not mounted again");
+    node.node_publish_volume(publish_request("models/llama weights", &pv_target, &pv_context)).await.unwrap();
+    assert_eq!(mounts_at(&pv_target).len(), 1, "adopted, not mounted again");
+    // A mount of something else is no volume of ours: ALREADY_EXISTS.
+    let foreign = daemon.dir.path().join("pods/foreign/volumes/kubernetes.io~csi/model/mount");
+    std::fs::create_dir_all(&foreign).unwrap();
+    assert!(support::mount_tmpfs(&foreign, "1m"));
+    let _unmount_foreign = Unmount(foreign.clone());
+    let status = node
+        .node_publish_volume(publish_request("csi-foreign", &foreign, &[("modelcache.io/reference", &reference)]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    let records: Vec<VolumeRecord> = daemon.client().get("/v1/volumes").await.unwrap();
+    let foreign_record = records.iter().find(|record| record.volume.as_str() == "csi-foreign").expect("its record");
+    assert_eq!(foreign_record.state(), VolumeState::Released, "a final error releases its record");
+    assert!(modelcache_csi::targets::Targets::new(shim.state.join("targets")).load(&foreign).is_none());
     for (volume, target) in [("csi-big", &long_target), ("models/llama weights", &pv_target)] {
         node.node_unpublish_volume(unpublish_request(volume, target)).await.unwrap();
         assert!(mounts_at(target).is_empty() && !target.exists());
@@ -625,4 +660,234 @@ async fn tenants_get_only_what_their_pull_secrets_reach() {
             assert!(!text.contains(password), "a secret in {}", path.display());
         }
     }
+}
+
+/// With the daemon down, an unpublish still takes the pod's mount away and
+/// answers OK (an error would be retried for ever and keep the pod
+/// Terminating); the release is owed, and made once the daemon is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unpublish_with_the_daemon_down_releases_when_it_returns() {
+    skip_unless!(support::is_root(), "bind mounts need root");
+    let Some(registry) = start_registry() else { return };
+    let (reference, source) = publish(&registry, "models/drain:v1", &model(7));
+    let mut daemon = Daemon::start(&format!("[registries]\ninsecure = [\"{}\"]\n", registry.host()));
+    let shim = Shim::start(daemon.dir.path(), &daemon.socket, 100);
+    let mut node = NodeClient::new(shim.channel().await);
+    let target = daemon.dir.path().join("pods/drain/volumes/kubernetes.io~csi/model/mount");
+    node.node_publish_volume(publish_request("csi-drain", &target, &[("modelcache.io/reference", &reference)])).await.unwrap();
+    assert_eq!(read_tree(&target), read_tree(source.path()));
+    let records: Vec<VolumeRecord> = daemon.client().get("/v1/volumes").await.unwrap();
+    let mount_id = records.iter().find(|record| record.volume.as_str() == "csi-drain").unwrap().mount_id.clone();
+
+    daemon.terminate();
+    node.node_unpublish_volume(unpublish_request("csi-drain", &target)).await.unwrap();
+    assert!(mounts_at(&target).is_empty() && !target.exists(), "the pod's side is done");
+    assert_eq!(std::fs::read_dir(shim.state.join("releases")).unwrap().count(), 1, "the release is owed");
+
+    daemon.spawn();
+    let path = format!("/v1/volumes/csi-drain/{mount_id}");
+    let started = Instant::now();
+    loop {
+        let record: VolumeRecord = daemon.client().get(&path).await.unwrap();
+        if record.state() == VolumeState::Released {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the owed release never came: {record:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let started = Instant::now();
+    while std::fs::read_dir(shim.state.join("releases")).unwrap().count() > 0 {
+        assert!(started.elapsed() < Duration::from_secs(10), "a done release is still kept");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// kubelet's directory reached through a symlink: the mount table shows
+/// the resolved path, yet a publish again mounts nothing more and the
+/// unpublish takes the mount away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_symlinked_kubelet_dir_mounts_once() {
+    skip_unless!(support::is_root(), "bind mounts need root");
+    let Some(registry) = start_registry() else { return };
+    let (reference, source) = publish(&registry, "models/linked:v1", &model(8));
+    let daemon = Daemon::start(&format!("[registries]\ninsecure = [\"{}\"]\n", registry.host()));
+    let shim = Shim::start(daemon.dir.path(), &daemon.socket, 100);
+    let mut node = NodeClient::new(shim.channel().await);
+    let real = daemon.dir.path().join("kubelet-real");
+    std::fs::create_dir_all(real.join("pods")).unwrap();
+    std::os::unix::fs::symlink(&real, daemon.dir.path().join("kubelet")).unwrap();
+    let target = daemon.dir.path().join("kubelet/pods/linked/volumes/kubernetes.io~csi/model/mount");
+    let resolved = real.canonicalize().unwrap().join("pods/linked/volumes/kubernetes.io~csi/model/mount");
+    let context = [("modelcache.io/reference", reference.as_str())];
+
+    node.node_publish_volume(publish_request("csi-linked", &target, &context)).await.unwrap();
+    node.node_publish_volume(publish_request("csi-linked", &target, &context)).await.unwrap();
+    assert_eq!(mounts_at(&resolved).len(), 1, "one mount, however the path is spelt");
+    assert_eq!(read_tree(&target), read_tree(source.path()));
+    node.node_unpublish_volume(unpublish_request("csi-linked", &target)).await.unwrap();
+    assert!(mounts_at(&resolved).is_empty());
+    assert!(!resolved.exists(), "the target is removed");
+}
+
+/// Every call is a log line (method, volume, pod, code, duration) and is
+/// counted; published volumes are counted by kind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_are_logged_and_counted() {
+    skip_unless!(support::is_root(), "bind mounts need root");
+    let Some(registry) = start_registry() else { return };
+    let (reference, _source) = publish(&registry, "models/counted:v1", &model(9));
+    let daemon = Daemon::start(&format!("[registries]\ninsecure = [\"{}\"]\n", registry.host()));
+    let port = support::free_port();
+    let address = format!("127.0.0.1:{port}");
+    let shim = Shim::start_with(daemon.dir.path(), &daemon.socket, 100, &["--metrics-address", &address]);
+    let mut node = NodeClient::new(shim.channel().await);
+    let target = daemon.dir.path().join("pods/counted/volumes/kubernetes.io~csi/model/mount");
+    let context = [("modelcache.io/reference", reference.as_str()), ("csi.storage.k8s.io/ephemeral", "true")];
+    node.node_publish_volume(publish_request("csi-counted", &target, &context)).await.unwrap();
+    let absent = registry.reference("models/absent:v1");
+    let missing = daemon.dir.path().join("pods/missing/volumes/kubernetes.io~csi/model/mount");
+    node.node_publish_volume(publish_request("csi-missing", &missing, &[("modelcache.io/reference", &absent)]))
+        .await
+        .unwrap_err();
+
+    let scrape = || {
+        use std::io::{Read as _, Write as _};
+        let mut stream = std::net::TcpStream::connect(&address).unwrap();
+        write!(stream, "GET /metrics HTTP/1.0\r\nHost: {address}\r\n\r\n").unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        text
+    };
+    let text = scrape();
+    for line in [
+        r#"modelcache_csi_calls_total{method="NodePublishVolume",code="OK"} 1"#,
+        r#"modelcache_csi_calls_total{method="NodePublishVolume",code="NOT_FOUND"} 1"#,
+        r#"modelcache_csi_call_duration_seconds_count{method="NodePublishVolume"} 2"#,
+        r#"modelcache_csi_published_volumes{kind="ephemeral"} 1"#,
+        r#"modelcache_csi_published_volumes{kind="persistent"} 0"#,
+    ] {
+        assert!(text.contains(line), "no `{line}` in:\n{text}");
+    }
+    node.node_unpublish_volume(unpublish_request("csi-counted", &target)).await.unwrap();
+    assert!(scrape().contains(r#"modelcache_csi_published_volumes{kind="ephemeral"} 0"#));
+
+    let log = std::fs::read_to_string(daemon.dir.path().join("csi.log")).unwrap();
+    let published = log.lines().find(|line| line.contains("NodePublishVolume") && line.contains("csi-counted")).expect(&log);
+    for field in ["pod=\"default/pod-0\"", "code=\"OK\"", "duration_ms="] {
+        assert!(published.contains(field), "no {field} in {published}");
+    }
+    let failed = log.lines().find(|line| line.contains("NodePublishVolume") && line.contains("csi-missing")).expect(&log);
+    assert!(failed.contains("NOT_FOUND") && failed.contains("not found"), "{failed}");
+}
+
+/// Dynamic provisioning as the external-provisioner drives it: the
+/// controller creates a volume from StorageClass parameters (what
+/// csi-sanity checks of CreateVolume, DeleteVolume and
+/// ValidateVolumeCapabilities), and the node publishes the created volume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamic_provisioning() {
+    let Some(registry) = start_registry() else { return };
+    let (reference, source) = publish(&registry, "models/provisioned:v1", &model(10));
+    let other = registry.reference("models/other:v1");
+    let daemon = Daemon::start(&format!("[registries]\ninsecure = [\"{}\"]\n", registry.host()));
+    let controller_dir = tempfile::tempdir().unwrap();
+    let controller_shim = Shim::start_with(controller_dir.path(), Path::new("/nonexistent"), 100, &["--mode", "controller"]);
+    let channel = controller_shim.channel().await;
+    let mut identity = IdentityClient::new(channel.clone());
+    let capabilities = identity.get_plugin_capabilities(GetPluginCapabilitiesRequest {}).await.unwrap().into_inner();
+    let services: Vec<i32> = capabilities
+        .capabilities
+        .iter()
+        .filter_map(|capability| match &capability.r#type {
+            Some(plugin_capability::Type::Service(service)) => Some(service.r#type),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(services, [plugin_capability::service::Type::ControllerService as i32]);
+    assert_eq!(identity.probe(ProbeRequest {}).await.unwrap().into_inner().ready, Some(true), "no daemon needed");
+    let mut controller = ControllerClient::new(channel);
+    let offered = controller.controller_get_capabilities(ControllerGetCapabilitiesRequest {}).await.unwrap().into_inner();
+    let rpcs: Vec<i32> = offered
+        .capabilities
+        .iter()
+        .filter_map(|capability| capability.r#type.as_ref())
+        .map(|controller_service_capability::Type::Rpc(rpc)| rpc.r#type)
+        .collect();
+    assert_eq!(rpcs, [controller_service_capability::rpc::Type::CreateDeleteVolume as i32]);
+
+    let reader = VolumeCapability {
+        access_mode: Some(AccessMode { mode: Mode::MultiNodeReaderOnly as i32 }),
+        access_type: Some(AccessType::Mount(MountVolume::default())),
+    };
+    let create = |name: &str, model: &str| CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(CapacityRange { required_bytes: 1 << 30, limit_bytes: 0 }),
+        volume_capabilities: vec![reader.clone()],
+        parameters: [
+            ("modelcache.io/reference", model),
+            ("csi.storage.k8s.io/pvc/name", "llama"),
+            ("csi.storage.k8s.io/pvc/namespace", "default"),
+        ]
+        .into_iter()
+        .map(|(key, value)| (key.to_string(), value.to_string()))
+        .collect(),
+        ..CreateVolumeRequest::default()
+    };
+    let code = |result: Result<tonic::Response<CreateVolumeResponse>, tonic::Status>| result.unwrap_err().code();
+    assert_eq!(code(controller.create_volume(create("", &reference)).await), Code::InvalidArgument);
+    let mut no_capability = create("pvc-1", &reference);
+    no_capability.volume_capabilities.clear();
+    assert_eq!(code(controller.create_volume(no_capability).await), Code::InvalidArgument);
+    let mut writer = create("pvc-1", &reference);
+    writer.volume_capabilities[0].access_mode = Some(AccessMode { mode: Mode::SingleNodeWriter as i32 });
+    let status = controller.create_volume(writer).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("ReadOnlyMany"), "{}", status.message());
+    let mut misspelt = create("pvc-1", &reference);
+    misspelt.parameters.insert("modelcache.io/refrence".into(), reference.clone());
+    assert_eq!(code(controller.create_volume(misspelt).await), Code::InvalidArgument);
+
+    let volume = controller.create_volume(create("pvc-1", &reference)).await.unwrap().into_inner().volume.unwrap();
+    assert_eq!(volume.volume_id, "pvc-1");
+    assert_eq!(volume.capacity_bytes, 1 << 30);
+    assert_eq!(volume.volume_context.get("modelcache.io/reference"), Some(&reference));
+    assert_eq!(volume.volume_context.len(), 1, "the provisioner's keys stay out: {:?}", volume.volume_context);
+    let again = controller.create_volume(create("pvc-1", &reference)).await.unwrap().into_inner().volume.unwrap();
+    assert_eq!(again, volume, "CreateVolume is idempotent");
+    assert_eq!(code(controller.create_volume(create("pvc-1", &other)).await), Code::AlreadyExists);
+
+    let validate = |volume_id: &str, capability: VolumeCapability| ValidateVolumeCapabilitiesRequest {
+        volume_id: volume_id.into(),
+        volume_capabilities: vec![capability],
+        ..ValidateVolumeCapabilitiesRequest::default()
+    };
+    let answer = controller.validate_volume_capabilities(validate("pvc-1", reader.clone())).await.unwrap().into_inner();
+    assert!(answer.confirmed.is_some(), "{answer:?}");
+    let mut writes = reader.clone();
+    writes.access_mode = Some(AccessMode { mode: Mode::MultiNodeMultiWriter as i32 });
+    let answer = controller.validate_volume_capabilities(validate("pvc-1", writes)).await.unwrap().into_inner();
+    assert!(answer.confirmed.is_none() && answer.message.contains("read-only"), "{answer:?}");
+    let status = controller.validate_volume_capabilities(validate("pvc-absent", reader.clone())).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+
+    if support::is_root() {
+        // The node publishes the created volume with the context it carries.
+        let shim = Shim::start(daemon.dir.path(), &daemon.socket, 100);
+        let mut node = NodeClient::new(shim.channel().await);
+        let target = daemon.dir.path().join("pods/claimer/volumes/kubernetes.io~csi/pvc-1/mount");
+        let context: Vec<(&str, &str)> =
+            volume.volume_context.iter().map(|(key, value)| (key.as_str(), value.as_str())).collect();
+        node.node_publish_volume(publish_request(&volume.volume_id, &target, &context)).await.unwrap();
+        assert_eq!(read_tree(&target), read_tree(source.path()));
+        node.node_unpublish_volume(unpublish_request(&volume.volume_id, &target)).await.unwrap();
+    } else {
+        support::skipping("publishing the provisioned volume bind-mounts, which needs root");
+    }
+
+    let delete = |volume_id: &str| DeleteVolumeRequest { volume_id: volume_id.into(), ..DeleteVolumeRequest::default() };
+    controller.delete_volume(delete("pvc-1")).await.unwrap();
+    controller.delete_volume(delete("pvc-1")).await.unwrap();
+    assert_eq!(controller.delete_volume(delete("")).await.unwrap_err().code(), Code::InvalidArgument);
+    let status = controller.validate_volume_capabilities(validate("pvc-1", reader)).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "deleted");
 }

@@ -3,11 +3,14 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+use rustix::fs::{AtFlags, StatxFlags};
 use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
 
 /// A line of `/proc/self/mountinfo`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MountEntry {
+    /// The mount's id, as `statx` reports it (`STATX_MNT_ID`).
+    pub id: u64,
     /// The mounted directory, within its filesystem (for a bind mount, the
     /// source tree's path).
     pub root: PathBuf,
@@ -43,6 +46,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
             let fields: Vec<&str> = line.split(' ').collect();
             let options = fields.get(5)?;
             Some(MountEntry {
+                id: fields.first()?.parse().ok()?,
                 root: PathBuf::from(unescape(fields.get(3)?)),
                 mount_point: PathBuf::from(unescape(fields.get(4)?)),
                 read_only: options.split(',').any(|option| option == "ro"),
@@ -51,10 +55,45 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
         .collect()
 }
 
-/// The mount at `target`, the topmost if several are stacked.
+/// The id of the mount `path` lies on (the topmost at a mount point);
+/// `Ok(None)` on kernels before 5.8, which do not report it.
+fn mount_id_of(path: &Path) -> io::Result<Option<u64>> {
+    let stat = rustix::fs::statx(rustix::fs::CWD, path, AtFlags::empty(), StatxFlags::MNT_ID)?;
+    Ok((stat.stx_mask & StatxFlags::MNT_ID.bits() != 0).then_some(stat.stx_mnt_id))
+}
+
+/// The mount whose root `target` is, the topmost if several are stacked;
+/// `None` when `target` is no mount point (or does not exist).
+///
+/// Told by mount ids, not by comparing paths with the mount table: the
+/// table prints resolved paths, and kubelet's directory may be reached
+/// through a symlink or a non-canonical path. A comparison of strings
+/// misses such a mount, mounts again over it, and then never unmounts it.
+/// Kernels without `STATX_MNT_ID` compare the canonical path instead.
 pub fn mount_at(target: &Path) -> Option<MountEntry> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    parse_mountinfo(&text).into_iter().rev().find(|entry| entry.mount_point == target)
+    let entries = || parse_mountinfo(&std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default());
+    let Some(id) = mount_id_of(target).ok()? else {
+        let canonical = target.canonicalize().ok()?;
+        return entries().into_iter().rev().find(|entry| entry.mount_point == canonical);
+    };
+    let parent = match mount_id_of(&target.join("..")) {
+        Ok(parent) => parent,
+        Err(_) => mount_id_of(target.parent()?).ok()?,
+    };
+    if parent == Some(id) {
+        return None;
+    }
+    entries().into_iter().find(|entry| entry.id == id)
+}
+
+/// Whether `a` and `b` are one directory (the same device and inode): a
+/// bind mount's root is the very directory it shows.
+pub fn same_directory(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.is_dir() && (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
 }
 
 /// Bind-mounts `source` at `target` (which must exist), read-only, nosuid,
@@ -126,9 +165,24 @@ mod tests {
         let entries = parse_mountinfo(text);
         assert_eq!(entries.len(), 2);
         assert_eq!(entries[0].root, PathBuf::from("/mnt1"));
+        assert_eq!((entries[0].id, entries[1].id), (36, 700));
         assert!(!entries[0].read_only);
         assert_eq!(entries[1].mount_point, PathBuf::from("/var/lib/kubelet/pods/p/volumes/x y/mount"));
         assert_eq!(entries[1].root, PathBuf::from("/var/lib/modelcache/volumes/v/m"));
         assert!(entries[1].read_only);
+    }
+
+    /// A mount point is told by its mount id, whatever path reaches it; a
+    /// directory that is no mount point, or is absent, is none.
+    #[test]
+    fn finds_mount_points_by_id() {
+        let root = mount_at(Path::new("/proc")).expect("/proc is a mount point");
+        assert_eq!(root.mount_point, PathBuf::from("/proc"));
+        assert_eq!(mount_at(Path::new("/proc/../proc/")).map(|entry| entry.id), Some(root.id));
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(mount_at(dir.path()), None);
+        assert_eq!(mount_at(&dir.path().join("absent")), None);
+        assert!(same_directory(dir.path(), &dir.path().join(".")));
+        assert!(!same_directory(dir.path(), Path::new("/proc")));
     }
 }

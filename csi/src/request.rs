@@ -33,8 +33,9 @@ pub const POD_NAMESPACE: &str = "csi.storage.k8s.io/pod.namespace";
 pub const POD_NAME: &str = "csi.storage.k8s.io/pod.name";
 pub const POD_UID: &str = "csi.storage.k8s.io/pod.uid";
 pub const SERVICE_ACCOUNT: &str = "csi.storage.k8s.io/serviceAccount.name";
+pub const EPHEMERAL: &str = "csi.storage.k8s.io/ephemeral";
 
-/// A publish's model and options.
+/// A publish's model and options, and who asks.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MountSpec {
     pub reference: String,
@@ -43,11 +44,42 @@ pub struct MountSpec {
     pub requester: Requester,
 }
 
-/// Reads the volume context.
+/// The model and options the `modelcache.io/` keys name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelSpec {
+    pub reference: String,
+    pub options: ExcludeOptions,
+    pub mount_name: Option<String>,
+}
+
+/// Reads the volume context: the model ([`parse_model`]) and the pod.
 ///
 /// # Errors
 /// A message naming the key and what is wrong, for INVALID_ARGUMENT.
 pub fn parse_context(context: &HashMap<String, String>) -> Result<MountSpec, String> {
+    let ModelSpec { reference, options, mount_name } = parse_model(context)?;
+    let pod = |key: &str| context.get(key).filter(|value| !value.is_empty()).cloned();
+    let requester = Requester {
+        namespace: Some(pod(POD_NAMESPACE).ok_or_else(|| {
+            format!(
+                "kubelet passed no `{POD_NAMESPACE}`: set `podInfoOnMount: true` in the CSIDriver (deploy/base/csidriver.yaml does)"
+            )
+        })?),
+        pod: pod(POD_NAME),
+        pod_uid: pod(POD_UID),
+        service_account: pod(SERVICE_ACCOUNT),
+        volume: None,
+    };
+    requester.validate().map_err(|error| error.to_string())?;
+    Ok(MountSpec { reference, options, mount_name, requester })
+}
+
+/// Reads the `modelcache.io/` keys of a volume context or of a
+/// StorageClass's parameters; other keys are not looked at.
+///
+/// # Errors
+/// A message naming the key and what is wrong, for INVALID_ARGUMENT.
+pub fn parse_model(context: &HashMap<String, String>) -> Result<ModelSpec, String> {
     if let Some(unknown) = context
         .keys()
         .find(|key| key.starts_with(PREFIX) && ![REFERENCE, EXCLUDE_WEIGHTS, EXCLUDE_PATTERNS, MOUNT_ID].contains(&key.as_str()))
@@ -81,25 +113,7 @@ pub fn parse_context(context: &HashMap<String, String>) -> Result<MountSpec, Str
             return Err(format!("{MOUNT_ID}: `{name}` must be 1 to 100 of A-Z a-z 0-9 . _ -"));
         }
     }
-    let pod = |key: &str| context.get(key).filter(|value| !value.is_empty()).cloned();
-    let requester = Requester {
-        namespace: Some(pod(POD_NAMESPACE).ok_or_else(|| {
-            format!(
-                "kubelet passed no `{POD_NAMESPACE}`: set `podInfoOnMount: true` in the CSIDriver (deploy/csidriver.yaml does)"
-            )
-        })?),
-        pod: pod(POD_NAME),
-        pod_uid: pod(POD_UID),
-        service_account: pod(SERVICE_ACCOUNT),
-        volume: None,
-    };
-    requester.validate().map_err(|error| error.to_string())?;
-    Ok(MountSpec {
-        reference: reference.to_owned(),
-        options: ExcludeOptions { exclude_weights, patterns },
-        mount_name,
-        requester,
-    })
+    Ok(ModelSpec { reference: reference.to_owned(), options: ExcludeOptions { exclude_weights, patterns }, mount_name })
 }
 
 /// Checks the pod's keys against the target path kubelet chose
@@ -111,17 +125,27 @@ pub fn parse_context(context: &HashMap<String, String>) -> Result<MountSpec, Str
 /// A message for INVALID_ARGUMENT.
 pub fn check_pod(requester: &Requester, target: &Path) -> Result<(), String> {
     let uid = requester.pod_uid.as_deref().ok_or_else(|| {
-        format!("kubelet passed no `{POD_UID}`: set `podInfoOnMount: true` in the CSIDriver (deploy/csidriver.yaml does)")
+        format!("kubelet passed no `{POD_UID}`: set `podInfoOnMount: true` in the CSIDriver (deploy/base/csidriver.yaml does)")
     })?;
-    let components: Vec<_> = target.components().map(|component| component.as_os_str().to_string_lossy()).collect();
-    let in_path = components.windows(3).find(|window| window[0] == "pods" && window[2] == "volumes").map(|window| &window[1]);
-    match in_path {
+    match pod_uid_in(target) {
         Some(found) if found != uid => Err(format!(
             "`{POD_UID}` is `{uid}` but the target path is pod {found}'s: pod keys in volume attributes are not the pod's \
              (set `podInfoOnMount: true` in the CSIDriver)"
         )),
         _ => Ok(()),
     }
+}
+
+/// The pod UID in a kubelet target path (`…/pods/<uid>/volumes/…`).
+pub fn pod_uid_in(target: &Path) -> Option<String> {
+    let components: Vec<_> = target.components().map(|component| component.as_os_str().to_string_lossy()).collect();
+    components.windows(3).find(|window| window[0] == "pods" && window[2] == "volumes").map(|window| window[1].to_string())
+}
+
+/// Whether kubelet publishes an inline volume of one pod
+/// (`csi.storage.k8s.io/ephemeral`), not a persistent volume.
+pub fn is_ephemeral(context: &HashMap<String, String>) -> bool {
+    context.get(EPHEMERAL).is_some_and(|value| value == "true")
 }
 
 fn short_hash(text: &str, digits: usize) -> String {

@@ -20,6 +20,15 @@ pub struct Published {
     pub reference: String,
     pub options: ExcludeOptions,
     pub readonly: bool,
+    /// An inline volume of one pod (kubelet's `csi.storage.k8s.io/ephemeral`),
+    /// not a persistent volume.
+    #[serde(default)]
+    pub ephemeral: bool,
+    /// Whether this shim made (or adopted) the mount at the target: saved
+    /// only once it did, so a record left by an unfinished publish never
+    /// vouches for a mount someone else made.
+    #[serde(default)]
+    pub mounted: bool,
 }
 
 impl Published {
@@ -52,25 +61,48 @@ impl Targets {
         serde_json::from_slice(&bytes).ok()
     }
 
-    /// Writes atomically (temporary, fsync, rename).
-    ///
     /// # Errors
     /// On I/O failure.
     pub fn save(&self, published: &Published) -> std::io::Result<()> {
-        std::fs::create_dir_all(&self.dir)?;
-        let mut file = tempfile::NamedTempFile::new_in(&self.dir)?;
-        serde_json::to_writer_pretty(&mut file, published)?;
-        file.as_file().sync_all()?;
-        file.persist(self.path(&published.target)).map_err(|error| error.error)?;
-        Ok(())
+        save_json(&self.dir, &self.path(&published.target), published)
     }
 
     /// # Errors
     /// On I/O failure other than the file being absent.
     pub fn remove(&self, target: &Path) -> std::io::Result<()> {
-        match std::fs::remove_file(self.path(target)) {
-            Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error),
-            _ => Ok(()),
-        }
+        remove_file(&self.path(target))
     }
+
+    /// Every publish remembered here.
+    pub fn list(&self) -> Vec<Published> {
+        list_json(&self.dir)
+    }
+}
+
+/// Writes `value` to `path` in `dir` atomically (temporary, fsync, rename).
+pub(crate) fn save_json(dir: &Path, path: &Path, value: &impl Serialize) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut file = tempfile::NamedTempFile::new_in(dir)?;
+    serde_json::to_writer_pretty(&mut file, value)?;
+    file.as_file().sync_all()?;
+    file.persist(path).map_err(|error| error.error)?;
+    Ok(())
+}
+
+pub(crate) fn remove_file(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error),
+        _ => Ok(()),
+    }
+}
+
+/// The `.json` records in `dir` that parse (a temporary left by a crash
+/// has another name).
+pub(crate) fn list_json<T: serde::de::DeserializeOwned>(dir: &Path) -> Vec<T> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    entries
+        .flatten()
+        .filter(|entry| entry.path().extension().is_some_and(|extension| extension == "json"))
+        .filter_map(|entry| serde_json::from_slice(&std::fs::read(entry.path()).ok()?).ok())
+        .collect()
 }
