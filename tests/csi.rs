@@ -891,3 +891,95 @@ async fn dynamic_provisioning() {
     let status = controller.validate_volume_capabilities(validate("pvc-1", reader)).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound, "deleted");
 }
+
+/// A runtime volume: an inline volume naming no model gets a read-only
+/// directory with the volume's socket in `api/`; through it the pod mounts
+/// models, which appear under `models/` in a mount namespace made before
+/// they were mounted (a running pod's), and go when unmounted. The socket
+/// touches only its volume; the unpublish closes it and releases every
+/// model the pod mounted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_volumes_mount_models_through_their_socket() {
+    skip_unless!(support::is_root(), "mounts need root");
+    let Some(registry) = start_registry() else { return };
+    let (first, first_source) = publish(&registry, "models/first:v1", &model(11));
+    let (second, second_source) = publish(&registry, "models/second:v1", &model(12));
+    let mut daemon = Daemon::start(&format!("[registries]\ninsecure = [\"{}\"]\n", registry.host()));
+    let shim = Shim::start(daemon.dir.path(), &daemon.socket, 100);
+    let mut node = NodeClient::new(shim.channel().await);
+    let (pods, runtime_view) = (daemon.dir.path().join("pods"), daemon.dir.path().join("runtime-view"));
+    let mount =
+        |args: &[&str]| assert!(std::process::Command::new("mount").args(args).status().unwrap().success(), "mount {args:?}");
+    std::fs::create_dir_all(&pods).unwrap();
+    std::fs::create_dir_all(&runtime_view).unwrap();
+    assert!(support::mount_tmpfs(&pods, "16m"), "mounting a tmpfs failed");
+    let _unmount_pods = Unmount(pods.clone());
+    mount(&["--make-shared", pods.to_str().unwrap()]);
+    mount(&["--bind", pods.to_str().unwrap(), runtime_view.to_str().unwrap()]);
+    let _unmount_view = Unmount(runtime_view.clone());
+
+    let target = pods.join("rt/volumes/kubernetes.io~csi/models/mount");
+    let pod_view = runtime_view.join("rt/volumes/kubernetes.io~csi/models/mount");
+    let context = [("csi.storage.k8s.io/ephemeral", "true")];
+    node.node_publish_volume(publish_request("csi-runtime", &target, &context)).await.unwrap();
+    node.node_publish_volume(publish_request("csi-runtime", &target, &context)).await.unwrap();
+    assert_eq!(std::fs::read_dir(pod_view.join("models")).unwrap().count(), 0, "no model yet");
+    let error = std::fs::create_dir(pod_view.join("models/x")).unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(rustix::io::Errno::ROFS.raw_os_error()), "{error}");
+
+    // A mount namespace made now, as a running pod's: it must see what is
+    // mounted from here on.
+    let mut namespace = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "unchanged", "sleep", "120"])
+        .spawn()
+        .expect("unshare");
+    let listed_in_namespace = |dir: &Path| -> Vec<String> {
+        let output = std::process::Command::new("nsenter")
+            .args(["-t", &namespace.id().to_string(), "-m", "ls", "-1"])
+            .arg(dir)
+            .output()
+            .expect("nsenter");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).lines().map(str::to_owned).collect()
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // The pod's side: its socket, in its view.
+    let pod_client = modelcache::api::client::Client::new(pod_view.join("api/api.sock"));
+    let body = |reference: &str| serde_json::json!({ "reference": reference, "wait-seconds": 60.0 });
+    // `_` is the socket's own volume, whose id the pod cannot know.
+    for (path, reference) in [("/v1/volumes/_/first", &first), ("/v1/volumes/csi-runtime/second", &second)] {
+        let record: VolumeRecord = pod_client.put(path, &body(reference)).await.unwrap().body;
+        assert_eq!(record.state(), VolumeState::Ready, "{record:?}");
+    }
+    assert_eq!(read_tree(&pod_view.join("models/first")), read_tree(first_source.path()));
+    assert_eq!(read_tree(&pod_view.join("models/second")), read_tree(second_source.path()));
+    assert_eq!(listed_in_namespace(&pod_view.join("models")), ["first", "second"]);
+    let error = std::fs::write(pod_view.join("models/first/config.json"), b"overwritten").unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(rustix::io::Errno::ROFS.raw_os_error()), "{error}");
+
+    let _: VolumeRecord = pod_client.delete("/v1/volumes/csi-runtime/second").await.unwrap();
+    assert_eq!(listed_in_namespace(&pod_view.join("models")), ["first"], "an unmounted model goes");
+    // The daemon restarts: the pod's socket, at the same place, is served
+    // again, and what it mounts still appears.
+    daemon.terminate();
+    daemon.spawn();
+    let _: serde_json::Value = daemon.client().get("/v1/health").await.unwrap();
+    let record: VolumeRecord = pod_client.put("/v1/volumes/_/again", &body(&second)).await.unwrap().body;
+    assert_eq!(record.state(), VolumeState::Ready, "{record:?}");
+    assert_eq!(listed_in_namespace(&pod_view.join("models")), ["again", "first"]);
+    let refused = pod_client.put::<_, VolumeRecord>("/v1/volumes/csi-other/first", &body(&first)).await.unwrap_err();
+    assert_eq!(refused.kind(), modelcache::error::ErrorKind::PermissionDenied, "{refused}");
+
+    node.node_unpublish_volume(unpublish_request("csi-runtime", &target)).await.unwrap();
+    let _ = namespace.kill();
+    let _ = namespace.wait();
+    assert!(mounts_at(&target).is_empty() && mounts_at(&pod_view).is_empty());
+    assert!(!target.exists());
+    let records: Vec<VolumeRecord> = daemon.client().get("/v1/volumes").await.unwrap();
+    let runtime: Vec<_> = records.iter().filter(|record| record.volume.as_str() == "csi-runtime").collect();
+    assert_eq!(runtime.len(), 3);
+    assert!(runtime.iter().all(|record| record.state() == VolumeState::Released), "{runtime:?}");
+    let socket = daemon.client().delete::<serde_json::Value>("/v1/volume-sockets/csi-runtime").await.unwrap_err();
+    assert_eq!(socket.kind(), modelcache::error::ErrorKind::NotFound, "the socket is closed");
+}

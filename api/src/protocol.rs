@@ -122,6 +122,10 @@ pub struct VolumeSocketBody {
 pub struct VolumeSocket {
     pub volume: String,
     pub path: std::path::PathBuf,
+    /// The volume's tree directory: each mount's tree appears in it as
+    /// `<mount-id>/` once ready. It stays while the socket is open.
+    #[serde(default)]
+    pub trees: std::path::PathBuf,
 }
 
 /// `GET /v1/health`.

@@ -10,6 +10,8 @@
 //! - [`releases`]: releases the daemon has not confirmed, retried until it
 //!   does.
 //! - [`calls`]: every call as a log line and as metrics.
+//! - [`publish`]: NodePublish and NodeUnpublish, of model and runtime
+//!   volumes.
 //! - [`service`]: the Identity and Node services.
 //! - [`controller`]: the Controller service, for dynamic provisioning.
 //!
@@ -19,6 +21,7 @@
 pub mod calls;
 pub mod controller;
 pub mod mounts;
+pub mod publish;
 pub mod releases;
 pub mod request;
 pub mod service;

@@ -126,6 +126,48 @@ pub fn bind_read_only(source: &Path, target: &Path, stage: &Path) -> io::Result<
     Ok(())
 }
 
+/// What a runtime volume shows its pod: `models/`, the volume's tree
+/// directory, where each model the pod mounts appears as `<mount-id>/`;
+/// and `api/`, the directory holding the volume's socket (`api.sock`).
+pub const RUNTIME_MODELS: &str = "models";
+pub const RUNTIME_API: &str = "api";
+
+/// Mounts a runtime volume at `target` (which must exist): a small
+/// read-only tmpfs holding read-only binds of `trees` at `models/` and of
+/// `socket_dir` at `api/`, all nosuid and nodev, staged in `stage` and
+/// moved whole, as [`bind_read_only`] does and for the same reason.
+///
+/// Models the pod mounts later appear under `models/` as the daemon links
+/// them: they are entries of the bound directory, not mounts, so they reach
+/// the pod's view without any mount propagation. The socket is bound as its
+/// directory, so a socket the daemon makes again after a restart is the one
+/// the pod reaches.
+///
+/// # Errors
+/// A mount syscall's failure; a half-done mount is undone.
+pub fn mount_runtime(trees: &Path, socket_dir: &Path, target: &Path, stage: &Path) -> io::Result<()> {
+    let staging = tempfile::Builder::new().prefix("runtime-").tempdir_in(stage)?;
+    let root = staging.path();
+    let flags = MountFlags::NOSUID | MountFlags::NODEV;
+    let built = rustix::mount::mount("tmpfs", root, "tmpfs", flags | MountFlags::NOEXEC, c"size=64k,mode=0755")
+        .map_err(io::Error::from)
+        .and_then(|()| {
+            for (name, source) in [(RUNTIME_MODELS, trees), (RUNTIME_API, socket_dir)] {
+                let at = root.join(name);
+                std::fs::create_dir(&at)?;
+                rustix::mount::mount_bind(source, &at)?;
+                rustix::mount::mount_remount(&at, MountFlags::BIND | MountFlags::RDONLY | flags, "")?;
+            }
+            rustix::mount::mount_remount(root, MountFlags::RDONLY | flags | MountFlags::NOEXEC, "")?;
+            rustix::mount::mount_move(root, target)?;
+            Ok(())
+        });
+    if built.is_err() {
+        let _ = rustix::mount::unmount(root, UnmountFlags::DETACH);
+    }
+    built
+}
+
 /// Makes `dir` a private mount of its own, for [`bind_read_only`] to stage
 /// in: under a shared mount a bind would reach the peers before it is
 /// read-only, and the kernel refuses to move a mount whose parent is shared.

@@ -8,6 +8,10 @@
 //! - `modelcache.io/exclude-patterns`: a JSON array of gitignore-style patterns;
 //! - `modelcache.io/mount-id`: a name for the mount in the engine's records.
 //!
+//! An inline volume with no attribute of its own is a runtime volume: its pod
+//! mounts models itself, through the volume's socket (see
+//! [`crate::service`]).
+//!
 //! Other `modelcache.io/` keys are refused (a typo would otherwise be
 //! ignored silently). Of kubelet's `csi.storage.k8s.io/*` keys, the pod's
 //! namespace, name, UID and service account name the requester, which
@@ -58,6 +62,14 @@ pub struct ModelSpec {
 /// A message naming the key and what is wrong, for INVALID_ARGUMENT.
 pub fn parse_context(context: &HashMap<String, String>) -> Result<MountSpec, String> {
     let ModelSpec { reference, options, mount_name } = parse_model(context)?;
+    Ok(MountSpec { reference, options, mount_name, requester: parse_requester(context)? })
+}
+
+/// The pod kubelet publishes for, from its `csi.storage.k8s.io/` keys.
+///
+/// # Errors
+/// A message for INVALID_ARGUMENT.
+pub fn parse_requester(context: &HashMap<String, String>) -> Result<Requester, String> {
     let pod = |key: &str| context.get(key).filter(|value| !value.is_empty()).cloned();
     let requester = Requester {
         namespace: Some(pod(POD_NAMESPACE).ok_or_else(|| {
@@ -71,7 +83,16 @@ pub fn parse_context(context: &HashMap<String, String>) -> Result<MountSpec, Str
         volume: None,
     };
     requester.validate().map_err(|error| error.to_string())?;
-    Ok(MountSpec { reference, options, mount_name, requester })
+    Ok(requester)
+}
+
+/// Whether a publish asks for a runtime volume: an inline volume with no
+/// attribute of its own (only kubelet's `csi.storage.k8s.io/` keys), whose
+/// pod mounts models itself through the volume's socket. Any other key
+/// (a misspelt reference, say) makes it a model volume, refused by name
+/// if it names no model. A persistent volume always names its model.
+pub fn is_runtime(context: &HashMap<String, String>) -> bool {
+    is_ephemeral(context) && context.keys().all(|key| key.starts_with("csi.storage.k8s.io/"))
 }
 
 /// Reads the `modelcache.io/` keys of a volume context or of a
@@ -218,6 +239,15 @@ mod tests {
         assert!(error(&[(REFERENCE, "r/m:1"), (EXCLUDE_PATTERNS, "docs/")]).contains("JSON array"));
         assert!(error(&[(REFERENCE, "r/m:1"), ("modelcache.io/refernce", "x")]).contains("modelcache.io/refernce"));
         assert!(error(&[(REFERENCE, "r/m:1"), (MOUNT_ID, "../x")]).contains(MOUNT_ID));
+    }
+
+    /// Only an inline volume with kubelet's keys alone is a runtime volume.
+    #[test]
+    fn runtime_volumes() {
+        assert!(is_runtime(&context(&[(EPHEMERAL, "true"), (POD_NAMESPACE, "ns")])));
+        assert!(!is_runtime(&context(&[(EPHEMERAL, "false"), (POD_NAMESPACE, "ns")])), "a persistent volume");
+        assert!(!is_runtime(&context(&[(EPHEMERAL, "true"), ("modelcahce.io/reference", "r/m:1")])), "a typo");
+        assert!(!is_runtime(&context(&[(EPHEMERAL, "true"), (REFERENCE, "r/m:1")])));
     }
 
     /// The pod's UID is required and must be the target path's.

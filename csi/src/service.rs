@@ -1,4 +1,5 @@
-//! The CSI Identity and Node services.
+//! The CSI Identity and Node services: the shim's state, and each call
+//! logged and counted (publishing itself is in [`crate::publish`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -7,7 +8,6 @@ use std::time::Duration;
 
 use bpfman_csi::v1::identity_server::Identity;
 use bpfman_csi::v1::node_server::Node;
-use bpfman_csi::v1::volume_capability::AccessType;
 use bpfman_csi::v1::{
     GetPluginCapabilitiesRequest, GetPluginCapabilitiesResponse, GetPluginInfoRequest, GetPluginInfoResponse,
     NodeExpandVolumeRequest, NodeExpandVolumeResponse, NodeGetCapabilitiesRequest, NodeGetCapabilitiesResponse,
@@ -18,30 +18,23 @@ use bpfman_csi::v1::{
 };
 use modelcache_api::client::{Client, ClientError};
 use modelcache_api::error::ErrorKind;
-use modelcache_api::protocol::MountBody;
-use modelcache_api::record::{VolumeRecord, VolumeState};
-use modelcache_api::tenancy::RegistryCredentials;
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
 use crate::calls::{Call, Metrics};
-use crate::mounts::MountEntry;
-use crate::releases::{Release, Releases, record_path};
-use crate::targets::{Published, Targets};
+use crate::releases::Releases;
+use crate::targets::Targets;
 use crate::{DRIVER_NAME, Mode, ShimConfig, mounts, request};
 
 /// Time kept back from kubelet's deadline to answer before it expires.
-const DEADLINE_MARGIN: Duration = Duration::from_millis(500);
-
-/// How long a release waits for the daemon before it is owed instead.
-const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DEADLINE_MARGIN: Duration = Duration::from_millis(500);
 
 /// The shim: stateless but for its publish records and per-target locks.
 #[derive(Clone)]
 pub struct Shim {
-    config: ShimConfig,
-    daemon: Client,
-    targets: Targets,
-    releases: Releases,
+    pub(crate) config: ShimConfig,
+    pub(crate) daemon: Client,
+    pub(crate) targets: Targets,
+    pub(crate) releases: Releases,
     metrics: Metrics,
     /// Calls for one target run one at a time: two concurrent publishes of
     /// a volume never mount twice.
@@ -50,11 +43,11 @@ pub struct Shim {
 
 /// An engine error as the gRPC status kubelet acts on: retryable codes
 /// (ABORTED, UNAVAILABLE, RESOURCE_EXHAUSTED) for what may pass.
-fn status_of(error: ClientError) -> Status {
+pub(crate) fn status_of(error: ClientError) -> Status {
     status_for(error.kind(), modelcache_api::error::chain(&error))
 }
 
-fn status_for(kind: ErrorKind, message: String) -> Status {
+pub(crate) fn status_for(kind: ErrorKind, message: String) -> Status {
     match kind {
         ErrorKind::InvalidArgument => Status::invalid_argument(message),
         ErrorKind::NotFound => Status::not_found(message),
@@ -70,7 +63,7 @@ fn status_for(kind: ErrorKind, message: String) -> Status {
 }
 
 /// The deadline kubelet set on the call (`grpc-timeout`), if any.
-fn deadline<T>(request: &Request<T>) -> Option<Duration> {
+pub(crate) fn deadline<T>(request: &Request<T>) -> Option<Duration> {
     let text = request.metadata().get("grpc-timeout")?.to_str().ok()?;
     let (value, unit) = text.split_at(text.len().checked_sub(1)?);
     let value: u64 = value.parse().ok()?;
@@ -100,290 +93,12 @@ impl Shim {
         })
     }
 
-    fn lock(&self, target: &Path) -> Arc<tokio::sync::Mutex<()>> {
+    pub(crate) fn lock(&self, target: &Path) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.locks.lock().unwrap_or_else(|poison| poison.into_inner());
         // Only targets someone holds or awaits keep a lock: one per pod
         // ever seen would grow for the node's lifetime.
         locks.retain(|_, lock| Arc::strong_count(lock) > 1);
         locks.entry(target.to_owned()).or_default().clone()
-    }
-
-    async fn publish(&self, request: Request<NodePublishVolumeRequest>) -> Result<(), Status> {
-        let wait = deadline(&request)
-            .map(|deadline| deadline.saturating_sub(DEADLINE_MARGIN).min(self.config.publish_timeout))
-            .unwrap_or(self.config.publish_timeout);
-        let request = request.into_inner();
-        // Arguments first, before anything is looked up.
-        if request.volume_id.is_empty() {
-            return Err(Status::invalid_argument("volume_id is required"));
-        }
-        if request.target_path.is_empty() {
-            return Err(Status::invalid_argument("target_path is required"));
-        }
-        let capability =
-            request.volume_capability.as_ref().ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
-        match capability.access_type {
-            Some(AccessType::Mount(_)) => {}
-            Some(AccessType::Block(_)) => {
-                return Err(Status::invalid_argument(
-                    "block access is not supported: a modelcache volume is a read-only file tree; use a mount volume",
-                ));
-            }
-            None => return Err(Status::invalid_argument("volume_capability has no access type")),
-        }
-        // kubelet takes a volume published without `readonly` as writable
-        // (it may relabel or chown it); the tree is read-only, and shared.
-        if !request.readonly {
-            return Err(Status::invalid_argument(
-                "readOnly is false, but a modelcache volume is read-only: set `readOnly: true` on the pod's inline csi \
-                 volume, or on the pod's persistentVolumeClaim volume",
-            ));
-        }
-        let target = PathBuf::from(&request.target_path);
-        if !target.is_absolute() {
-            return Err(Status::invalid_argument(format!("target_path `{}` is not absolute", target.display())));
-        }
-        let spec = request::parse_context(&request.volume_context).map_err(Status::invalid_argument)?;
-        let spec_requester = spec.requester;
-        request::check_pod(&spec_requester, &target).map_err(Status::invalid_argument)?;
-        let published = Published {
-            volume: request::volume_id(&request.volume_id),
-            mount_id: request::mount_id(spec.mount_name.as_deref(), &target),
-            target: target.clone(),
-            csi_volume_id: request.volume_id.clone(),
-            reference: spec.reference,
-            options: spec.options,
-            readonly: request.readonly,
-            ephemeral: request::is_ephemeral(&request.volume_context),
-            mounted: false,
-        };
-
-        let lock = self.lock(&target);
-        let _one_at_a_time = lock.lock().await;
-        // A mount this shim did not finish (no record, or one saved before
-        // the mount) is adopted only when it shows the very tree this
-        // publish gets, read-only: kubelet retries a publish after its own
-        // restart or a lost state directory, and ALREADY_EXISTS would be
-        // final.
-        let existing = self.targets.load(&target);
-        let adopt = match (&existing, mounts::mount_at(&target)) {
-            (Some(existing), _) if !existing.same_request(&published) => {
-                return Err(Status::already_exists(format!(
-                    "{} already holds volume {} ({}, readonly {}); unpublish it first",
-                    target.display(),
-                    existing.csi_volume_id,
-                    existing.reference,
-                    existing.readonly
-                )));
-            }
-            (Some(existing), Some(_)) if existing.mounted => return Ok(()),
-            (_, found) => found,
-        };
-        // A release still owed for this record is moot: the record is
-        // wanted again. Then the target is remembered before the engine is
-        // asked, so an unpublish during the pull releases the right record.
-        self.releases
-            .remove(&published.volume, &published.mount_id)
-            .map_err(|error| Status::internal(format!("forgetting an owed release: {error}")))?;
-        self.targets.save(&published).map_err(|error| Status::internal(format!("recording the publish: {error}")))?;
-
-        let body = MountBody {
-            reference: published.reference.clone(),
-            exclude_weights: published.options.exclude_weights,
-            patterns: published.options.patterns.clone(),
-            wait_seconds: wait.as_secs_f64(),
-            requester: Some(spec_requester),
-            // The pod's pull secret (`nodePublishSecretRef`): passed on to
-            // the daemon, never written or logged here.
-            credentials: RegistryCredentials::from_secret_map(&request.secrets),
-        };
-        match self.mount(&published, &body, adopt).await {
-            Ok(()) => {
-                let done = Published { mounted: true, ..published };
-                if let Err(error) = self.targets.save(&done) {
-                    // The mount is right; a publish again adopts it.
-                    tracing::warn!(volume = %done.csi_volume_id, target = %target.display(), "recording the mount: {error}");
-                }
-                Ok(())
-            }
-            Err(failure) => {
-                if is_final(failure.status.code()) {
-                    // kubelet forgets a volume whose publish failed for
-                    // good and never unpublishes it: nothing of it may stay
-                    // behind, or the record would hold its model against
-                    // GC for ever.
-                    self.abandon(&published, failure.owns_record).await;
-                }
-                Err(failure.status)
-            }
-        }
-    }
-
-    /// The daemon's record for `published`, then the read-only bind mount.
-    async fn mount(&self, published: &Published, body: &MountBody, adopt: Option<MountEntry>) -> Result<(), Failure> {
-        let target = &published.target;
-        let path = record_path(&published.volume, &published.mount_id);
-        let answer = self.daemon.put::<_, VolumeRecord>(&path, body).await.map_err(|error| Failure {
-            // A conflict is another request's record under these ids.
-            owns_record: error.kind() != ErrorKind::Conflict,
-            status: status_of(error),
-        })?;
-        let record = answer.body;
-        match record.state() {
-            VolumeState::Ready => {}
-            VolumeState::Pulling => {
-                return Err(Failure::of(Status::aborted(format!(
-                    "{} is still being pulled ({} of {} bytes); the pull goes on, retry to join it",
-                    published.reference, record.bytes_done, record.bytes_total
-                ))));
-            }
-            // Failed (or released meanwhile): the record's own kind, so a
-            // quota denial stays RESOURCE_EXHAUSTED and a cancellation
-            // ABORTED, whichever answer carried it.
-            state => {
-                return Err(Failure::of(match record.error() {
-                    Some(error) => status_for(error.kind, error.message.clone()),
-                    None => Status::aborted(format!("the volume is {state:?}; retry")),
-                }));
-            }
-        }
-        if let Some(found) = adopt {
-            if found.read_only && mounts::same_directory(target, &record.path) {
-                tracing::info!(volume = %published.csi_volume_id, target = %target.display(), "adopted a mount of this volume's tree");
-                return Ok(());
-            }
-            return Err(Failure::of(Status::already_exists(format!(
-                "{} is already a mount point, of something other than {}'s tree read-only",
-                target.display(),
-                published.reference
-            ))));
-        }
-        let stage = self.config.state_dir.join("stage");
-        std::fs::create_dir_all(target)
-            .and_then(|()| mounts::private_stage(&stage))
-            .and_then(|()| mounts::bind_read_only(&record.path, target, &stage))
-            .map_err(|error| {
-                Failure::of(Status::internal(format!("bind-mounting {} at {}: {error}", record.path.display(), target.display())))
-            })
-    }
-
-    /// Undoes a publish that failed for good: the daemon's record released
-    /// (or owed, if the daemon is unreachable), the target forgotten.
-    async fn abandon(&self, published: &Published, release: bool) {
-        if release && let Err(error) = self.release(published).await {
-            tracing::error!(volume = %published.csi_volume_id, "a release the daemon did not confirm cannot be kept: {error}");
-        }
-        if let Err(error) = self.targets.remove(&published.target) {
-            tracing::warn!(volume = %published.csi_volume_id, target = %published.target.display(), "forgetting a failed publish: {error}");
-        }
-        // The directory this publish made, if empty and no mount point.
-        let _ = std::fs::remove_dir(&published.target);
-    }
-
-    /// Releases `published`'s record; when the daemon does not confirm,
-    /// the release is owed (kept and retried, see [`crate::releases`]).
-    ///
-    /// # Errors
-    /// When the daemon did not confirm and the owed release cannot be kept.
-    async fn release(&self, published: &Published) -> std::io::Result<()> {
-        let owed = Release {
-            volume: published.volume.clone(),
-            mount_id: published.mount_id.clone(),
-            target: published.target.clone(),
-            csi_volume_id: published.csi_volume_id.clone(),
-        };
-        let error = match self.delete_record(&owed.path()).await {
-            Ok(()) => return Ok(()),
-            Err(error) => error,
-        };
-        self.releases.add(&owed)?;
-        tracing::warn!(
-            volume = %owed.csi_volume_id, target = %owed.target.display(),
-            "the daemon did not confirm the release ({error}); retried until it does"
-        );
-        Ok(())
-    }
-
-    /// Deletes a record at the daemon, bounded in time: a daemon that
-    /// accepts and never answers must not hold up a pod's termination.
-    /// A record the daemon does not know counts as released.
-    async fn delete_record(&self, path: &str) -> Result<(), String> {
-        match tokio::time::timeout(RELEASE_TIMEOUT, self.daemon.delete::<VolumeRecord>(path)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(error)) if error.kind() == ErrorKind::NotFound => Ok(()),
-            Ok(Err(error)) => Err(modelcache_api::error::chain(&error)),
-            Err(_) => Err(format!("no answer in {} s", RELEASE_TIMEOUT.as_secs())),
-        }
-    }
-
-    /// Retries every owed release once; those the daemon confirms (or no
-    /// longer knows) are forgotten.
-    pub async fn retry_releases(&self) {
-        for owed in self.releases.list() {
-            let lock = self.lock(&owed.target);
-            let _one_at_a_time = lock.lock().await;
-            // Published again meanwhile: the record is wanted.
-            let superseded = self
-                .targets
-                .load(&owed.target)
-                .is_some_and(|published| published.volume == owed.volume && published.mount_id == owed.mount_id);
-            if !superseded {
-                match self.delete_record(&owed.path()).await {
-                    Ok(()) => {
-                        tracing::info!(volume = %owed.csi_volume_id, target = %owed.target.display(), "released an owed record")
-                    }
-                    Err(error) => {
-                        tracing::debug!(volume = %owed.csi_volume_id, "an owed release is still not confirmed: {error}");
-                        continue;
-                    }
-                }
-            }
-            if let Err(error) = self.releases.remove(&owed.volume, &owed.mount_id) {
-                tracing::warn!(volume = %owed.csi_volume_id, "forgetting a done release: {error}");
-            }
-        }
-    }
-
-    async fn unpublish(&self, request: NodeUnpublishVolumeRequest) -> Result<(), Status> {
-        if request.volume_id.is_empty() {
-            return Err(Status::invalid_argument("volume_id is required"));
-        }
-        if request.target_path.is_empty() {
-            return Err(Status::invalid_argument("target_path is required"));
-        }
-        let target = PathBuf::from(&request.target_path);
-        let lock = self.lock(&target);
-        let _one_at_a_time = lock.lock().await;
-        if mounts::mount_at(&target).is_some() {
-            mounts::unmount(&target).map_err(|error| Status::internal(format!("unmounting {}: {error}", target.display())))?;
-        }
-        match std::fs::remove_dir(&target) {
-            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
-                return Err(Status::internal(format!("removing {}: {error}", target.display())));
-            }
-            _ => {}
-        }
-        // The target file is written before the daemon is ever asked, so
-        // without one there is most likely nothing to release: a release by
-        // the ids the request implies is tried, but a daemon that is down
-        // does not fail the call.
-        let Some(published) = self.targets.load(&target) else {
-            let path = record_path(&request::volume_id(&request.volume_id), &request::mount_id(None, &target));
-            if let Err(error) = self.delete_record(&path).await {
-                tracing::warn!(volume = %request.volume_id, target = %target.display(), "no publish recorded here; release not confirmed: {error}");
-            }
-            return Ok(());
-        };
-        // The pod's side is done: whatever the daemon answers, the call
-        // succeeds (an error would be retried for ever and keep the pod
-        // Terminating); an unconfirmed release is owed instead. Only an
-        // owed release that cannot be kept fails the call, so the retry
-        // tries again rather than the release being lost.
-        self.release(&published)
-            .await
-            .map_err(|error| Status::internal(format!("keeping the release the daemon did not confirm: {error}")))?;
-        self.targets.remove(&target).map_err(|error| Status::internal(format!("forgetting the publish: {error}")))?;
-        Ok(())
     }
 
     /// Targets the shim holds mounted now: (ephemeral, persistent).
@@ -408,25 +123,6 @@ impl Shim {
     pub fn metrics_text(&self) -> String {
         self.metrics.encode(self.published_by_kind())
     }
-}
-
-/// A publish that failed, and whether the daemon's record under its ids is
-/// its own to release.
-struct Failure {
-    status: Status,
-    owns_record: bool,
-}
-
-impl Failure {
-    fn of(status: Status) -> Failure {
-        Failure { status, owns_record: true }
-    }
-}
-
-/// Whether kubelet gives up on a publish answered with `code` (its
-/// `isFinalError`): all but the codes that say "try again".
-fn is_final(code: Code) -> bool {
-    !matches!(code, Code::Cancelled | Code::DeadlineExceeded | Code::Unavailable | Code::ResourceExhausted | Code::Aborted)
 }
 
 /// Who a call is about, for its log line: the pod's namespace and name from

@@ -29,6 +29,10 @@ pub struct Published {
     /// vouches for a mount someone else made.
     #[serde(default)]
     pub mounted: bool,
+    /// A runtime volume (no model of its own: its pod mounts models through
+    /// the volume's socket); `reference` is then empty.
+    #[serde(default)]
+    pub runtime: bool,
 }
 
 impl Published {

@@ -68,6 +68,9 @@ impl VolumeError {
     }
 }
 
+/// The marker of a held volume, in its record directory (see [`Volumes::hold`]).
+const HELD: &str = ".held";
+
 /// The records of a root and the directory that holds volume trees.
 ///
 /// Keeps an index of the entries that `pulling` and `ready` records hold,
@@ -262,6 +265,35 @@ impl Volumes {
         ids
     }
 
+    /// Marks `volume` held, durably (`records/VOLUME/.held`, a name no
+    /// record has): [`Volumes::prune_volume`] keeps its tree directory
+    /// while it is empty, whichever process runs GC. Makes that directory
+    /// (0755: a pod that is not root reads it through a bind mount) and
+    /// returns it.
+    ///
+    /// # Errors
+    /// On I/O failure.
+    pub fn hold(&self, volume: &VolumeId) -> Result<PathBuf, VolumeError> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let io = |action: &'static str, path: &Path| {
+            let path = path.to_owned();
+            move |source| VolumeError::Fs(FsError::Io { action, path, source })
+        };
+        let records = self.records.join(volume.as_str());
+        fs::create_dir_all(&records).map_err(io("make", &records))?;
+        let marker = records.join(HELD);
+        fs::write(&marker, b"").map_err(io("write", &marker))?;
+        let trees = self.trees.join(volume.as_str());
+        fs::create_dir_all(&trees).map_err(io("make", &trees))?;
+        fs::set_permissions(&trees, fs::Permissions::from_mode(0o755)).map_err(io("set the mode of", &trees))?;
+        Ok(trees)
+    }
+
+    /// Lets [`Volumes::prune_volume`] remove `volume`'s empty directories again.
+    pub fn unhold(&self, volume: &VolumeId) {
+        let _ = fs::remove_file(self.records.join(volume.as_str()).join(HELD));
+    }
+
     /// Prunes one volume: removes its `released` records last written
     /// before `cutoff`, its set-aside broken records and stale record
     /// temporaries last modified before it, then its record directory and
@@ -297,7 +329,10 @@ impl Volumes {
                 Err(error) => tracing::warn!(path = %path.display(), "cannot prune: {error}"),
             }
         }
-        for empty in [dir, self.trees.join(volume.as_str())] {
+        // A held volume's directories stay (the marker keeps its record
+        // directory from being empty).
+        let held = dir.join(HELD).exists();
+        for empty in [dir, self.trees.join(volume.as_str())].into_iter().filter(|_| !held) {
             // Fails unless empty, which is the point.
             if fs::remove_dir(&empty).is_ok() {
                 removed.push(empty);
@@ -553,6 +588,28 @@ mod tests {
         let removed = volumes.prune_volume(&VolumeId::new("failed").unwrap(), later);
         assert_eq!(removed, [trees.join("failed")], "a failed record stays, only the empty tree directory goes");
         assert_eq!(volumes.volume_ids().iter().map(VolumeId::as_str).collect::<Vec<_>>(), ["failed", "young"]);
+    }
+
+    /// A held volume keeps its empty directories through pruning (its old
+    /// released records still go); unheld, they are pruned.
+    #[test]
+    fn held_volumes_keep_their_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let volumes = Volumes::new(dir.path().join("records"), dir.path().join("trees"));
+        let volume = VolumeId::new("held").unwrap();
+        let mut record = ready(&volumes, "held", 0);
+        fs::remove_dir(&record.path).unwrap();
+        set_state(&mut record, VolumeState::Released);
+        volumes.put(&mut record).unwrap();
+        let trees = volumes.hold(&volume).unwrap();
+        assert!(trees.is_dir());
+        let later = time::OffsetDateTime::now_utc() + time::Duration::seconds(5);
+        assert_eq!(volumes.prune_volume(&volume, later), [dir.path().join("records/held/default.json")]);
+        assert!(trees.is_dir(), "a held volume's empty tree directory stays");
+        assert!(volumes.list().is_empty(), "the mark is no record");
+        volumes.unhold(&volume);
+        assert_eq!(volumes.prune_volume(&volume, later).len(), 2);
+        assert!(!trees.exists());
     }
 
     /// The copied bytes of ready volumes are counted, and stop counting once

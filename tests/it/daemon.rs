@@ -132,11 +132,53 @@ async fn volume_sockets_are_bound_to_their_volume() {
     refused(bound.get::<serde_json::Value>("/v1/du").await.map(drop));
     let _: serde_json::Value = bound.get("/v1/health").await.unwrap();
 
+    // `_` names the socket's own volume, and nothing else.
+    let own: VolumeRecord = bound.get("/v1/volumes/_/default").await.unwrap();
+    assert_eq!(own.volume.as_str(), "pod-a");
+    let admin_own = admin.get::<VolumeRecord>("/v1/volumes/_/default").await.unwrap_err();
+    assert_eq!(admin_own.kind(), ErrorKind::NotFound, "on the admin socket `_` is just an id");
+
     // pod-b is untouched; pod-a can be released through its own socket.
     let b: VolumeRecord = admin.get("/v1/volumes/pod-b/default").await.unwrap();
     assert_eq!(b.state(), VolumeState::Ready);
     let released: VolumeRecord = bound.delete("/v1/volumes/pod-a/default").await.unwrap();
     assert_eq!(released.state(), VolumeState::Released);
+}
+
+/// A volume socket lives in a directory of its own (the CSI shim
+/// bind-mounts it into the pod), holds its volume's tree directory against
+/// GC while open, and is opened again at the same place when the daemon
+/// restarts; closing it lets the directory go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_sockets_hold_their_volume_and_outlive_a_restart() {
+    let mut daemon = Daemon::start("");
+    let admin = daemon.client();
+    let body = VolumeSocketBody { volume: "pod-c".into(), requester: Some(pod_requester()) };
+    let socket: VolumeSocket = admin.post("/v1/volume-sockets", &body).await.unwrap().body;
+    assert!(socket.path.ends_with("pod-c/api.sock"), "{}", socket.path.display());
+    assert!(socket.trees.is_dir() && socket.trees.ends_with("pod-c"), "{}", socket.trees.display());
+    let _: serde_json::Value = admin.post("/v1/gc", &serde_json::json!({})).await.unwrap().body;
+    assert!(socket.trees.is_dir(), "GC pruned a held volume's empty directory");
+
+    use std::os::unix::fs::MetadataExt as _;
+    let inode = std::fs::metadata(&socket.trees).unwrap().ino();
+    daemon.terminate();
+    // GC with the daemon down (the CLI's own engine) keeps it too.
+    let offline = support::modelcache().args(["gc", "--root"]).arg(&daemon.root).output().unwrap();
+    assert!(offline.status.success(), "{}", String::from_utf8_lossy(&offline.stderr));
+    assert_eq!(std::fs::metadata(&socket.trees).unwrap().ino(), inode, "pruned while the daemon was down");
+    daemon.spawn();
+    // The main API answers only once the volume sockets are open again.
+    let _: serde_json::Value = admin.get("/v1/health").await.unwrap();
+    let health: serde_json::Value = Client::new(&socket.path).get("/v1/health").await.unwrap();
+    assert_eq!(health["status"], "ok", "the socket is served again at the same place");
+    let _: serde_json::Value = admin.post("/v1/gc", &serde_json::json!({})).await.unwrap().body;
+    assert_eq!(std::fs::metadata(&socket.trees).unwrap().ino(), inode, "still the same directory after the restart");
+
+    let _: VolumeSocket = admin.delete("/v1/volume-sockets/pod-c").await.unwrap();
+    assert!(!socket.path.exists() && !socket.path.parent().unwrap().exists(), "the socket's files go");
+    let _: serde_json::Value = admin.post("/v1/gc", &serde_json::json!({})).await.unwrap().body;
+    assert!(!socket.trees.exists(), "an unheld empty directory is pruned");
 }
 
 async fn plugin_status(client: &Client, name: &str) -> PluginStatus {

@@ -104,7 +104,12 @@ impl AppState {
         }
     }
 
+    /// The volume a path names. On a volume socket `_` names the socket's
+    /// own volume: a pod cannot know the id kubelet gave its inline volume.
     fn volume(&self, volume: &str) -> Result<VolumeId, Refusal> {
+        if let (Scope::Volume(bound, _), OWN_VOLUME) = (&self.scope, volume) {
+            return Ok(bound.clone());
+        }
         let volume = VolumeId::new(volume)?;
         match &self.scope {
             Scope::Volume(bound, _) if *bound != volume => Err(denied(&format!("touch volume {volume}"))),
@@ -122,27 +127,139 @@ fn wait_for(seconds: f64) -> Duration {
     }
 }
 
-/// Sockets bound to single volumes, made on request.
+/// Sockets bound to single volumes, made on request. Each is
+/// `DIR/<volume>/api.sock`, in a directory of its own beside `socket.json`
+/// (whom it speaks for): the CSI shim bind-mounts that directory into the
+/// pod, so a socket made again after a daemon restart reaches the pod where
+/// the old one was, and a restarted daemon opens again every socket whose
+/// `socket.json` it finds. While a socket is open its volume is held (see
+/// [`Engine::hold`]). `DIR` is 0700: a pod reaches its own socket through
+/// its bind mount only.
 #[derive(Default)]
 pub struct VolumeSockets {
     dir: PathBuf,
-    served: Mutex<HashMap<VolumeId, (PathBuf, tokio::task::AbortHandle, Requester)>>,
+    served: Mutex<HashMap<VolumeId, (VolumeSocket, tokio::task::AbortHandle, Requester)>>,
 }
+
+const SOCKET_NAME: &str = "api.sock";
+const SOCKET_OWNER: &str = "socket.json";
+/// The volume path segment that names a volume socket's own volume.
+const OWN_VOLUME: &str = "_";
 
 impl VolumeSockets {
     pub fn new(dir: PathBuf) -> VolumeSockets {
         VolumeSockets { dir, served: Mutex::new(HashMap::new()) }
     }
 
-    fn served(&self) -> std::sync::MutexGuard<'_, HashMap<VolumeId, (PathBuf, tokio::task::AbortHandle, Requester)>> {
+    fn served(&self) -> std::sync::MutexGuard<'_, HashMap<VolumeId, (VolumeSocket, tokio::task::AbortHandle, Requester)>> {
         self.served.lock().unwrap_or_else(|poison| poison.into_inner())
     }
 
-    /// Closes every volume socket and removes its file.
-    pub fn close_all(&self) {
-        for (_, (path, task, _)) in self.served().drain() {
+    /// Serves a socket for `volume` speaking for `requester` (the one
+    /// already served, if made for the same requester). All of it under
+    /// the lock of the served set: two opens of a volume never both bind.
+    /// A failure leaves nothing: no hold, no files.
+    fn open(&self, state: &AppState, volume: VolumeId, requester: Requester) -> Result<VolumeSocket, Refusal> {
+        let mut served = self.served();
+        if let Some((socket, _, bound)) = served.get(&volume) {
+            if *bound != requester {
+                return Err(refusal(
+                    ErrorKind::Conflict,
+                    format!("volume {volume} already has a socket, made for {bound}; close it first"),
+                ));
+            }
+            return Ok(socket.clone());
+        }
+        let dir = self.dir.join(volume.as_str());
+        let opened = (|| {
+            let internal = |what: String| move |error: std::io::Error| refusal(ErrorKind::Internal, format!("{what}: {error}"));
+            std::fs::create_dir_all(&self.dir).map_err(internal(format!("cannot make {}", self.dir.display())))?;
+            std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(internal(format!("cannot set the mode of {}", self.dir.display())))?;
+            std::fs::create_dir_all(&dir).map_err(internal(format!("cannot make {}", dir.display())))?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+                .map_err(internal(format!("cannot set the mode of {}", dir.display())))?;
+            let trees = state.engine.hold(&volume)?;
+            let path = dir.join(SOCKET_NAME);
+            // A pod's user is unknown: whoever can reach the file (it is
+            // mounted into one pod) may use it, and it can only ever touch
+            // this volume.
+            let listener = bind(&path, 0o666).map_err(internal(format!("cannot bind {}", path.display())))?;
+            // Written once the socket is bound: a `socket.json` is the
+            // promise to open the socket again at the next start.
+            crate::durable::write_json(&dir.join(SOCKET_OWNER), &requester).map_err(EngineError::from)?;
+            Ok::<_, Refusal>((listener, VolumeSocket { volume: volume.to_string(), path, trees }))
+        })();
+        let (listener, socket) = match opened {
+            Ok(opened) => opened,
+            Err(refused) => {
+                self.remove_files(&state.engine, &volume);
+                return Err(refused);
+            }
+        };
+        let scoped = AppState { scope: Scope::Volume(volume.clone(), requester.clone()), ..state.clone() };
+        let task = tokio::spawn(async move {
+            if let Err(error) = axum::serve(listener, router(scoped)).await {
+                tracing::error!("volume socket stopped: {error}");
+            }
+        });
+        served.insert(volume.clone(), (socket.clone(), task.abort_handle(), requester));
+        tracing::info!(volume = %volume, path = %socket.path.display(), "volume socket open");
+        Ok(socket)
+    }
+
+    /// A socket's files and its volume's hold, gone.
+    fn remove_files(&self, engine: &Engine, volume: &VolumeId) {
+        let dir = self.dir.join(volume.as_str());
+        for file in [SOCKET_NAME, SOCKET_OWNER] {
+            let _ = std::fs::remove_file(dir.join(file));
+        }
+        let _ = std::fs::remove_dir(&dir);
+        engine.unhold(volume);
+    }
+
+    /// Closes `volume`'s socket for good: its files go, and its volume may
+    /// be pruned again. What a socket not served now left behind (a failed
+    /// start, say) goes too; `None` when no socket was served.
+    fn close(&self, engine: &Engine, volume: &VolumeId) -> Option<VolumeSocket> {
+        let closed = self.served().remove(volume);
+        if let Some((_, task, _)) = &closed {
             task.abort();
-            let _ = std::fs::remove_file(path);
+        }
+        self.remove_files(engine, volume);
+        closed.map(|(socket, _, _)| socket)
+    }
+
+    /// Stops serving every volume socket (the daemon is stopping); each
+    /// `socket.json` stays, for the next start to open it again.
+    pub fn close_all(&self) {
+        for (_, (socket, task, _)) in self.served().drain() {
+            task.abort();
+            let _ = std::fs::remove_file(socket.path);
+        }
+    }
+
+    /// Opens again the sockets a previous run served, checked as the API
+    /// checks a new one.
+    fn reopen(&self, state: &AppState) {
+        for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let owner = entry.path().join(SOCKET_OWNER);
+            let Ok(volume) = VolumeId::new(&entry.file_name().to_string_lossy()) else { continue };
+            let requester = match std::fs::read(&owner) {
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(error) => Err(error.to_string()),
+                Ok(bytes) => {
+                    serde_json::from_slice::<Requester>(&bytes).map_err(|error| error.to_string()).and_then(|requester| {
+                        requester.validate().map_err(|error| error.to_string())?;
+                        requester.namespace.is_some().then_some(requester).ok_or_else(|| "no namespace".to_owned())
+                    })
+                }
+            };
+            let opened = requester
+                .and_then(|requester| self.open(state, volume.clone(), requester).map_err(|Refusal(error)| error.message));
+            if let Err(error) = opened {
+                tracing::warn!(volume = %volume, path = %owner.display(), "not opening a volume socket again: {error}");
+            }
         }
     }
 }
@@ -207,6 +324,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let state = AppState { engine, scope: Scope::Admin, sockets, started: Instant::now() };
+    state.sockets.reopen(&state);
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
 }
 
@@ -383,41 +501,15 @@ async fn open_volume_socket(State(state): State<AppState>, Json(body): Json<Volu
         refusal(ErrorKind::InvalidArgument, "a volume socket speaks for a pod: its `requester` needs the pod's namespace".into())
     })?;
     requester.validate().map_err(EngineError::from)?;
-    let sockets = state.sockets.clone();
-    if let Some((path, _, bound)) = sockets.served().get(&volume) {
-        if *bound != requester {
-            return Err(refusal(
-                ErrorKind::Conflict,
-                format!("volume {volume} already has a socket, made for {bound}; close it first"),
-            ));
-        }
-        return Ok(Json(VolumeSocket { volume: volume.to_string(), path: path.clone() }).into_response());
-    }
-    let path = sockets.dir.join(format!("{volume}.sock"));
-    // A pod's user is unknown: whoever can reach the file (it is mounted into
-    // one pod) may use it, and it can only ever touch this volume.
-    let listener =
-        bind(&path, 0o666).map_err(|error| refusal(ErrorKind::Internal, format!("cannot bind {}: {error}", path.display())))?;
-    let scoped = AppState { scope: Scope::Volume(volume.clone(), requester.clone()), ..state.clone() };
-    let task = tokio::spawn(async move {
-        if let Err(error) = axum::serve(listener, router(scoped)).await {
-            tracing::error!("volume socket stopped: {error}");
-        }
-    });
-    sockets.served().insert(volume.clone(), (path.clone(), task.abort_handle(), requester));
-    tracing::info!(volume = %volume, path = %path.display(), "volume socket open");
-    Ok(Json(VolumeSocket { volume: volume.to_string(), path }).into_response())
+    let socket = state.sockets.clone().open(&state, volume, requester)?;
+    Ok(Json(socket).into_response())
 }
 
 async fn close_volume_socket(State(state): State<AppState>, UrlPath(volume): UrlPath<String>) -> Result<Response, Refusal> {
     state.admin("close volume sockets")?;
     let volume = VolumeId::new(&volume)?;
-    match state.sockets.served().remove(&volume) {
-        Some((path, task, _)) => {
-            task.abort();
-            let _ = std::fs::remove_file(&path);
-            Ok(Json(VolumeSocket { volume: volume.to_string(), path }).into_response())
-        }
+    match state.sockets.close(&state.engine, &volume) {
+        Some(socket) => Ok(Json(socket).into_response()),
         None => Err(refusal(ErrorKind::NotFound, format!("no socket is bound to volume {volume}"))),
     }
 }

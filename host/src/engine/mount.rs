@@ -156,6 +156,27 @@ impl Engine {
         self.active.lock().unwrap_or_else(|poison| poison.into_inner())
     }
 
+    /// Keeps `volume`'s tree directory, made now if missing, until
+    /// [`Engine::unhold`]: a volume socket serves the volume, and the
+    /// directory may be bind-mounted into a pod, which sees the trees
+    /// mounted through the socket appear in it. Durable (see
+    /// [`crate::volumes::Volumes::hold`]). Returns the directory.
+    ///
+    /// # Errors
+    /// When the directory or the mark cannot be made.
+    pub fn hold(&self, volume: &VolumeId) -> Result<std::path::PathBuf, EngineError> {
+        // Under the lock GC prunes under (see `while_idle`), so a run
+        // cannot remove the directory between its check and the mark.
+        let _active = self.active();
+        Ok(self.volumes.hold(volume)?)
+    }
+
+    /// Lets GC prune `volume` again.
+    pub fn unhold(&self, volume: &VolumeId) {
+        let _active = self.active();
+        self.volumes.unhold(volume);
+    }
+
     fn releasing(&self) -> std::sync::MutexGuard<'_, HashMap<VolumeSlot, usize>> {
         self.releasing.lock().unwrap_or_else(|poison| poison.into_inner())
     }
