@@ -129,6 +129,22 @@ fn mounts_at(target: &Path) -> Vec<modelcache_csi::mounts::MountEntry> {
     modelcache_csi::mounts::parse_mountinfo(&text).into_iter().filter(|entry| entry.mount_point == target).collect()
 }
 
+/// kubelet's pods directory as on a node: a shared mount (a tmpfs here),
+/// and a peer of it where the container runtime finds what it hands a pod.
+/// Returns both and what unmounts them (the peer first).
+fn shared_pods_dir(dir: &Path) -> (PathBuf, PathBuf, [Unmount; 2]) {
+    let (pods, runtime_view) = (dir.join("pods"), dir.join("runtime-view"));
+    let mount =
+        |args: &[&str]| assert!(std::process::Command::new("mount").args(args).status().unwrap().success(), "mount {args:?}");
+    std::fs::create_dir_all(&pods).unwrap();
+    std::fs::create_dir_all(&runtime_view).unwrap();
+    assert!(support::mount_tmpfs(&pods, "16m"), "mounting a tmpfs failed");
+    let unmount_pods = Unmount(pods.clone());
+    mount(&["--make-shared", pods.to_str().unwrap()]);
+    mount(&["--bind", pods.to_str().unwrap(), runtime_view.to_str().unwrap()]);
+    (pods, runtime_view.clone(), [Unmount(runtime_view), unmount_pods])
+}
+
 fn model(seed: u64) -> Vec<(&'static str, Vec<u8>)> {
     vec![
         ("model.safetensors", bytes(seed, MIB)),
@@ -356,16 +372,7 @@ async fn every_peer_of_a_shared_pods_dir_gets_a_read_only_volume() {
     let daemon = Daemon::start(&format!("[registries]\ninsecure = [\"{}\"]\n", registry.host()));
     let shim = Shim::start(daemon.dir.path(), &daemon.socket, 100);
     let mut node = NodeClient::new(shim.channel().await);
-    let (pods, runtime_view) = (daemon.dir.path().join("pods"), daemon.dir.path().join("runtime-view"));
-    let mount =
-        |args: &[&str]| assert!(std::process::Command::new("mount").args(args).status().unwrap().success(), "mount {args:?}");
-    std::fs::create_dir_all(&pods).unwrap();
-    std::fs::create_dir_all(&runtime_view).unwrap();
-    assert!(support::mount_tmpfs(&pods, "16m"), "mounting a tmpfs failed");
-    let _unmount_pods = Unmount(pods.clone());
-    mount(&["--make-shared", pods.to_str().unwrap()]);
-    mount(&["--bind", pods.to_str().unwrap(), runtime_view.to_str().unwrap()]);
-    let _unmount_view = Unmount(runtime_view.clone());
+    let (pods, runtime_view, _unmount) = shared_pods_dir(daemon.dir.path());
 
     let target = pods.join("p/volumes/kubernetes.io~csi/model/mount");
     let pods_copy = runtime_view.join("p/volumes/kubernetes.io~csi/model/mount");
@@ -907,16 +914,7 @@ async fn runtime_volumes_mount_models_through_their_socket() {
     let mut daemon = Daemon::start(&format!("[registries]\ninsecure = [\"{}\"]\n", registry.host()));
     let shim = Shim::start(daemon.dir.path(), &daemon.socket, 100);
     let mut node = NodeClient::new(shim.channel().await);
-    let (pods, runtime_view) = (daemon.dir.path().join("pods"), daemon.dir.path().join("runtime-view"));
-    let mount =
-        |args: &[&str]| assert!(std::process::Command::new("mount").args(args).status().unwrap().success(), "mount {args:?}");
-    std::fs::create_dir_all(&pods).unwrap();
-    std::fs::create_dir_all(&runtime_view).unwrap();
-    assert!(support::mount_tmpfs(&pods, "16m"), "mounting a tmpfs failed");
-    let _unmount_pods = Unmount(pods.clone());
-    mount(&["--make-shared", pods.to_str().unwrap()]);
-    mount(&["--bind", pods.to_str().unwrap(), runtime_view.to_str().unwrap()]);
-    let _unmount_view = Unmount(runtime_view.clone());
+    let (pods, runtime_view, _unmount) = shared_pods_dir(daemon.dir.path());
 
     let target = pods.join("rt/volumes/kubernetes.io~csi/models/mount");
     let pod_view = runtime_view.join("rt/volumes/kubernetes.io~csi/models/mount");

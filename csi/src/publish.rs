@@ -126,21 +126,26 @@ impl Shim {
             // the daemon, never written or logged here.
             credentials: RegistryCredentials::from_secret_map(&request.secrets),
         };
-        match self.mount(&published, &body, adopt).await {
+        let outcome = self.mount(&published, &body, adopt).await;
+        self.settle(published, outcome).await
+    }
+
+    /// Records a publish's mount as done, or undoes a publish that failed
+    /// for good: kubelet forgets a volume whose publish failed with a final
+    /// code and never unpublishes it, so nothing of it may stay behind, or
+    /// its record would hold its model against GC for ever.
+    async fn settle(&self, published: Published, outcome: Result<(), Failure>) -> Result<(), Status> {
+        match outcome {
             Ok(()) => {
                 let done = Published { mounted: true, ..published };
                 if let Err(error) = self.targets.save(&done) {
                     // The mount is right; a publish again adopts it.
-                    tracing::warn!(volume = %done.csi_volume_id, target = %target.display(), "recording the mount: {error}");
+                    tracing::warn!(volume = %done.csi_volume_id, target = %done.target.display(), "recording the mount: {error}");
                 }
                 Ok(())
             }
             Err(failure) => {
                 if is_final(failure.status.code()) {
-                    // kubelet forgets a volume whose publish failed for
-                    // good and never unpublishes it: nothing of it may stay
-                    // behind, or the record would hold its model against
-                    // GC for ever.
                     self.abandon(&published, failure.owns_record).await;
                 }
                 Err(failure.status)
@@ -217,21 +222,8 @@ impl Shim {
                     Failure::of(Status::internal(format!("mounting the runtime volume at {}: {error}", target.display())))
                 })
         };
-        match mounted.await {
-            Ok(()) => {
-                let done = Published { mounted: true, ..published };
-                if let Err(error) = self.targets.save(&done) {
-                    tracing::warn!(volume = %done.csi_volume_id, target = %target.display(), "recording the mount: {error}");
-                }
-                Ok(())
-            }
-            Err(failure) => {
-                if is_final(failure.status.code()) {
-                    self.abandon(&published, failure.owns_record).await;
-                }
-                Err(failure.status)
-            }
-        }
+        let outcome = mounted.await;
+        self.settle(published, outcome).await
     }
 
     /// The daemon's record for `published`, then the read-only bind mount.
