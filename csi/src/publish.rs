@@ -89,32 +89,7 @@ impl Shim {
 
         let lock = self.lock(&target);
         let _one_at_a_time = lock.lock().await;
-        // A mount this shim did not finish (no record, or one saved before
-        // the mount) is adopted only when it shows the very tree this
-        // publish gets, read-only: kubelet retries a publish after its own
-        // restart or a lost state directory, and ALREADY_EXISTS would be
-        // final.
-        let existing = self.targets.load(&target);
-        let adopt = match (&existing, mounts::mount_at(&target)) {
-            (Some(existing), _) if !existing.same_request(&published) => {
-                return Err(Status::already_exists(format!(
-                    "{} already holds volume {} ({}, readonly {}); unpublish it first",
-                    target.display(),
-                    existing.csi_volume_id,
-                    existing.reference,
-                    existing.readonly
-                )));
-            }
-            (Some(existing), Some(_)) if existing.mounted => return Ok(()),
-            (_, found) => found,
-        };
-        // A release still owed for this record is moot: the record is
-        // wanted again. Then the target is remembered before the engine is
-        // asked, so an unpublish during the pull releases the right record.
-        self.releases
-            .remove(&published.volume, &published.mount_id)
-            .map_err(|error| Status::internal(format!("forgetting an owed release: {error}")))?;
-        self.targets.save(&published).map_err(|error| Status::internal(format!("recording the publish: {error}")))?;
+        let Some(adopt) = self.claim(&published)? else { return Ok(()) };
 
         let body = MountBody {
             reference: published.reference.clone(),
@@ -153,6 +128,37 @@ impl Shim {
         }
     }
 
+    /// Takes `published`'s target, under its lock: `None` when this very
+    /// publish is mounted already; else the mount found there, if any, to
+    /// adopt. A mount this shim did not finish (no record, or one saved
+    /// before the mount) is adopted only when it shows the very tree this
+    /// publish gets, read-only: kubelet retries a publish after its own
+    /// restart or a lost state directory, and ALREADY_EXISTS would be
+    /// final. A release still owed for the record is moot (it is wanted
+    /// again); then the target is remembered before the daemon is asked,
+    /// so an unpublish during the pull releases the right record.
+    #[allow(clippy::result_large_err, reason = "tonic's handlers answer `Status` unboxed")]
+    fn claim(&self, published: &Published) -> Result<Option<Option<MountEntry>>, Status> {
+        let target = &published.target;
+        let adopt = match (self.targets.load(target), mounts::mount_at(target)) {
+            (Some(existing), _) if !existing.same_request(published) => {
+                return Err(Status::already_exists(format!(
+                    "{} already holds volume {} ({}); unpublish it first",
+                    target.display(),
+                    existing.csi_volume_id,
+                    if existing.runtime { "a runtime volume" } else { &existing.reference }
+                )));
+            }
+            (Some(existing), Some(_)) if existing.mounted => return Ok(None),
+            (_, found) => found,
+        };
+        self.releases
+            .remove(&published.volume, &published.mount_id)
+            .map_err(|error| Status::internal(format!("forgetting an owed release: {error}")))?;
+        self.targets.save(published).map_err(|error| Status::internal(format!("recording the publish: {error}")))?;
+        Ok(Some(adopt))
+    }
+
     /// A runtime volume: the daemon's socket for the volume, then the
     /// volume's tree directory and socket mounted read-only at the target
     /// (see [`mounts::mount_runtime`]). The pod mounts models through the
@@ -161,24 +167,7 @@ impl Shim {
         let target = published.target.clone();
         let lock = self.lock(&target);
         let _one_at_a_time = lock.lock().await;
-        // As for a model volume, a mount this shim did not finish is
-        // adopted only when it is this volume's very view (see below).
-        let adopt = match (self.targets.load(&target), mounts::mount_at(&target)) {
-            (Some(existing), _) if !existing.same_request(&published) => {
-                return Err(Status::already_exists(format!(
-                    "{} already holds volume {} ({}); unpublish it first",
-                    target.display(),
-                    existing.csi_volume_id,
-                    if existing.runtime { "a runtime volume" } else { &existing.reference }
-                )));
-            }
-            (Some(existing), Some(_)) if existing.mounted => return Ok(()),
-            (_, found) => found,
-        };
-        self.releases
-            .remove(&published.volume, &published.mount_id)
-            .map_err(|error| Status::internal(format!("forgetting an owed release: {error}")))?;
-        self.targets.save(&published).map_err(|error| Status::internal(format!("recording the publish: {error}")))?;
+        let Some(adopt) = self.claim(&published)? else { return Ok(()) };
         let body = VolumeSocketBody { volume: published.volume.to_string(), requester: Some(requester) };
         let mounted = async {
             let socket = self.daemon.post::<_, VolumeSocket>("/v1/volume-sockets", &body).await.map_err(|error| Failure {
