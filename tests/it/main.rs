@@ -12,6 +12,7 @@
 mod support;
 
 mod author;
+mod cluster;
 mod daemon;
 mod gc;
 mod plugins;

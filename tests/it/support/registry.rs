@@ -40,13 +40,20 @@ pub fn registry_binary() -> Option<PathBuf> {
 pub fn unassigned_port() -> u16 {
     let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
     let low = range.split_whitespace().next().and_then(|low| low.parse::<u16>().ok()).unwrap_or(32768);
-    // Start somewhere different in each process so concurrent runs rarely probe the same ports.
+    // Start somewhere different in each process so concurrent runs rarely
+    // probe the same ports; never hand out one port twice in this process,
+    // as two fixtures starting at once would both find the first free one.
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap();
     let span = low.saturating_sub(10_000).max(1);
     let start = 10_000 + (std::process::id() as u16 % span);
-    (0..span)
+    let port = (0..span)
         .map(|step| 10_000 + (start - 10_000 + step) % span)
+        .filter(|port| !handed_out.contains(port))
         .find(|&port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
-        .expect("a free loopback port below the ephemeral range")
+        .expect("a free loopback port below the ephemeral range");
+    handed_out.push(port);
+    port
 }
 
 impl Registry {
@@ -192,9 +199,28 @@ impl Registry {
     /// GET requests for each blob digest (`sha256:…`), from the access log.
     pub fn blob_gets(&self) -> std::collections::HashMap<String, usize> {
         let mut counts = std::collections::HashMap::new();
+        for (digest, _) in self.blob_get_log() {
+            *counts.entry(digest).or_default() += 1;
+        }
+        counts
+    }
+
+    /// Bytes served for each blob digest by GET requests, from the access log.
+    pub fn blob_bytes_served(&self) -> std::collections::HashMap<String, u64> {
+        let mut served = std::collections::HashMap::new();
+        for (digest, bytes) in self.blob_get_log() {
+            *served.entry(digest).or_default() += bytes;
+        }
+        served
+    }
+
+    /// (digest, bytes sent) of each blob GET in the access log.
+    fn blob_get_log(&self) -> Vec<(String, u64)> {
+        let mut gets = Vec::new();
         for line in self.log.lock().unwrap().iter() {
-            // Apache-style access line: "GET /v2/<repo>/blobs/sha256:<hex> HTTP/1.1" 206 …
-            let Some(request) = line.split('"').nth(1) else { continue };
+            // Apache-style access line: "GET /v2/<repo>/blobs/sha256:<hex> HTTP/1.1" 206 <bytes> …
+            let mut quoted = line.split('"');
+            let (Some(request), Some(status)) = (quoted.nth(1), quoted.next()) else { continue };
             let mut parts = request.split(' ');
             if parts.next() != Some("GET") {
                 continue;
@@ -202,10 +228,11 @@ impl Registry {
             if let Some(digest) = parts.next().and_then(|uri| uri.split("/blobs/").nth(1))
                 && digest.starts_with("sha256:")
             {
-                *counts.entry(digest.to_owned()).or_default() += 1;
+                let bytes = status.split_whitespace().nth(1).and_then(|bytes| bytes.parse().ok()).unwrap_or(0);
+                gets.push((digest.to_owned(), bytes));
             }
         }
-        counts
+        gets
     }
 
     /// Requests whose URI contains `needle`, any method, from the access log.
