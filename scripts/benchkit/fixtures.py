@@ -285,20 +285,21 @@ def push_artifact(registry, repo, layers):
     """Pushes `layers` ((file path, media type, bytes)) as the ModelPack model
     `repo:v1` with the registry's HTTP API (no process per model); its
     reference by digest."""
+    def send(method, path, body=None, content_type="application/octet-stream", expect=None):
+        connection = http.client.HTTPConnection(registry.host)
+        connection.request(method, path, body=body, headers={"Content-Type": content_type})
+        answer = connection.getresponse()
+        answer.read()
+        if expect and answer.status != expect:
+            sys.exit(f"{method} {path}: {answer.status}")
+        return answer
+
     def upload(content):
         digest = "sha256:" + hashlib.sha256(content).hexdigest()
-        connection = http.client.HTTPConnection(registry.host)
-        connection.request("POST", f"/v2/{repo}/blobs/uploads/")
-        answer = connection.getresponse()
-        answer.read()
-        location = answer.getheader("Location").replace(f"http://{registry.host}", "")
+        location = send("POST", f"/v2/{repo}/blobs/uploads/", expect=202).getheader("Location")
+        location = location.replace(f"http://{registry.host}", "")
         separator = "&" if "?" in location else "?"
-        connection.request("PUT", f"{location}{separator}digest={digest}", body=content,
-                           headers={"Content-Type": "application/octet-stream"})
-        answer = connection.getresponse()
-        answer.read()
-        if answer.status != 201:
-            sys.exit(f"uploading a blob of {repo}: {answer.status}")
+        send("PUT", f"{location}{separator}digest={digest}", content, expect=201)
         return {"digest": digest, "size": len(content)}
 
     config = upload(b"{}")
@@ -309,13 +310,7 @@ def push_artifact(registry, repo, layers):
         "layers": [{"mediaType": media_type, **upload(content), "annotations": {"org.cncf.model.filepath": path}}
                    for path, media_type, content in layers],
     }).encode()
-    connection = http.client.HTTPConnection(registry.host)
-    connection.request("PUT", f"/v2/{repo}/manifests/v1", body=manifest,
-                       headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
-    answer = connection.getresponse()
-    answer.read()
-    if answer.status != 201:
-        sys.exit(f"pushing {repo}: {answer.status}")
+    send("PUT", f"/v2/{repo}/manifests/v1", manifest, "application/vnd.oci.image.manifest.v1+json", expect=201)
     return f"{registry.host}/{repo}@sha256:{hashlib.sha256(manifest).hexdigest()}"
 
 

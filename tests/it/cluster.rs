@@ -106,7 +106,7 @@ async fn the_tier_serves_a_private_blob_only_to_whom_the_origin_would() {
     let path = format!("/v2/models/private/blobs/{weights}");
     // A path the cache would read as the private blob's once its dot
     // segments are resolved, but that the check would put to the origin as
-    // sent: some other repository's blob, which anyone may read.
+    // sent: under another repository (one the requester may read, say).
     let public = format!("/v2/models/public/blobs/{weights}");
     let dotted = format!("{public}/%2e%2e/%2e%2e/%2e%2e/%2e%2e/models/private/blobs/{weights}");
     for (who, path, credentials) in [
