@@ -10,6 +10,7 @@
 //! statuses ([`status_of`]); the body is `{"error": {"kind", "message"}}`.
 
 pub mod server;
+pub mod sockets;
 
 pub use modelcache_api::client;
 pub use modelcache_api::protocol::*;

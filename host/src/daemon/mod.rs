@@ -11,7 +11,8 @@ use std::time::Duration;
 use notify::Watcher;
 use tokio::sync::watch;
 
-use crate::api::server::{VolumeSockets, bind, serve};
+use crate::api::server::serve;
+use crate::api::sockets::{VolumeSockets, bind};
 use crate::engine::{Engine, EngineError};
 pub use config::{ConfigError, LogFormat, ServeConfig};
 
