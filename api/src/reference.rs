@@ -32,7 +32,7 @@ impl ModelRef {
     /// The grammar is distribution's (`reference/regexp.go`), normalized as
     /// docker does (no registry: `docker.io`; one path component there:
     /// `library/…`; no tag: `latest`), read by hand rather than by
-    /// oci-spec's regex. That regex costs every process ~60 ms to compile
+    /// oci-spec's regex. That regex costs every process ~65 ms to compile
     /// on first use (its `\w` is Unicode), which a CLI mount paid each time
     /// (docs/benchmarks.md, B4). A unit test checks this parser against
     /// oci-spec's on generated references. Tags are ASCII, as distribution's
@@ -158,14 +158,14 @@ fn split_domain(name: &str) -> Option<(String, String)> {
         Some((first, rest)) => (first, Some(rest)),
         None => (name, None),
     };
-    // The first component is the registry when it looks like a host (a `.`
-    // or `:`, or `localhost`); else the name is all path, on docker.io.
     // The grammar: path components, or a host and then path components.
     let all_path = name.split('/').all(is_path_component);
     let host_then_path = rest.is_some_and(|rest| is_domain(first) && rest.split('/').all(is_path_component));
     if !(all_path || host_then_path) {
         return None;
     }
+    // The first component is the registry when it looks like a host (a `.`
+    // or `:`, or `localhost`); else the name is all path, on docker.io.
     let named_registry = rest.is_some() && (first.contains('.') || first.contains(':') || first == "localhost");
     let (registry, repository) = match rest {
         Some(rest) if named_registry => (first, rest.to_owned()),

@@ -64,6 +64,7 @@ class Registry:
     def __init__(self, work, name="registry", proxy=None):
         self.log_path = os.path.join(work, f"{name}.log")
         self.storage = os.path.join(work, name)
+        self.wipe = proxy is not None  # a cache goes with its run; the origin's models stay for the next
         config = os.path.join(work, f"{name}.yml")
         with open(config, "w") as out:
             out.write(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {self.storage}\n"
@@ -97,7 +98,7 @@ class Registry:
     def stop(self):
         self.process.terminate()
         self.process.wait()
-        if self.storage.endswith("-cache"):
+        if self.wipe:
             shutil.rmtree(self.storage, ignore_errors=True)
 
 
@@ -219,9 +220,10 @@ class Daemon:
             return sum(float(line.rsplit(" ", 1)[1]) for line in page.read().decode().splitlines()
                        if line.startswith("modelcache_plugin_calls_total"))
 
-    def peak_rss(self):
+    def memory(self, field):
+        """A `/proc/PID/status` memory figure in bytes: `VmRSS` now, `VmHWM` at peak."""
         with open(f"/proc/{self.process.pid}/status") as status:
-            return int(re.search(r"VmHWM:\s+(\d+) kB", status.read()).group(1)) * 1024
+            return int(re.search(rf"{field}:\s+(\d+) kB", status.read()).group(1)) * 1024
 
     def stop(self, wipe=True):
         self.process.send_signal(signal.SIGTERM)

@@ -2,7 +2,6 @@
 cached models, files in a model), and the picture of it."""
 
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -19,11 +18,6 @@ def many_files_model(registry, files):
         names = [f"d{directory // 1000:03}/f{i:06}.json" for i in range(directory, min(files, directory + 1000))]
         layers.append((f"d{directory // 1000:03}", "application/vnd.cncf.model.code.v1.tar", tar_layer(names)))
     return push_artifact(registry, f"bench/files-{files}", layers)
-
-
-def rss(daemon):
-    with open(f"/proc/{daemon.process.pid}/status") as status:
-        return int(re.search(r"VmRSS:\s+(\d+) kB", status.read()).group(1)) * 1024
 
 
 def scale_curves(modelcache, registry, work, plugins, quick):
@@ -59,10 +53,10 @@ def scale_curves(modelcache, registry, work, plugins, quick):
         point["warm-mount"], point["unmount"] = statistics.median(mounts), statistics.median(unmounts)
         for command in ["ls", "du", "gc"]:
             point[command] = timed(modelcache, command, "--socket", daemon.socket, **quiet)
-        point["rss"] = rss(daemon)
+        point["rss"] = daemon.memory("VmRSS")
         daemon.stop(wipe=False)
         daemon = Daemon(modelcache, scratch, registry, plugins, "b9", root=daemon.root)
-        point["start-up"], point["rss-after-start"] = daemon.ready_seconds, rss(daemon)
+        point["start-up"] = daemon.ready_seconds
         curves["state"].append(point)
 
     for files in file_counts:
@@ -77,7 +71,7 @@ def scale_curves(modelcache, registry, work, plugins, quick):
             theirs.append(timed("cp", "-al", tree, copy))
             shutil.rmtree(copy)
         curves["files"].append({"files": files, "warm-mount": statistics.median(ours), "cp-al": statistics.median(theirs),
-                                "ratio": statistics.median(a / b for a, b in zip(ours, theirs)), "rss": rss(daemon)})
+                                "ratio": statistics.median(a / b for a, b in zip(ours, theirs)), "rss": daemon.memory("VmRSS")})
     daemon.stop()
     shutil.rmtree(scratch, ignore_errors=True)
     return curves
